@@ -1,0 +1,198 @@
+//! Run settings: every `train` flag, and TOML config files whose keys are the flag names.
+//!
+//! Precedence is built-in defaults < config file < command-line flags. A config file is
+//! expanded into flags placed *before* the user's own, and clap lets a later flag override an
+//! earlier one, so there is exactly one parser and one set of defaults.
+//!
+//! ```
+//! use clap::Parser;
+//! let args = dpo::config::TrainArgs::try_parse_from(["train", "--model", "m", "--dataset", "d.jsonl", "--beta", "0.2"]).unwrap();
+//! assert_eq!(args.beta, 0.2);
+//! ```
+use anyhow::{Context, Result, bail};
+use clap::{Args, CommandFactory, Parser};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(name = "train", args_override_self = true)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonArgs,
+
+    /// Folder the adapter, metrics.jsonl and the resolved config are written to.
+    #[arg(long, default_value = "dpo-output")]
+    pub output_dir: PathBuf,
+    /// Replace a previous run's files in --output-dir instead of refusing.
+    #[arg(long)]
+    pub overwrite_output_dir: bool,
+    /// Start from an existing peft LoRA adapter (its r, alpha and targets are used).
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    /// LoRA alpha (scaling = alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA branch input during training.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Layers to adapt: comma list of q,k,v,o,gate,up,down (with or without _proj), or all.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    pub lora_targets: String,
+
+    /// Pairs per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (each micro-batch loss is divided by this).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    pub lr: f64,
+    /// constant | linear | cosine (transformers' *_with_warmup semantics).
+    #[arg(long, default_value = "linear")]
+    pub lr_scheduler: String,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Decoupled AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Optimizer steps to run (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Passes over the dataset when --max-steps is not given.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Seed of LoRA init, dropout and data order.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Visit pairs in file order instead of a seeded shuffle per epoch.
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Print a log line every N steps when stderr is not a terminal.
+    #[arg(long, default_value_t = 10)]
+    pub logging_steps: usize,
+    /// Print the final summary as one JSON object on stdout.
+    #[arg(long)]
+    #[serde(skip)]
+    pub json: bool,
+}
+
+/// Settings shared by `train` and `eval`: model, data, template, loss and devices.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CommonArgs {
+    /// TOML file whose keys are flag names; command-line flags override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Model folder (config.json, tokenizer.json, safetensors weights).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Preference dataset: orca-style JSONL (system, question, chosen, rejected).
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Prompt template: orca | raw.
+    #[arg(long, default_value = "orca")]
+    pub template: String,
+    /// sigmoid | ipo | hinge.
+    #[arg(long, default_value = "sigmoid")]
+    pub loss: String,
+    /// DPO temperature β.
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// cDPO label smoothing ε (sigmoid loss only).
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Longest prompt + response, in tokens; longer pairs are truncated.
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// Prompts longer than this keep their end when a pair must be truncated.
+    #[arg(long, default_value_t = 512)]
+    pub max_prompt_length: usize,
+    /// cpu | cuda | cuda:N | auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Base-weight dtype: f32 | bf16 | f16 | auto (f32 on CPU, bf16 on CUDA).
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+impl std::ops::Deref for TrainArgs {
+    type Target = CommonArgs;
+    fn deref(&self) -> &CommonArgs {
+        &self.common
+    }
+}
+
+impl TrainArgs {
+    /// The resolved settings as TOML, loadable again with `--config`.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+}
+
+/// Expands `--config FILE` (anywhere in `args`, after the subcommand at `args[1]`) into flags
+/// placed before the user's own, for a subcommand whose flags are described by `C`.
+pub fn expand_config_file<C: CommandFactory>(args: Vec<String>) -> Result<Vec<String>> {
+    let Some(path) = find_config_flag(&args) else { return Ok(args) };
+    let flags = config_file_flags::<C>(Path::new(&path))?;
+    let mut out = args[..2.min(args.len())].to_vec();
+    out.extend(flags);
+    out.extend(args.into_iter().skip(2));
+    Ok(out)
+}
+
+fn find_config_flag(args: &[String]) -> Option<String> {
+    let mut it = args.iter().skip(2);
+    while let Some(a) = it.next() {
+        if a == "--config" {
+            return it.next().cloned();
+        }
+        if let Some(v) = a.strip_prefix("--config=") {
+            return Some(v.to_string());
+        }
+    }
+    None
+}
+
+/// Turns a TOML table into `--key value` flags, checking every key against the flags of `C`.
+pub fn config_file_flags<C: CommandFactory>(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+    let command = C::command();
+    let mut flags = Vec::new();
+    for (key, value) in table {
+        let flag = key.replace('_', "-");
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag.as_str()) && flag != "config")
+            .with_context(|| format!("config file {}: unknown key {key:?}", path.display()))?;
+        let takes_value = arg.get_action().takes_values();
+        let text = match (&value, takes_value) {
+            (toml::Value::Boolean(true), false) => {
+                flags.push(format!("--{flag}"));
+                continue;
+            }
+            (toml::Value::Boolean(false), false) => continue,
+            (_, false) => bail!("config file {}: key {key:?} must be true or false", path.display()),
+            (toml::Value::String(s), true) => s.clone(),
+            (toml::Value::Integer(i), true) => i.to_string(),
+            (toml::Value::Float(f), true) => f.to_string(),
+            (toml::Value::Array(items), true) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                .collect::<Vec<_>>()
+                .join(","),
+            (other, true) => bail!("config file {}: key {key:?} has unsupported value {other}", path.display()),
+        };
+        flags.push(format!("--{flag}={text}"));
+    }
+    Ok(flags)
+}

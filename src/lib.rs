@@ -1,0 +1,23 @@
+//! `dpo`: Direct Preference Optimization with LoRA for Hugging Face causal language models,
+//! on candle.
+//!
+//! Architecture, one concept per module:
+//! - [`cli`]: subcommands and exit codes; [`config`]: flags and TOML config files.
+//! - [`data`]: reading pairs, prompt templates, tokenization, batches.
+//! - [`model`]: the Llama-family decoder (llama, mistral, qwen2) and its differentiable ops.
+//! - [`lora`]: adapters on the frozen linears, peft's format on disk.
+//! - [`loss`]: DPO losses and reward metrics.
+//! - [`train`]: the recipe, the DPO step, AdamW, LR schedules.
+//! - [`eval`]: scoring pairs; [`checkpoint`]: crash-safe writes.
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod rng;
+pub mod setup;
+pub mod train;

@@ -1,0 +1,217 @@
+//! One decoder for the Llama family: Llama, Mistral (sliding window) and Qwen2 (q/k/v biases,
+//! tied embeddings) differ only in their [`ModelConfig`].
+//!
+//! The forward pass returns hidden states; [`Llama::logits`] projects every position and
+//! [`Llama::token_logps`] only the positions that are scored, which is all DPO needs.
+//!
+//! ```no_run
+//! # use dpo::model::Llama; use dpo::lora::LoraMode;
+//! # fn main() -> anyhow::Result<()> {
+//! let model = Llama::load(std::path::Path::new("tiny-llama"), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+//! let ids = candle_core::Tensor::new(&[[1u32, 5, 9]], &candle_core::Device::Cpu)?;
+//! let logits = model.logits(&ids, &mut LoraMode::Off)?; // [1, 3, vocab]
+//! # Ok(()) }
+//! ```
+use super::config::ModelConfig;
+use super::ops::{Rope, causal_mask, frozen_matmul, repeat_kv, rms_norm};
+use super::weights::mmap_weights;
+use crate::lora::{LoraLinear, LoraMode};
+use anyhow::{Context, Result};
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::path::Path;
+
+pub struct Llama {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+struct DecoderLayer {
+    input_norm: Tensor,
+    attn: Attention,
+    post_attn_norm: Tensor,
+    mlp: Mlp,
+    window: Option<usize>,
+}
+
+struct Attention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
+}
+
+impl Llama {
+    /// Loads `config.json` and the safetensors weights of a model folder.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let vb = mmap_weights(dir, dtype, device)?;
+        Self::from_weights(cfg, vb, dtype, device).with_context(|| format!("loading the weights in {}", dir.display()))
+    }
+
+    pub fn from_weights(cfg: ModelConfig, vb: VarBuilder, dtype: DType, device: &Device) -> Result<Self> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = vb.get((v, h), "model.embed_tokens.weight")?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(&cfg, vb.pp(format!("model.layers.{i}")), cfg.layer_windows[i]))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = vb.get(h, "model.norm.weight")?;
+        // A checkpoint without lm_head.weight ties it to the embeddings, as transformers does.
+        let lm_head = if !cfg.tie_word_embeddings && vb.contains_tensor("lm_head.weight") {
+            vb.get((v, h), "lm_head.weight")?
+        } else {
+            embed.clone()
+        };
+        let rope = Rope::new(cfg.head_dim(), cfg.rope_theta, cfg.max_position_embeddings, dtype, device)?;
+        Ok(Self { cfg, embed, layers, norm, lm_head, rope, dtype, device: device.clone() })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]` for right-padded `ids` `[batch, seq]`.
+    /// Right padding needs no mask beyond the causal one: real tokens never see later pads.
+    pub fn forward(&self, ids: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        for layer in &self.layers {
+            let mask = match masks.iter().find(|(w, _)| *w == layer.window) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = causal_mask(t, layer.window, self.dtype, &self.device)?;
+                    masks.push((layer.window, m.clone()));
+                    m
+                }
+            };
+            x = layer.forward(&x, &mask, &self.rope, self.cfg.rms_norm_eps, mode)?;
+        }
+        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// Logits at every position, `[batch, seq, vocab]` (f32).
+    pub fn logits(&self, ids: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
+        let hidden = self.forward(ids, mode)?;
+        Ok(frozen_matmul(&hidden, &self.lm_head)?.to_dtype(DType::F32)?)
+    }
+
+    /// `log p(target | position)` for selected hidden states `[n, hidden]` and targets `[n]`:
+    /// lm_head and the log-softmax run on these rows only (in f32).
+    pub fn token_logps(&self, hidden_rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let logits = frozen_matmul(hidden_rows, &self.lm_head)?.to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        Ok(logp.gather(&targets.unsqueeze(1)?.contiguous()?, 1)?.squeeze(1)?)
+    }
+
+    /// Every linear layer with its module path (`model.layers.3.mlp.up_proj`), in model order.
+    pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.attn;
+            let m = &mut l.mlp;
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+}
+
+fn linear(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<LoraLinear> {
+    let vb = vb.pp(name);
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let b = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    Ok(LoraLinear::frozen(w, b))
+}
+
+impl DecoderLayer {
+    fn load(cfg: &ModelConfig, vb: VarBuilder, window: Option<usize>) -> Result<Self> {
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let att = vb.pp("self_attn");
+        let attn = Attention {
+            q_proj: linear(&att, "q_proj", nh * hd, h, cfg.qkv_bias)?,
+            k_proj: linear(&att, "k_proj", nkv * hd, h, cfg.qkv_bias)?,
+            v_proj: linear(&att, "v_proj", nkv * hd, h, cfg.qkv_bias)?,
+            o_proj: linear(&att, "o_proj", h, nh * hd, false)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let mlp_vb = vb.pp("mlp");
+        let mlp = Mlp {
+            gate_proj: linear(&mlp_vb, "gate_proj", i, h, false)?,
+            up_proj: linear(&mlp_vb, "up_proj", i, h, false)?,
+            down_proj: linear(&mlp_vb, "down_proj", h, i, false)?,
+        };
+        Ok(Self {
+            input_norm: vb.get(h, "input_layernorm.weight")?,
+            attn,
+            post_attn_norm: vb.get(h, "post_attention_layernorm.weight")?,
+            mlp,
+            window,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rope, eps: f64, mode: &mut LoraMode) -> candle_core::Result<Tensor> {
+        let attn_out = self.attn.forward(&rms_norm(x, &self.input_norm, eps)?, mask, rope, mode)?;
+        let x = (x + attn_out)?;
+        let mlp_out = self.mlp.forward(&rms_norm(&x, &self.post_attn_norm, eps)?, mode)?;
+        x + mlp_out
+    }
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rope, mode: &mut LoraMode) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous();
+        let q = rope.apply(&heads(self.q_proj.forward(x, mode)?, self.num_heads)?)?;
+        let k = rope.apply(&heads(self.k_proj.forward(x, mode)?, self.num_kv_heads)?)?;
+        let v = heads(self.v_proj.forward(x, mode)?, self.num_kv_heads)?;
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?.broadcast_add(mask)?;
+        // The composite softmax: candle's fused softmax_last_dim has no backward.
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out, mode)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, mode: &mut LoraMode) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x, mode)?.silu()?;
+        let up = self.up_proj.forward(x, mode)?;
+        self.down_proj.forward(&(gate * up)?, mode)
+    }
+}

@@ -1,0 +1,9 @@
+//! The Llama-family causal LM: config, weights, differentiable ops and the decoder.
+pub mod config;
+pub mod llama;
+pub mod ops;
+pub mod scoring;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use llama::Llama;

@@ -1,0 +1,218 @@
+//! Differentiable building blocks for the decoder that candle's fused ops lack.
+//!
+//! candle 0.11's fused `rms_norm`, `softmax_last_dim` and `rope*` have no backward
+//! and silently cut the graph, so the training path uses the compositions below.
+//! `frozen_matmul` is the one custom op: `x · Wᵀ` for a weight that is never
+//! trained, whose backward returns dX only (candle's `Matmul` would also compute
+//! and keep a full dW for every frozen matrix).
+//!
+//! ```no_run
+//! # use candle_core::{Device, Tensor};
+//! # fn main() -> candle_core::Result<()> {
+//! let w = Tensor::ones((8, 4), candle_core::DType::F32, &Device::Cpu)?; // [out, in]
+//! let x = Tensor::ones((3, 4), candle_core::DType::F32, &Device::Cpu)?;
+//! let y = dpo::model::ops::frozen_matmul(&x, &w)?; // [3, 8]
+//! # Ok(()) }
+//! ```
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, D, DType, Layout, Result, Shape, Storage, Tensor};
+
+/// `x · Wᵀ` for a frozen `W` of shape `[out, in]`; `x` is `[..., in]`.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().expect("frozen_matmul on a scalar");
+    let rows = x.elem_count() / k;
+    let x2 = x.contiguous()?.reshape((rows, k))?;
+    let y = if x.track_op() {
+        x2.apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmul { w: w.clone() })))?
+    } else {
+        // Nothing upstream needs a gradient: a plain matmul records no graph either.
+        x2.matmul(&w.t()?)?
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl FrozenMatmul {
+    /// Runs the backend matmul of `x` (`[m, k]`, contiguous) by `Wᵀ` directly on storages,
+    /// so the result carries no graph node of its own.
+    fn fwd<S: BackendStorage>(&self, x: &S, x_layout: &Layout, w: &S, w_layout: &Layout) -> Result<(S, Shape)> {
+        let (m, k) = x_layout.shape().dims2()?;
+        let (n, k2) = w_layout.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen_matmul: input has {k} features, weight expects {k2}");
+        }
+        let wt = w_layout.transpose(0, 1)?;
+        let out = x.matmul(w, (1, m, n, k), x_layout, &wt)?;
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (w, w_layout) = self.w.storage_and_layout();
+        match &*w {
+            Storage::Cpu(w) => self.fwd(x, layout, w, w_layout),
+            _ => candle_core::bail!("frozen_matmul: input on cpu, weight elsewhere"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (w, w_layout) = self.w.storage_and_layout();
+        match &*w {
+            Storage::Cuda(w) => self.fwd(x, layout, w, w_layout),
+            _ => candle_core::bail!("frozen_matmul: input on cuda, weight elsewhere"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        // dX = dY · W ; no dW: the weight is frozen.
+        Ok(Some(grad_y.detach().matmul(&self.w)?))
+    }
+}
+
+/// RMSNorm as in HF Llama: normalise in f32, scale by the weight, return the input dtype.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Rotary position embedding tables for HF's `rotate_half` convention.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `[max_positions, head_dim]`, each row `cat(freqs, freqs)`.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, max_positions: usize, dtype: DType, device: &candle_core::Device) -> Result<Self> {
+        let half = head_dim / 2;
+        // Same f32 rounding of the inverse frequencies as transformers.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * head_dim);
+        let mut sin = Vec::with_capacity(max_positions * head_dim);
+        for p in 0..max_positions {
+            for _half in 0..2 {
+                for f in &inv_freq {
+                    let angle = p as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_positions, head_dim), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_positions, head_dim), device)?.to_dtype(dtype)?;
+        Ok(Self { cos, sin })
+    }
+
+    /// Rotates `x` of shape `[batch, heads, seq, head_dim]` for positions `0..seq`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, seq, head_dim) = x.dims4()?;
+        if seq > self.cos.dim(0)? {
+            candle_core::bail!("sequence of {seq} tokens is longer than the rope table ({})", self.cos.dim(0)?);
+        }
+        let cos = self.cos.narrow(0, 0, seq)?;
+        let sin = self.sin.narrow(0, 0, seq)?;
+        let half = head_dim / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// Repeats key/value heads for grouped-query attention: `[b, kv, t, d]` → `[b, kv·n_rep, t, d]`.
+pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, t, d))?
+        .reshape((b, kv * n_rep, t, d))
+}
+
+/// Additive attention mask `[t, t]`: 0 where query `i` may see key `j`, −inf elsewhere.
+/// Causal, and limited to the last `window` keys when a sliding window applies.
+pub fn causal_mask(t: usize, window: Option<usize>, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                let visible = j <= i && window.is_none_or(|w| i - j < w);
+                if visible { 0.0 } else { f32::NEG_INFINITY }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn t(v: &[f32], shape: (usize, usize)) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn frozen_matmul_equals_matmul_and_returns_only_dx() {
+        let w = t(&[0.5, -1.0, 2.0, 0.25, 1.5, -0.75], (3, 2));
+        let x = Var::from_tensor(&t(&[1.0, 2.0, -3.0, 0.5], (2, 2))).unwrap();
+        let y = frozen_matmul(x.as_tensor(), &w).unwrap();
+        let expected = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), expected.to_vec2::<f32>().unwrap());
+
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let expected_grads = expected.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            grads.get(&x).unwrap().to_vec2::<f32>().unwrap(),
+            expected_grads.get(&x).unwrap().to_vec2::<f32>().unwrap()
+        );
+        // The plain matmul leaves a dW behind for the frozen weight; ours does not.
+        assert!(grads.get_ids().count() < expected_grads.get_ids().count());
+    }
+
+    #[test]
+    fn causal_mask_respects_the_sliding_window() {
+        let m = causal_mask(4, Some(2), DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let visible: Vec<Vec<bool>> = m.iter().map(|r| r.iter().map(|v| *v == 0.0).collect()).collect();
+        assert_eq!(visible[0], [true, false, false, false]);
+        assert_eq!(visible[3], [false, false, true, true]);
+        let full = causal_mask(4, None, DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert!(full[3].iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn rms_norm_and_rope_carry_gradients() {
+        let x = Var::from_tensor(&Tensor::arange(0f32, 16., &Device::Cpu).unwrap().reshape((1, 1, 2, 8)).unwrap()).unwrap();
+        let w = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
+        let rope = Rope::new(8, 10000.0, 4, DType::F32, &Device::Cpu).unwrap();
+        let y = rope.apply(&rms_norm(x.as_tensor(), &w, 1e-6).unwrap()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_some());
+        // Position 0 is not rotated.
+        let y0 = y.get(0).unwrap().get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+        let n0 = rms_norm(x.as_tensor(), &w, 1e-6).unwrap().get(0).unwrap().get(0).unwrap().get(0).unwrap();
+        assert_eq!(y0, n0.to_vec1::<f32>().unwrap());
+    }
+}

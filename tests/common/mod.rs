@@ -1,0 +1,110 @@
+//! Shared helpers for the integration tests: fixture paths, golden values, model loading.
+#![allow(dead_code)]
+use candle_core::{DType, Device, Tensor};
+use dpo::data::{PairBatch, TokenizedPair};
+use dpo::lora::adapter::{self, NamedParam};
+use dpo::model::Llama;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+pub fn golden_dir(name: &str) -> PathBuf {
+    fixtures().join("golden").join(name)
+}
+
+pub fn orca(split: &str) -> PathBuf {
+    fixtures().join(format!("data/orca_dpo_pairs/{split}.jsonl"))
+}
+
+pub fn golden() -> serde_json::Value {
+    read_json(&fixtures().join("golden/golden.json"))
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// The 8 golden pairs' token ids, as golden.json records them.
+pub fn golden_pairs() -> Vec<TokenizedPair> {
+    golden()["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| TokenizedPair {
+            prompt: u32s(&p["prompt_ids"]),
+            chosen: u32s(&p["chosen_ids"]),
+            rejected: u32s(&p["rejected_ids"]),
+        })
+        .collect()
+}
+
+pub fn load(model: &str) -> Llama {
+    Llama::load(&model_dir(model), DType::F32, &Device::Cpu).unwrap()
+}
+
+/// A model with the golden peft adapter of `golden_model` attached.
+pub fn load_with_golden_adapter(model: &str, golden_model: &str) -> (Llama, Vec<NamedParam>) {
+    let mut m = load(model);
+    let (_, params) = adapter::attach_from_dir(&mut m, &golden_dir(golden_model).join("adapter"), None).unwrap();
+    (m, params)
+}
+
+pub fn batch(pairs: &[TokenizedPair]) -> PairBatch {
+    PairBatch::new(pairs, 3, &Device::Cpu).unwrap()
+}
+
+pub fn load_safetensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+pub fn to_vec(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], abs_tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= abs_tol, "{what}[{i}]: got {g}, want {w} (|Δ| {} > {abs_tol})", (g - w).abs());
+    }
+}
+
+pub fn assert_rel(what: &str, got: f64, want: f64, rel_tol: f64) {
+    let err = (got - want).abs() / want.abs().max(1e-12);
+    assert!(err <= rel_tol, "{what}: got {got}, want {want} (rel {err:e} > {rel_tol:e})");
+}
+
+/// The fixtures' own comparison rule (tests/fixtures/README.md, "TRL cross-check"):
+/// `|a − b| ≤ tol · max(1, |b|)`. Relative for large values; for metrics near zero that are
+/// differences of two ~−60 log-probs (rewards/rejected ≈ 0.0014) a pure relative bound would ask
+/// for bit-identical float32 sums — TRL itself differs from the golden value by 1e-4 relative there.
+pub fn assert_fixture_close(what: &str, got: f64, want: f64, tol: f64) {
+    let err = (got - want).abs();
+    assert!(err <= tol * want.abs().max(1.0), "{what}: got {got}, want {want} (|Δ| {err:e} > {tol:e}·max(1,|want|))");
+}
+
+/// A fresh scratch folder under target/ (removed first if a previous run left it).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dpo"))
+}
