@@ -59,9 +59,11 @@ pub fn run(args: &EvalArgs) -> Result<RewardMetrics> {
     }
     let data = crate::setup::load_pairs(common, &loaded)?;
     let loss = crate::setup::dpo_loss(common)?;
-    let mut scores: Vec<PairScore> = Vec::with_capacity(data.pairs.len());
-    for chunk in data.pairs.chunks(args.batch_size) {
-        let batch = PairBatch::new(chunk, loaded.pad_id, &loaded.device)?;
+    let mut scores: Vec<PairScore> = Vec::with_capacity(data.len());
+    let indices: Vec<usize> = (0..data.len()).collect();
+    for chunk in indices.chunks(args.batch_size) {
+        let pairs = chunk.iter().map(|&i| data.get(i)).collect::<Result<Vec<_>>>()?;
+        let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device)?;
         let (logps, losses) = score(&loaded.model, &batch, &loss, &mut LoraMode::On)?;
         scores.extend(PairScore::collect(&logps, &losses)?);
     }

@@ -6,7 +6,7 @@
 //! # let common: dpo::config::CommonArgs = todo!();
 //! let loaded = dpo::setup::load_model(&common)?;
 //! let data = dpo::setup::load_pairs(&common, &loaded)?;
-//! println!("{} pairs, {} truncated", data.pairs.len(), data.truncated);
+//! println!("{} pairs, {} truncated", data.len(), data.truncated);
 //! # Ok(()) }
 //! ```
 use crate::config::CommonArgs;
@@ -34,10 +34,26 @@ pub fn load_model(common: &CommonArgs) -> Result<Loaded> {
     Ok(Loaded { model, tokenizer, device, pad_id })
 }
 
+/// The run's pairs, addressed by index (the trainer asks for them in its seeded order).
 pub struct Dataset {
-    pub pairs: Vec<TokenizedPair>,
+    pairs: Vec<TokenizedPair>,
     /// Pairs cut by --max-length / --max-prompt-length.
     pub truncated: usize,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// Pair `i` (0-based, file order), tokenized and truncated.
+    pub fn get(&self, i: usize) -> Result<TokenizedPair> {
+        self.pairs.get(i).cloned().with_context(|| format!("pair {i} is out of range ({} pairs)", self.pairs.len()))
+    }
 }
 
 /// Reads, templates, tokenizes and truncates every pair of `--dataset`.

@@ -27,9 +27,10 @@ fn tokenization_matches_golden_ids() {
     ]);
     let loaded = dpo::setup::load_model(&args).unwrap();
     let data = dpo::setup::load_pairs(&args, &loaded).unwrap();
-    assert_eq!(data.pairs.len(), 64);
+    assert_eq!(data.len(), 64);
     assert_eq!(data.truncated, 0);
-    assert_eq!(&data.pairs[..8], &golden_pairs()[..]);
+    let first8: Vec<_> = (0..8).map(|i| data.get(i).unwrap()).collect();
+    assert_eq!(first8, golden_pairs());
 }
 
 #[test]

@@ -80,7 +80,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     };
     let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
 
-    let n = data.pairs.len();
+    let n = data.len();
     let per_step = args.batch_size * args.grad_accum;
     let stream_end = match args.max_steps {
         Some(_) => usize::MAX,
@@ -117,7 +117,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         let mut grads = GradAccumulator::new(vars.len());
         let (mut scores, mut tokens): (Vec<PairScore>, usize) = (Vec::new(), 0);
         for chunk in &micro_batches {
-            let pairs: Vec<_> = chunk.iter().map(|&pos| data.pairs[order.pair_at(pos)].clone()).collect();
+            let pairs = chunk.iter().map(|&pos| data.get(order.pair_at(pos))).collect::<Result<Vec<_>>>()?;
             let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device)?;
             let mut mode = if lora_cfg.dropout > 0.0 { LoraMode::Train(&mut dropout_rng) } else { LoraMode::On };
             let scale = 1.0 / micro_batches.len() as f64;
