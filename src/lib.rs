@@ -8,6 +8,7 @@
 //! - [`lora`]: adapters on the frozen linears, peft's format on disk.
 //! - [`loss`]: DPO losses and reward metrics.
 //! - [`train`]: the recipe, the DPO step, AdamW, LR schedules.
+//! - [`hub`]: `--model`/`--dataset` repo ids through the Hugging Face Hub cache.
 //! - [`eval`]: scoring pairs; [`checkpoint`]: crash-safe writes.
 pub mod checkpoint;
 pub mod cli;
@@ -15,8 +16,10 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod hub;
 pub mod lora;
 pub mod loss;
+pub mod merge;
 pub mod model;
 pub mod rng;
 pub mod setup;

@@ -1,5 +1,5 @@
-//! What `train` and `eval` both do first: open the device, load the model and tokenizer,
-//! read and tokenize the pairs.
+//! What `train` and `eval` both do first: open the device, resolve `--model` / `--dataset` (local
+//! paths or Hub repo ids), load the model and tokenizer, and index and audit the pairs.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -10,12 +10,16 @@
 //! # Ok(()) }
 //! ```
 use crate::config::CommonArgs;
-use crate::data::{PairTokenizer, Template, TokenizedPair, jsonl};
+use crate::data::audit::Audit;
+use crate::data::pipeline::Pipeline;
+use crate::data::{PairTokenizer, TokenizedPair};
 use crate::device::{parse_device, parse_dtype};
+use crate::hub::{self, Hub};
 use crate::loss::{DpoLoss, LossKind};
 use crate::model::Llama;
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use candle_core::Device;
+use std::path::PathBuf;
 
 pub struct Loaded {
     pub model: Llama,
@@ -23,68 +27,75 @@ pub struct Loaded {
     pub device: Device,
     /// Fills right padding; never scored, so any valid id works.
     pub pad_id: u32,
+    /// The local folder the model was loaded from (a Hub cache snapshot for repo ids).
+    pub model_dir: PathBuf,
+}
+
+/// `--model` as a local folder: itself, or the Hub cache snapshot of a repo id.
+pub fn model_dir(common: &CommonArgs) -> Result<PathBuf> {
+    if hub::is_repo_id(&common.model) {
+        let hub = Hub::new(common.offline)?;
+        return hub::model::resolve(&hub, &common.model.to_string_lossy(), common.revision.as_deref());
+    }
+    Ok(common.model.clone())
+}
+
+/// `--dataset` as local files: itself, or the files of `--split` of a Hub dataset repo.
+pub fn dataset_files(common: &CommonArgs) -> Result<Vec<PathBuf>> {
+    if hub::is_repo_id(&common.dataset) {
+        let hub = Hub::new(common.offline)?;
+        let repo = common.dataset.to_string_lossy();
+        return hub::dataset::resolve(&hub, &repo, common.dataset_revision.as_deref(), common.dataset_config.as_deref(), &common.split);
+    }
+    Ok(vec![common.dataset.clone()])
 }
 
 pub fn load_model(common: &CommonArgs) -> Result<Loaded> {
     let device = parse_device(&common.device)?;
     let dtype = parse_dtype(&common.dtype, &device)?;
-    let model = Llama::load(&common.model, dtype, &device)?;
-    let tokenizer = PairTokenizer::from_model_dir(&common.model)?;
+    let dir = model_dir(common)?;
+    let model = Llama::load(&dir, dtype, &device)?;
+    let tokenizer = PairTokenizer::from_model_dir(&dir)?;
     let pad_id = model.config().pad_token_id.unwrap_or(tokenizer.eos_id());
-    Ok(Loaded { model, tokenizer, device, pad_id })
+    Ok(Loaded { model, tokenizer, device, pad_id, model_dir: dir })
 }
 
-/// The run's pairs, addressed by index (the trainer asks for them in its seeded order).
+/// The run's pairs, addressed by index (the trainer asks for them in its seeded order). Only the
+/// byte offset of each row is held; `get` re-reads and tokenizes the row.
 pub struct Dataset {
-    pairs: Vec<TokenizedPair>,
+    pipeline: Pipeline,
     /// Pairs cut by --max-length / --max-prompt-length.
     pub truncated: usize,
+    /// What the pre-flight pass found.
+    pub audit: Audit,
 }
 
 impl Dataset {
     pub fn len(&self) -> usize {
-        self.pairs.len()
+        self.pipeline.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pairs.is_empty()
+        self.pipeline.is_empty()
     }
 
-    /// Pair `i` (0-based, file order), tokenized and truncated.
+    /// Pair `i` (0-based, file order among usable rows), tokenized and truncated.
     pub fn get(&self, i: usize) -> Result<TokenizedPair> {
-        self.pairs.get(i).cloned().with_context(|| format!("pair {i} is out of range ({} pairs)", self.pairs.len()))
+        self.pipeline.pair(i)
     }
 }
 
-/// Reads, templates, tokenizes and truncates every pair of `--dataset`.
+/// Reads, audits and indexes every pair of `--dataset`; refuses data with more than
+/// `--max-skip-ratio` unusable rows.
 pub fn load_pairs(common: &CommonArgs, loaded: &Loaded) -> Result<Dataset> {
-    if common.max_prompt_length >= common.max_length {
-        bail!(
-            "--max-prompt-length ({}) must be smaller than --max-length ({})",
-            common.max_prompt_length,
-            common.max_length
-        );
+    let files = dataset_files(common)?;
+    let settings = common.data_settings(Some(loaded.model.config().vocab_size));
+    let (pipeline, audit) = Pipeline::build(&files, settings, loaded.tokenizer.clone(), &loaded.model_dir)?;
+    audit.check_skip_ratio(common.max_skip_ratio)?;
+    if audit.rows_skipped > 0 {
+        eprintln!("skipped {} of {} rows: {}", audit.rows_skipped, audit.rows_read, audit.skipped.iter().take(3).map(|b| b.to_string()).collect::<Vec<_>>().join("; "));
     }
-    let template = Template::parse(&common.template)?;
-    let examples = jsonl::read_orca(&common.dataset)?;
-    let vocab = loaded.model.config().vocab_size;
-    let mut truncated = 0;
-    let mut pairs = Vec::with_capacity(examples.len());
-    for (i, ex) in examples.iter().enumerate() {
-        let mut pair = loaded
-            .tokenizer
-            .tokenize(&template.render(ex), ex)
-            .with_context(|| format!("{}: pair {i}", common.dataset.display()))?;
-        if let Some(bad) = pair.prompt.iter().chain(&pair.chosen).chain(&pair.rejected).find(|&&t| t as usize >= vocab) {
-            bail!(
-                "{}: pair {i} has token id {bad}, beyond the model's vocabulary of {vocab}: tokenizer and model do not match",
-                common.dataset.display()
-            );
-        }
-        truncated += usize::from(pair.truncate(common.max_length, common.max_prompt_length, loaded.tokenizer.bos_id()));
-        pairs.push(pair);
-    }
-    Ok(Dataset { pairs, truncated })
+    Ok(Dataset { pipeline, truncated: audit.truncated, audit })
 }
 
 pub fn dpo_loss(common: &CommonArgs) -> Result<DpoLoss> {

@@ -1,5 +1,13 @@
-//! Flags shared by `train` and `eval`: where the model and the pairs come from, how prompts are
-//! rendered, the loss, and the device.
+//! Flags shared by `train` and `eval`: where the model and the pairs come from (local paths or
+//! Hub repo ids), how rows are read and prompts rendered, the loss, and the device.
+//!
+//! ```
+//! use clap::Parser;
+//! #[derive(Parser)]
+//! struct Cli { #[command(flatten)] common: dpo::config::CommonArgs }
+//! let cli = Cli::parse_from(["x", "--model", "tiny/llama", "--dataset", "tiny/orca_dpo_pairs", "--offline"]);
+//! assert!(cli.common.offline && cli.common.split == "train");
+//! ```
 use clap::Args;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -11,15 +19,48 @@ pub struct CommonArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Model folder (config.json, tokenizer.json, safetensors weights).
+    /// Model folder (config.json, tokenizer.json, safetensors weights) or Hub repo id (org/name).
     #[arg(long)]
     pub model: PathBuf,
-    /// Preference dataset: orca-style JSONL (system, question, chosen, rejected).
+    /// Model revision on the Hub: branch, tag or commit.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Preference data: a .jsonl/.json/.jsonl.gz/.parquet file or a Hub dataset repo id (org/name).
     #[arg(long)]
     pub dataset: PathBuf,
-    /// Prompt template: orca | raw.
-    #[arg(long, default_value = "orca")]
+    /// Dataset revision on the Hub: branch, tag or commit.
+    #[arg(long)]
+    pub dataset_revision: Option<String>,
+    /// Named dataset config (README.md `configs:`) of a Hub dataset.
+    #[arg(long)]
+    pub dataset_config: Option<String>,
+    /// Split of a Hub dataset.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Use only the Hub cache, never the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// Row schema: auto | orca | messages | hh-rlhf | explicit.
+    #[arg(long, default_value = "auto")]
+    pub format: String,
+    /// Column holding the prompt (default: question for orca, prompt otherwise).
+    #[arg(long)]
+    pub prompt_column: Option<String>,
+    /// Column holding the chosen response (default: chosen).
+    #[arg(long)]
+    pub chosen_column: Option<String>,
+    /// Column holding the rejected response (default: rejected).
+    #[arg(long)]
+    pub rejected_column: Option<String>,
+    /// Prompt template: auto | chat | orca | raw (auto: chat for conversational data with a chat template, orca for orca rows, raw for string prompts).
+    #[arg(long, default_value = "auto")]
     pub template: String,
+    /// A Jinja chat template file used instead of the tokenizer's.
+    #[arg(long)]
+    pub template_file: Option<PathBuf>,
+    /// Refuse to run when more than this fraction of rows is unusable.
+    #[arg(long, default_value_t = 0.01)]
+    pub max_skip_ratio: f64,
     /// sigmoid | ipo | hinge.
     #[arg(long, default_value = "sigmoid")]
     pub loss: String,
@@ -43,3 +84,21 @@ pub struct CommonArgs {
     pub dtype: String,
 }
 
+impl CommonArgs {
+    /// The data settings of these flags.
+    pub fn data_settings(&self, vocab_size: Option<usize>) -> crate::data::pipeline::Settings {
+        crate::data::pipeline::Settings {
+            format: self.format.clone(),
+            columns: crate::data::schema::Columns {
+                prompt: self.prompt_column.clone(),
+                chosen: self.chosen_column.clone(),
+                rejected: self.rejected_column.clone(),
+            },
+            template: self.template.clone(),
+            template_file: self.template_file.clone(),
+            max_length: self.max_length,
+            max_prompt_length: self.max_prompt_length,
+            vocab_size,
+        }
+    }
+}

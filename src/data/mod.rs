@@ -1,21 +1,58 @@
-//! Preference data: reading pairs, rendering prompts, tokenizing, batching.
+//! Preference data: reading rows, detecting the schema, rendering prompts, tokenizing, batching.
 //!
-//! A pair flows `records → Example → (template) prompt text → TokenizedPair → PairBatch`.
+//! A pair flows `file rows → (schema) Example → (template) Rendered → TokenizedPair → PairBatch`.
+//! Rows are read as streams and indexed by byte offset ([`store`]), so a dataset costs 8 bytes a
+//! row in memory; each pair is re-read and tokenized when the trainer asks for it.
+pub mod audit;
 pub mod batch;
-pub mod jsonl;
+pub mod chat;
+pub mod inspect;
 pub mod order;
+pub mod pipeline;
+pub mod reader;
+pub mod schema;
+pub mod store;
 pub mod template;
 pub mod tokenize;
 
 pub use batch::PairBatch;
-pub use template::Template;
+pub use template::{Rendered, Template};
 pub use tokenize::{PairTokenizer, TokenizedPair};
 
-/// One preference example before templating: the prompt parts and the two responses.
+/// One chat turn.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self { role: role.to_string(), content: content.to_string() }
+    }
+}
+
+/// One preference example before templating: the prompt (as turns and as one string) and the
+/// two responses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
-    pub system: String,
-    pub question: String,
+    /// The conversation before the response: optional system turn, then user/assistant turns.
+    pub prompt: Vec<Message>,
+    /// The prompt as a single string (`--template raw`): the question, the prompt column, or an
+    /// hh-rlhf dialogue prefix ending in `"\n\nAssistant:"`.
+    pub raw_prompt: String,
     pub chosen: String,
     pub rejected: String,
+}
+
+impl Example {
+    /// The orca-style example with an optional system prompt.
+    pub fn orca(system: &str, question: &str, chosen: &str, rejected: &str) -> Self {
+        let mut prompt = Vec::new();
+        if !system.is_empty() {
+            prompt.push(Message::new("system", system));
+        }
+        prompt.push(Message::new("user", question));
+        Self { prompt, raw_prompt: question.to_string(), chosen: chosen.to_string(), rejected: rejected.to_string() }
+    }
 }

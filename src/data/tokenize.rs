@@ -4,11 +4,12 @@
 //! ```no_run
 //! # use dpo::data::{Example, PairTokenizer, Template};
 //! let tok = PairTokenizer::from_model_dir(std::path::Path::new("tiny-llama")).unwrap();
-//! let ex = Example { system: "".into(), question: "1+1?".into(), chosen: "2".into(), rejected: "3".into() };
-//! let pair = tok.tokenize(&Template::Orca.render(&ex), &ex).unwrap();
+//! let ex = Example::orca("", "1+1?", "2", "3");
+//! let (pair, checks) = tok.tokenize(&Template::Orca.render(&ex).unwrap()).unwrap();
 //! assert_eq!(*pair.chosen.last().unwrap(), tok.eos_id());
+//! assert!(!checks.boundary_mismatch);
 //! ```
-use super::Example;
+use super::Rendered;
 use anyhow::{Context, Result, anyhow, bail};
 use std::path::Path;
 use tokenizers::Tokenizer;
@@ -46,6 +47,18 @@ impl TokenizedPair {
     }
 }
 
+/// What tokenizing one pair revealed (counted by the audit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PairChecks {
+    /// Tokenizing prompt and response apart differs from tokenizing their concatenation.
+    pub boundary_mismatch: bool,
+    /// The prompt starts with two BOS tokens.
+    pub double_bos: bool,
+    /// A response ends with two EOS tokens (the text already had one).
+    pub double_eos: bool,
+}
+
+#[derive(Clone)]
 pub struct PairTokenizer {
     tokenizer: Tokenizer,
     eos_id: u32,
@@ -93,23 +106,37 @@ impl PairTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 
-    pub fn tokenize(&self, prompt_text: &str, ex: &Example) -> Result<TokenizedPair> {
-        let prompt = self.encode(prompt_text, true)?;
-        let response = |text: &str| -> Result<Vec<u32>> {
+    /// The BOS / EOS token texts (for chat templates), empty when unknown.
+    pub fn token_text(&self, id: Option<u32>) -> String {
+        id.and_then(|i| self.tokenizer.id_to_token(i)).unwrap_or_default()
+    }
+
+    /// Prompt with special tokens (unless its text carries BOS already), responses without them,
+    /// EOS appended when the template asks; plus the boundary / BOS / EOS checks.
+    pub fn tokenize(&self, r: &Rendered) -> Result<(TokenizedPair, PairChecks)> {
+        let prompt = self.encode(&r.prompt, !r.bos_in_text)?;
+        if prompt.is_empty() {
+            bail!("the prompt {:?} tokenizes to nothing", r.prompt);
+        }
+        let mut checks = PairChecks { double_bos: self.bos_id.is_some() && prompt.len() > 1 && prompt[0] == prompt[1] && Some(prompt[0]) == self.bos_id, ..Default::default() };
+        let mut response = |text: &str| -> Result<Vec<u32>> {
             let mut ids = self.encode(text, false)?;
-            ids.push(self.eos_id);
+            let joint = self.encode(&format!("{}{text}", r.prompt), !r.bos_in_text)?;
+            checks.boundary_mismatch |= joint.len() != prompt.len() + ids.len() || joint[..prompt.len()] != prompt[..] || joint[prompt.len()..] != ids[..];
+            if r.append_eos {
+                ids.push(self.eos_id);
+            }
+            checks.double_eos |= ids.len() > 1 && ids[ids.len() - 1] == self.eos_id && ids[ids.len() - 2] == self.eos_id;
             Ok(ids)
         };
-        Ok(TokenizedPair { prompt, chosen: response(&ex.chosen)?, rejected: response(&ex.rejected)? })
+        let chosen = response(&r.chosen)?;
+        let rejected = response(&r.rejected)?;
+        Ok((TokenizedPair { prompt, chosen, rejected }, checks))
     }
 
     fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
         let enc = self.tokenizer.encode(text, special).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
-        let ids = enc.get_ids().to_vec();
-        if ids.is_empty() && special {
-            bail!("the prompt {text:?} tokenizes to nothing");
-        }
-        Ok(ids)
+        Ok(enc.get_ids().to_vec())
     }
 }
 

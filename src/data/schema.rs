@@ -1,0 +1,260 @@
+//! Which columns hold the prompt and the two responses: the four common layouts, detected from
+//! the first row's column names and value types, or forced with `--format`.
+//!
+//! - `orca`: `system`, `question`, `chosen`, `rejected` strings (Intel/orca_dpo_pairs).
+//! - `messages`: `chosen`/`rejected` lists of `{role, content}` ending in the assistant turn;
+//!   the prompt is every turn before it, or the `prompt` column (string or list)
+//!   (HuggingFaceH4/ultrafeedback_binarized).
+//! - `hh-rlhf`: `chosen`/`rejected` full dialogues; the prompt is their longest common prefix
+//!   ending in `"\n\nAssistant:"` (Anthropic/hh-rlhf).
+//! - `explicit`: `prompt`, `chosen`, `rejected` strings.
+//!
+//! ```
+//! use dpo::data::schema::{Columns, Schema};
+//! let row = serde_json::json!({"prompt": "2+2?", "chosen": "4", "rejected": "5"});
+//! let schema = Schema::detect("auto", Columns::default(), &row).unwrap();
+//! assert_eq!(schema.example(&row).unwrap().raw_prompt, "2+2?");
+//! ```
+use super::{Example, Message};
+use anyhow::{Result, bail};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    Orca,
+    Messages,
+    HhRlhf,
+    Explicit,
+}
+
+impl Format {
+    pub const NAMES: &'static [&'static str] = &["auto", "orca", "messages", "hh-rlhf", "explicit"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Orca => "orca",
+            Self::Messages => "messages",
+            Self::HhRlhf => "hh-rlhf",
+            Self::Explicit => "explicit",
+        }
+    }
+
+    /// `None` for `auto`.
+    pub fn parse(name: &str) -> Result<Option<Self>> {
+        Ok(Some(match name {
+            "auto" => return Ok(None),
+            "orca" => Self::Orca,
+            "messages" | "preference-with-messages" | "ultrafeedback" => Self::Messages,
+            "hh-rlhf" | "hh" => Self::HhRlhf,
+            "explicit" | "prompt-chosen-rejected" => Self::Explicit,
+            other => bail!("unknown --format {other:?}: choose from {}", Self::NAMES.join(", ")),
+        }))
+    }
+}
+
+/// Column-name overrides (`--prompt-column` etc.); `None` keeps the format's own name.
+#[derive(Debug, Clone, Default)]
+pub struct Columns {
+    pub prompt: Option<String>,
+    pub chosen: Option<String>,
+    pub rejected: Option<String>,
+}
+
+/// A format with its resolved column names.
+#[derive(Debug, Clone)]
+pub struct Schema {
+    pub format: Format,
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+impl Schema {
+    /// Picks the format (`--format`, or from `first`'s columns) and checks `first` has its columns.
+    pub fn detect(format: &str, cols: Columns, first: &Value) -> Result<Self> {
+        let Some(obj) = first.as_object() else { bail!("rows must be JSON objects, found {}", kind(first)) };
+        let found = || obj.keys().cloned().collect::<Vec<_>>().join(", ");
+        let chosen = cols.chosen.clone().unwrap_or_else(|| "chosen".into());
+        let rejected = cols.rejected.clone().unwrap_or_else(|| "rejected".into());
+        let format = match Format::parse(format)? {
+            Some(f) => f,
+            None => match obj.get(&chosen) {
+                Some(Value::Array(_)) => Format::Messages,
+                Some(Value::String(_)) if cols.prompt.is_some() => Format::Explicit,
+                Some(Value::String(_)) if obj.contains_key("question") => Format::Orca,
+                Some(Value::String(_)) if obj.contains_key("prompt") => Format::Explicit,
+                Some(Value::String(s)) if s.contains(HH_MARKER) => Format::HhRlhf,
+                _ => bail!(
+                    "cannot tell the dataset format from its columns ({}): expected orca (system, question, chosen, rejected), \
+                     messages (prompt, chosen/rejected as [{{role, content}}]), hh-rlhf (chosen, rejected dialogues) or explicit \
+                     (prompt, chosen, rejected); pass --format and --prompt-column/--chosen-column/--rejected-column",
+                    found()
+                ),
+            },
+        };
+        let prompt = cols.prompt.unwrap_or_else(|| if format == Format::Orca { "question".into() } else { "prompt".into() });
+        let schema = Self { format, prompt, chosen, rejected };
+        let mut needed = vec![&schema.chosen, &schema.rejected];
+        if matches!(format, Format::Orca | Format::Explicit) {
+            needed.push(&schema.prompt);
+        }
+        if let Some(missing) = needed.iter().find(|c| !obj.contains_key(c.as_str())) {
+            bail!("format {} needs column {missing:?}, but the columns are: {}", format.name(), found());
+        }
+        Ok(schema)
+    }
+
+    /// The row as an example; errors name the field.
+    pub fn example(&self, row: &Value) -> Result<Example> {
+        if !row.is_object() {
+            bail!("expected a JSON object, found {}", kind(row));
+        }
+        let ex = match self.format {
+            Format::Orca => Example::orca(
+                &text(row, "system", false)?,
+                &text(row, &self.prompt, true)?,
+                &text(row, &self.chosen, true)?,
+                &text(row, &self.rejected, true)?,
+            ),
+            Format::Explicit => {
+                let p = text(row, &self.prompt, true)?;
+                Example { prompt: vec![Message::new("user", &p)], raw_prompt: p, chosen: text(row, &self.chosen, true)?, rejected: text(row, &self.rejected, true)? }
+            }
+            Format::HhRlhf => hh_example(&text(row, &self.chosen, true)?, &text(row, &self.rejected, true)?)?,
+            Format::Messages => self.messages_example(row)?,
+        };
+        if ex.raw_prompt.trim().is_empty() && ex.prompt.iter().all(|m| m.content.trim().is_empty()) {
+            bail!("empty prompt");
+        }
+        for (name, r) in [(&self.chosen, &ex.chosen), (&self.rejected, &ex.rejected)] {
+            if r.trim().is_empty() {
+                bail!("field {name:?} has an empty response");
+            }
+        }
+        Ok(ex)
+    }
+
+    fn messages_example(&self, row: &Value) -> Result<Example> {
+        let chosen = messages(row, &self.chosen)?;
+        let rejected = messages(row, &self.rejected)?;
+        let (c_prompt, c_resp) = split_last_assistant(&chosen, &self.chosen)?;
+        let (r_prompt, r_resp) = split_last_assistant(&rejected, &self.rejected)?;
+        let prompt = match row.get(&self.prompt) {
+            _ if !c_prompt.is_empty() => {
+                if c_prompt != r_prompt {
+                    bail!("fields {:?} and {:?} have different prompt turns", self.chosen, self.rejected);
+                }
+                c_prompt.to_vec()
+            }
+            Some(Value::String(p)) => vec![Message::new("user", p)],
+            Some(Value::Array(_)) => messages(row, &self.prompt)?,
+            _ => bail!("field {:?} holds only the assistant turn and there is no {:?} column", self.chosen, self.prompt),
+        };
+        let raw_prompt = match row.get(&self.prompt) {
+            Some(Value::String(p)) => p.clone(),
+            _ => prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n"),
+        };
+        Ok(Example { prompt, raw_prompt, chosen: c_resp.to_string(), rejected: r_resp.to_string() })
+    }
+}
+
+const HH_MARKER: &str = "\n\nAssistant:";
+
+/// Splits hh-rlhf dialogues at the longest common prefix that ends in `"\n\nAssistant:"`.
+pub fn hh_example(chosen: &str, rejected: &str) -> Result<Example> {
+    let common = chosen.char_indices().zip(rejected.chars()).take_while(|((_, a), b)| a == b).last().map_or(0, |((i, c), _)| i + c.len_utf8());
+    let Some(at) = chosen[..common].rfind(HH_MARKER) else {
+        bail!("chosen and rejected share no prefix ending in \"\\n\\nAssistant:\"");
+    };
+    let end = at + HH_MARKER.len();
+    let raw_prompt = &chosen[..end];
+    Ok(Example {
+        prompt: hh_turns(raw_prompt),
+        raw_prompt: raw_prompt.to_string(),
+        // TRL keeps the space after "Assistant:" in the response; templates that use turns trim it.
+        chosen: chosen[end..].to_string(),
+        rejected: rejected[end..].to_string(),
+    })
+}
+
+/// `"\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"` → user a, assistant b, user c.
+fn hh_turns(prefix: &str) -> Vec<Message> {
+    let mut out: Vec<Message> = Vec::new();
+    let mut rest = prefix;
+    while !rest.is_empty() {
+        let (role, body) = if let Some(r) = rest.strip_prefix("\n\nHuman:") {
+            ("user", r)
+        } else if let Some(r) = rest.strip_prefix(HH_MARKER) {
+            ("assistant", r)
+        } else {
+            ("user", rest)
+        };
+        let next = [body.find("\n\nHuman:"), body.find(HH_MARKER)].into_iter().flatten().min().unwrap_or(body.len());
+        let content = body[..next].trim();
+        if !content.is_empty() {
+            out.push(Message::new(role, content));
+        }
+        rest = &body[next..];
+    }
+    out
+}
+
+fn split_last_assistant<'a>(msgs: &'a [Message], field: &str) -> Result<(&'a [Message], &'a str)> {
+    match msgs.split_last() {
+        Some((last, before)) if last.role == "assistant" => Ok((before, last.content.as_str())),
+        Some((last, _)) => bail!("field {field:?} must end with an assistant turn, found role {:?}", last.role),
+        None => bail!("field {field:?} is an empty list"),
+    }
+}
+
+fn messages(row: &Value, key: &str) -> Result<Vec<Message>> {
+    let Some(v) = row.get(key) else { bail!("missing field {key:?}") };
+    let Some(items) = v.as_array() else { bail!("field {key:?} must be a list of {{role, content}}, found {}", kind(v)) };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let s = |k: &str| match m.get(k) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(other) => bail!("field {key:?}[{i}].{k} must be a string, found {}", kind(other)),
+                None => bail!("field {key:?}[{i}] has no {k:?}"),
+            };
+            Ok(Message { role: s("role")?, content: s("content")? })
+        })
+        .collect()
+}
+
+fn text(row: &Value, key: &str, required: bool) -> Result<String> {
+    match row.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) if !required => Ok(String::new()),
+        None => bail!("missing field {key:?}"),
+        Some(other) => bail!("field {key:?} must be a string, found {}", kind(other)),
+    }
+}
+
+pub fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hh_split_at_last_shared_assistant_marker() {
+        let ex = hh_example("\n\nHuman: hi\n\nAssistant: yo\n\nHuman: 1+1?\n\nAssistant: 2", "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: 1+1?\n\nAssistant: 3").unwrap();
+        assert_eq!(ex.raw_prompt, "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: 1+1?\n\nAssistant:");
+        assert_eq!(ex.chosen, " 2");
+        assert_eq!(ex.prompt, vec![Message::new("user", "hi"), Message::new("assistant", "yo"), Message::new("user", "1+1?")]);
+        assert!(hh_example("a", "b").is_err());
+    }
+}
