@@ -45,3 +45,47 @@ fn sync_parent(path: &Path) {
         let _ = dir.sync_all();
     }
 }
+
+/// Builds a directory atomically: `fill` writes into a hidden temporary sibling, whose files are
+/// then fsynced before it is renamed to `dir`. A crash leaves either no `dir` or a whole one;
+/// the temporary sibling is removed by [`remove_stale_temps`] on the next run.
+pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_sibling(dir);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = fill(&tmp).and_then(|()| {
+        for entry in std::fs::read_dir(&tmp)? {
+            File::open(entry?.path())?.sync_all()?;
+        }
+        File::open(&tmp)?.sync_all()?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::rename(&tmp, dir)?;
+        sync_parent(dir);
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.with_context(|| format!("writing {}", dir.display()))
+}
+
+/// Removes temporary siblings (`.NAME.tmp-PID`) that a crashed run left in `dir`.
+/// Returns the names removed.
+pub fn remove_stale_temps(dir: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(removed) };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let path = entry.path();
+            if path.is_dir() { std::fs::remove_dir_all(&path)? } else { std::fs::remove_file(&path)? }
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}

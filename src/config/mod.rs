@@ -86,6 +86,26 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub json: bool,
+
+    /// Write OUTPUT/checkpoint-STEP every N optimizer steps (and when interrupted).
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Keep only the newest K checkpoints (never the one being resumed from).
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Continue a run: OUTPUT (its newest checkpoint), OUTPUT/checkpoint-STEP, or
+    /// `latest-valid` (the newest checkpoint of --output-dir that verifies).
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: Option<String>,
+    /// On resume, recompute the last checkpoint's logged metrics and refuse to continue if they differ.
+    #[arg(long)]
+    #[serde(skip)]
+    pub verify_resume: bool,
+    /// Testing hook: stop after this optimizer step as if killed (checkpoints already written stay).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub stop_after_steps: Option<usize>,
 }
 
 impl std::ops::Deref for TrainArgs {
@@ -103,27 +123,68 @@ impl TrainArgs {
 }
 
 /// Expands `--config FILE` (anywhere in `args`, after the subcommand at `args[1]`) into flags
-/// placed before the user's own, for a subcommand whose flags are described by `C`.
+/// placed before the user's own, for a subcommand whose flags are described by `C`. For
+/// `--resume`, the checkpoint's own resolved config plays the part of the config file.
 pub fn expand_config_file<C: CommandFactory>(args: Vec<String>) -> Result<Vec<String>> {
-    let Some(path) = find_config_flag(&args) else { return Ok(args) };
-    let flags = config_file_flags::<C>(Path::new(&path))?;
+    let path = match find_flag(&args, "--resume") {
+        Some(resume) => {
+            let ckpt = resolve_resume(&resume, find_flag(&args, "--output-dir").as_deref())?;
+            ckpt.dir.join(crate::checkpoint::CONFIG_FILE)
+        }
+        None => match find_flag(&args, "--config") {
+            Some(p) => PathBuf::from(p),
+            None => return Ok(args),
+        },
+    };
+    let flags = config_file_flags::<C>(&path).map_err(|e| anyhow::Error::new(UsageError(format!("{e:#}"))))?;
     let mut out = args[..2.min(args.len())].to_vec();
     out.extend(flags);
     out.extend(args.into_iter().skip(2));
     Ok(out)
 }
 
-fn find_config_flag(args: &[String]) -> Option<String> {
+/// A mistake in how dpo was called (bad config file key or value): exit code 2, like a bad flag.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn find_flag(args: &[String], flag: &str) -> Option<String> {
     let mut it = args.iter().skip(2);
+    let with_eq = format!("{flag}=");
     while let Some(a) = it.next() {
-        if a == "--config" {
+        if a == flag {
             return it.next().cloned();
         }
-        if let Some(v) = a.strip_prefix("--config=") {
+        if let Some(v) = a.strip_prefix(&with_eq) {
             return Some(v.to_string());
         }
     }
     None
+}
+
+/// The checkpoint `--resume` names: a checkpoint folder, a run folder (its newest checkpoint,
+/// which must verify), or `latest-valid` (the newest that verifies in `output_dir`).
+pub fn resolve_resume(resume: &str, output_dir: Option<&str>) -> Result<crate::checkpoint::Checkpoint> {
+    use crate::checkpoint::{Checkpoint, manifest::MANIFEST_FILE, newest};
+    if resume == "latest-valid" {
+        let dir = output_dir.context("--resume latest-valid needs --output-dir OUTPUT")?;
+        return newest(Path::new(dir), true);
+    }
+    let path = Path::new(resume);
+    if path.join(MANIFEST_FILE).exists() {
+        Checkpoint::open(path)
+    } else if path.is_dir() {
+        newest(path, false)
+    } else {
+        bail!("--resume {resume}: no such run or checkpoint folder")
+    }
 }
 
 /// Turns a TOML table into `--key value` flags, checking every key against the flags of `C`.
@@ -136,7 +197,7 @@ pub fn config_file_flags<C: CommandFactory>(path: &Path) -> Result<Vec<String>> 
         let flag = key.replace('_', "-");
         let arg = command
             .get_arguments()
-            .find(|a| a.get_long() == Some(flag.as_str()) && flag != "config")
+            .find(|a| a.get_long() == Some(flag.as_str()) && !matches!(flag.as_str(), "config" | "resume"))
             .with_context(|| format!("config file {}: unknown key {key:?}", path.display()))?;
         let takes_value = arg.get_action().takes_values();
         let text = match (&value, takes_value) {

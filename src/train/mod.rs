@@ -10,8 +10,10 @@
 //! let summary = dpo::train::run(&args).unwrap();
 //! println!("final loss {}", summary.final_loss);
 //! ```
+pub mod interrupt;
 pub mod optimizer;
 pub mod progress;
+pub mod resume;
 pub mod schedule;
 pub mod step;
 
@@ -21,7 +23,7 @@ use crate::data::order::PairOrder;
 use crate::lora::{LoraConfig, LoraMode, adapter};
 use crate::loss::{PairScore, RewardMetrics};
 use crate::rng::{SeededRng, Stream};
-use crate::checkpoint::atomic;
+use crate::checkpoint::{self, atomic};
 use anyhow::{Context, Result, bail};
 use candle_core::Var;
 use optimizer::AdamW;
@@ -34,7 +36,7 @@ use std::time::Instant;
 use step::{GradAccumulator, clip, global_norm, micro_step};
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
-pub const CONFIG_FILE: &str = "train_config.toml";
+pub const CONFIG_FILE: &str = checkpoint::CONFIG_FILE;
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize)]
@@ -64,8 +66,16 @@ pub struct TrainSummary {
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     validate(args)?;
     let started = Instant::now();
-    prepare_output_dir(&args.output_dir, args.overwrite_output_dir)?;
-    atomic::write_bytes(&args.output_dir.join(CONFIG_FILE), args.to_toml()?.as_bytes())?;
+    let resume = match &args.resume {
+        Some(r) => Some(crate::config::resolve_resume(r, Some(&args.output_dir.to_string_lossy()))?),
+        None => None,
+    };
+    if let Some(ckpt) = &resume {
+        resume::check_compatible(args, ckpt)?;
+    }
+    prepare_output_dir(&args.output_dir, args.overwrite_output_dir, resume.is_some())?;
+    let config_toml = args.to_toml()?;
+    atomic::write_bytes(&args.output_dir.join(CONFIG_FILE), config_toml.as_bytes())?;
 
     let mut loaded = crate::setup::load_model(args)?;
     let data = crate::setup::load_pairs(args, &loaded)?;
@@ -96,8 +106,21 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     };
     let mut optimizer = AdamW::new(&vars, 0.9, 0.999, 1e-8, args.weight_decay)?;
     let mut dropout_rng = SeededRng::new(args.seed, Stream::Dropout);
-    let mut metrics_file = std::fs::File::create(args.output_dir.join(METRICS_FILE))
-        .with_context(|| format!("creating {}", args.output_dir.join(METRICS_FILE).display()))?;
+    let metrics_path = args.output_dir.join(METRICS_FILE);
+    let mut first_step = 1;
+    if let Some(ckpt) = &resume {
+        ckpt.restore(&params, &mut optimizer, &loaded.device)?;
+        dropout_rng.set_word_pos(ckpt.state.dropout_rng_position.parse().context("corrupt RNG position")?);
+        resume::trim_metrics(&metrics_path, ckpt.state.step)?;
+        first_step = ckpt.state.step + 1;
+        eprintln!("resuming from {} (step {})", ckpt.dir.display(), ckpt.state.step);
+    } else {
+        std::fs::write(&metrics_path, b"").with_context(|| format!("creating {}", metrics_path.display()))?;
+    }
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
     if data.truncated > 0 {
         eprintln!("{} of {n} pairs were truncated to --max-length {}", data.truncated, args.max_length);
     }
@@ -106,10 +129,12 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         vars.len(),
         vars.iter().map(|v| v.elem_count()).sum::<usize>()
     );
+    let provenance = args.save_steps.map(|_| provenance(args)).transpose()?;
+    let stop = interrupt::StopSignal::install()?;
 
     let mut progress = Progress::new(total_steps, args.logging_steps);
     let (mut last, mut all_tokens) = (None, 0usize);
-    for step in 1..=total_steps {
+    for step in first_step..=total_steps {
         let step_start = Instant::now();
         let first = (step - 1) * per_step;
         let positions: Vec<usize> = (first..(first + per_step).min(stream_end)).collect();
@@ -141,27 +166,91 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             tokens,
             tokens_per_sec: tokens as f64 / seconds,
         };
-        writeln!(metrics_file, "{}", serde_json::to_string(&metrics)?)?;
+        let line = serde_json::to_string(&metrics)?;
+        writeln!(metrics_file, "{line}")?;
         metrics_file.flush()?;
         progress.step(step, metrics.rewards.loss, metrics.rewards.rewards_accuracies, metrics.tokens_per_sec);
         all_tokens += tokens;
         last = Some(metrics);
+
+        let signal = stop.received();
+        let due = args.save_steps.is_some_and(|every| step % every == 0 && step < total_steps);
+        if let Some(provenance) = provenance.as_ref().filter(|_| due || signal.is_some()) {
+            let stream_position = positions.last().map_or(first, |p| p + 1);
+            let state = crate::checkpoint::TrainerState {
+                step,
+                stream_position,
+                epoch: stream_position / n,
+                index_in_epoch: stream_position % n,
+                dropout_rng_position: dropout_rng.word_pos().to_string(),
+                optimizer_steps: optimizer.steps(),
+            };
+            let snapshot = checkpoint::Snapshot {
+                params: &params,
+                lora: &lora_cfg,
+                optimizer: &optimizer,
+                state,
+                config_toml: &config_toml,
+                provenance,
+                metrics: serde_json::from_str(&line)?,
+            };
+            let dir = checkpoint::save(&args.output_dir, &snapshot)?;
+            if let Some(keep) = args.save_total_limit {
+                checkpoint::prune(&args.output_dir, keep, resume.as_ref().map(|c| c.dir.as_path()))?;
+            }
+            if let Some(signal) = signal {
+                progress.finish();
+                metrics_file.sync_all()?;
+                return Err(interrupt::Interrupted { signal, checkpoint: dir, output_dir: args.output_dir.clone() }.into());
+            }
+        }
+        if let Some(signal) = signal {
+            bail!("interrupted by signal {signal} at step {step}; no checkpoint written (pass --save-steps to make runs resumable)");
+        }
+        if args.stop_after_steps == Some(step) {
+            progress.finish();
+            bail!("stopped after step {step} (--stop-after-steps)");
+        }
     }
     progress.finish();
     metrics_file.sync_all()?;
-    adapter::save(&args.output_dir, &params, &lora_cfg, &args.model.to_string_lossy())?;
+    adapter::save(&args.output_dir, &params, &lora_cfg, &Path::new(&args.model).display().to_string())?;
 
-    let last = last.context("no optimizer step was run")?;
     let seconds = started.elapsed().as_secs_f64();
+    let final_metrics = match last {
+        Some(m) => m.rewards,
+        None => bail!("nothing to do: the run already finished {total_steps} steps"),
+    };
     Ok(TrainSummary {
         steps: total_steps,
         pairs: n,
         truncated_pairs: data.truncated,
-        final_loss: last.rewards.loss,
-        final_reward_accuracy: last.rewards.rewards_accuracies,
+        final_loss: final_metrics.loss,
+        final_reward_accuracy: final_metrics.rewards_accuracies,
         seconds,
         tokens_per_sec: all_tokens as f64 / seconds,
         output_dir: args.output_dir.clone(),
+    })
+}
+
+/// What the manifests record about the run's inputs (hashed once, at the start).
+fn provenance(args: &TrainArgs) -> Result<checkpoint::Provenance> {
+    let model = Path::new(&args.model);
+    let mut model_files = std::collections::BTreeMap::new();
+    if model.is_dir() {
+        let mut files = crate::model::weights::safetensors_files(model)?;
+        files.extend(["config.json", "tokenizer.json", "tokenizer_config.json"].iter().map(|f| model.join(f)));
+        for f in files.iter().filter(|f| f.is_file()) {
+            model_files.insert(f.file_name().unwrap().to_string_lossy().into_owned(), checkpoint::manifest::sha256_file(f)?);
+        }
+    }
+    let dataset = Path::new(&args.dataset);
+    Ok(checkpoint::Provenance {
+        model: model.display().to_string(),
+        model_files,
+        dataset: dataset.display().to_string(),
+        dataset_sha256: if dataset.is_file() { checkpoint::manifest::sha256_file(dataset)? } else { String::new() },
+        template: args.template.clone(),
     })
 }
 
@@ -172,8 +261,10 @@ fn validate(args: &TrainArgs) -> Result<()> {
             bail!("--{name} must be at least 1");
         }
     }
-    if args.max_steps == Some(0) {
-        bail!("--max-steps must be at least 1");
+    for (name, v) in [("max-steps", args.max_steps), ("save-steps", args.save_steps), ("save-total-limit", args.save_total_limit)] {
+        if v == Some(0) {
+            bail!("--{name} must be at least 1");
+        }
     }
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr must be positive, got {}", args.lr);
@@ -186,14 +277,28 @@ fn validate(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Refuses to mix a new run into a folder that holds another run's results, unless asked.
-fn prepare_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
-    let previous = [METRICS_FILE, adapter::WEIGHTS_FILE].iter().any(|f| dir.join(f).exists());
+/// Refuses to mix a new run into a folder that holds another run's results, unless asked
+/// (then the old checkpoints go too, so a later --resume cannot pick them up). Always removes
+/// temporary folders a crashed run left behind.
+fn prepare_output_dir(dir: &Path, overwrite: bool, resuming: bool) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating output dir {}", dir.display()))?;
+    for stale in atomic::remove_stale_temps(dir)? {
+        eprintln!("removed {stale}, left half-written by an interrupted run");
+    }
+    if resuming {
+        return Ok(());
+    }
+    let checkpoints = checkpoint::list(dir)?;
+    let previous = !checkpoints.is_empty() || [METRICS_FILE, adapter::WEIGHTS_FILE].iter().any(|f| dir.join(f).exists());
     if previous && !overwrite {
         bail!(
-            "{} already holds a training run; choose another --output-dir or pass --overwrite-output-dir",
+            "{} already holds a training run; resume it with --resume {}, choose another --output-dir, or pass --overwrite-output-dir",
+            dir.display(),
             dir.display()
         );
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating output dir {}", dir.display()))
+    for (_, old) in checkpoints {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
 }

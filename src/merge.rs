@@ -1,0 +1,150 @@
+//! `dpo merge`: fold a LoRA adapter into the base weights and write a plain model folder
+//! (config.json, tokenizer files, sharded safetensors with an index, the base's tensor names)
+//! that transformers and candle load like any other checkpoint.
+//!
+//! `W' = W + (alpha / r) · B · A`, computed in f32, then stored in `--dtype`.
+//!
+//! ```no_run
+//! use clap::Parser;
+//! let args = dpo::merge::MergeArgs::parse_from(["merge", "--model", "base", "--adapter", "out", "--output", "merged"]);
+//! dpo::merge::run(&args).unwrap();
+//! ```
+use crate::checkpoint::atomic;
+use crate::lora::adapter;
+use crate::model::weights::safetensors_files;
+use anyhow::{Context, Result, bail};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "merge")]
+pub struct MergeArgs {
+    /// Base model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// peft LoRA adapter folder.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Folder to write the merged model to (must not exist yet).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Stored dtype of the merged weights: f32 | bf16 | f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Largest shard, in bytes (transformers' default is 5 GB).
+    #[arg(long, default_value_t = 5_000_000_000)]
+    pub max_shard_size: u64,
+}
+
+const COPIED_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "tokenizer.model"];
+
+pub fn run(args: &MergeArgs) -> Result<()> {
+    let dtype = match args.dtype.as_str() {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        other => bail!("unknown --dtype {other:?}: choose f32, bf16 or f16"),
+    };
+    if args.output.exists() {
+        bail!("{} already exists; choose a new --output folder", args.output.display());
+    }
+    let lora = adapter::read_config(&args.adapter)?;
+    let adapter_path = args.adapter.join(adapter::WEIGHTS_FILE);
+    let deltas_src = candle_core::safetensors::load(&adapter_path, &Device::Cpu)
+        .with_context(|| format!("reading {}", adapter_path.display()))?;
+    let files = safetensors_files(&args.model)?;
+    // SAFETY: read-only mapping of files dpo does not modify.
+    let base = unsafe { MmapedSafetensors::multi(&files) }.with_context(|| format!("mapping {}", args.model.display()))?;
+    let mut names: Vec<String> = base.tensors().into_iter().map(|(n, _)| n).collect();
+    names.sort();
+
+    let mut merged_modules = 0;
+    let mut merge_one = |name: &str| -> Result<Tensor> {
+        let w = base.load(name, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let Some(module) = name.strip_suffix(".weight") else { return Ok(w.to_dtype(dtype)?) };
+        let key = |which: &str| format!("base_model.model.{module}.{which}.weight");
+        match (deltas_src.get(&key("lora_A")), deltas_src.get(&key("lora_B"))) {
+            (Some(a), Some(b)) => {
+                merged_modules += 1;
+                let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * lora.scale())?;
+                Ok((w + delta)?.to_dtype(dtype)?)
+            }
+            _ => Ok(w.to_dtype(dtype)?),
+        }
+    };
+
+    atomic::write_dir(&args.output, |tmp| {
+        let shards = plan_shards(&names, &base, dtype, args.max_shard_size)?;
+        let count = shards.len();
+        let mut weight_map = BTreeMap::new();
+        let mut total_size = 0u64;
+        for (i, shard) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+            let mut tensors = Vec::with_capacity(shard.len());
+            for name in shard {
+                let t = merge_one(name)?;
+                total_size += (t.elem_count() * dtype.size_in_bytes()) as u64;
+                weight_map.insert(name.clone(), file.clone());
+                tensors.push((name.clone(), t));
+            }
+            let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+            std::fs::write(tmp.join(&file), safetensors::serialize(tensors, Some(meta))?)?;
+        }
+        let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
+        std::fs::write(tmp.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
+        write_config(&args.model.join("config.json"), &tmp.join("config.json"), dtype)?;
+        for f in COPIED_FILES {
+            let src = args.model.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, tmp.join(f)).with_context(|| format!("copying {}", src.display()))?;
+            }
+        }
+        Ok(())
+    })?;
+    let expected = deltas_src.len() / 2;
+    if merged_modules != expected {
+        let _ = std::fs::remove_dir_all(&args.output);
+        bail!("{}: {expected} adapted modules, but only {merged_modules} matched the base model's tensors", adapter_path.display());
+    }
+    eprintln!("merged {merged_modules} LoRA modules into {}", args.output.display());
+    Ok(())
+}
+
+/// Groups tensor names into shards of at most `max_bytes` (a larger tensor gets its own shard).
+fn plan_shards(names: &[String], base: &MmapedSafetensors, dtype: DType, max_bytes: u64) -> Result<Vec<Vec<String>>> {
+    let mut shards: Vec<Vec<String>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for name in names {
+        let bytes = (base.get(name)?.shape().iter().product::<usize>() * dtype.size_in_bytes()) as u64;
+        if size + bytes > max_bytes && !shards.last().unwrap().is_empty() {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().unwrap().push(name.clone());
+        size += bytes;
+    }
+    Ok(shards)
+}
+
+/// The base config.json with its dtype key(s) set to the merged dtype.
+fn write_config(src: &Path, dst: &Path, dtype: DType) -> Result<()> {
+    let text = std::fs::read_to_string(src).with_context(|| format!("reading {}", src.display()))?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", src.display()))?;
+    let name = match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    };
+    let obj = cfg.as_object_mut().context("config.json is not an object")?;
+    let had_torch_dtype = obj.contains_key("torch_dtype");
+    obj.insert("dtype".into(), name.into());
+    if had_torch_dtype {
+        obj.insert("torch_dtype".into(), name.into());
+    }
+    std::fs::write(dst, serde_json::to_string_pretty(&cfg)?)?;
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! `dpo merge`: the merged model scores exactly like base + adapter.
+mod common;
+use common::*;
+use candle_core::{DType, Device};
+use dpo::lora::LoraMode;
+use dpo::model::Llama;
+use dpo::model::scoring::response_logps;
+use std::process::Command;
+
+#[test]
+fn merged_model_equals_base_plus_adapter() {
+    let dir = scratch("merge");
+    for (model, dtype, tol) in [("tiny-qwen2", "f32", 1e-4), ("tiny-llama-sharded", "bf16", f64::NAN)] {
+        let golden_model = if model == "tiny-qwen2" { "tiny-qwen2" } else { "tiny-llama" };
+        let out = dir.join(format!("{model}-{dtype}"));
+        let o = Command::new(bin())
+            .args(["merge", "--model"])
+            .arg(model_dir(model))
+            .arg("--adapter")
+            .arg(golden_dir(golden_model).join("adapter"))
+            .arg("--output")
+            .arg(&out)
+            .args(["--dtype", dtype, "--max-shard-size", "200000"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let index = read_json(&out.join("model.safetensors.index.json"));
+        let shards: std::collections::BTreeSet<&str> =
+            index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+        assert!(shards.len() > 1, "small --max-shard-size gives several shards");
+        assert!(out.join("tokenizer.json").is_file());
+
+        let merged = Llama::load(&out, DType::F32, &Device::Cpu).unwrap();
+        let (with_adapter, _) = load_with_golden_adapter(model, golden_model);
+        let b = batch(&golden_pairs());
+        let got = to_vec(&response_logps(&merged, &b, &mut LoraMode::Off).unwrap());
+        let want = to_vec(&response_logps(&with_adapter, &b, &mut LoraMode::On).unwrap());
+        if tol.is_nan() {
+            // bf16 storage rounds each weight to 8 bits of mantissa: close, not exact.
+            let worst = got.iter().zip(&want).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
+            assert!(worst < 0.02, "bf16 merge drifted {worst}");
+            assert_eq!(read_json(&out.join("config.json"))["dtype"], "bfloat16");
+        } else {
+            assert_close(&format!("{model} merged logps"), &got, &want, tol);
+        }
+    }
+    let o = Command::new(bin())
+        .args(["merge", "--model"])
+        .arg(model_dir("tiny-llama"))
+        .arg("--adapter")
+        .arg(golden_dir("tiny-llama").join("adapter"))
+        .arg("--output")
+        .arg(dir.join("tiny-qwen2-f32"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "refuses to write over an existing folder");
+}
