@@ -191,7 +191,7 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143() {
     let mut args = run_args(&out);
     let steps = args.iter().position(|a| a == "--max-steps").unwrap() + 1;
     args[steps] = "100000".into();
-    let mut child = Command::new(bin()).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = Command::new(bin()).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Wait until training is under way (a metrics line exists), then ask it to stop.
     let metrics = out.join("metrics.jsonl");
     while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 2 {

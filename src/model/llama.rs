@@ -20,6 +20,7 @@ use anyhow::{Context, Result};
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct Llama {
     cfg: ModelConfig,
@@ -30,6 +31,9 @@ pub struct Llama {
     rope: Rope,
     dtype: DType,
     device: Device,
+    /// Forward passes run with adapters off / on (observability: tests check a cache hit
+    /// really skips the reference forward).
+    forwards: [AtomicUsize; 2],
 }
 
 struct DecoderLayer {
@@ -78,7 +82,12 @@ impl Llama {
             embed.clone()
         };
         let rope = Rope::new(cfg.head_dim(), cfg.rope_theta, cfg.max_position_embeddings, dtype, device)?;
-        Ok(Self { cfg, embed, layers, norm, lm_head, rope, dtype, device: device.clone() })
+        Ok(Self { cfg, embed, layers, norm, lm_head, rope, dtype, device: device.clone(), forwards: Default::default() })
+    }
+
+    /// Forward passes so far: `(reference, adapters on)`.
+    pub fn forward_counts(&self) -> (usize, usize) {
+        (self.forwards[0].load(Ordering::Relaxed), self.forwards[1].load(Ordering::Relaxed))
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -96,6 +105,8 @@ impl Llama {
     /// Final-norm hidden states `[batch, seq, hidden]` for right-padded `ids` `[batch, seq]`.
     /// Right padding needs no mask beyond the causal one: real tokens never see later pads.
     pub fn forward(&self, ids: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
+        let with_adapters = !matches!(mode, LoraMode::Off);
+        self.forwards[usize::from(with_adapters)].fetch_add(1, Ordering::Relaxed);
         let (b, t) = ids.dims2()?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();

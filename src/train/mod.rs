@@ -146,7 +146,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device)?;
             let mut mode = if lora_cfg.dropout > 0.0 { LoraMode::Train(&mut dropout_rng) } else { LoraMode::On };
             let scale = 1.0 / micro_batches.len() as f64;
-            scores.extend(micro_step(&loaded.model, &batch, &loss, &vars, &mut mode, scale, &mut grads)?);
+            scores.extend(micro_step(&loaded.model, &batch, &loss, &vars, &mut mode, None, scale, &mut grads)?);
             tokens += batch.tokens;
         }
         let grads = grads.into_grads()?;
