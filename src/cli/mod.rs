@@ -7,6 +7,8 @@
 //! ```no_run
 //! std::process::exit(dpo::cli::main_with_args(std::env::args().collect()));
 //! ```
+mod refcache;
+
 use crate::config::{TrainArgs, expand_config_file};
 use crate::eval::EvalArgs;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -29,6 +31,14 @@ enum Command {
     /// Dataset tools.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Train a grid over β, learning rate and loss in one process (model loaded once,
+    /// reference log-probs computed once).
+    Sweep(crate::sweep::SweepArgs),
+    /// Draw a run's or a sweep's training curves into OUTPUT/curves.svg and curves.png.
+    Plot(crate::plot::PlotArgs),
+    /// The reference log-prob cache: build, info, clear.
+    #[command(subcommand, name = "ref-cache")]
+    RefCache(refcache::RefCacheCommand),
 }
 
 #[derive(Subcommand)]
@@ -57,6 +67,9 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
         Command::Eval(a) => eval(&a),
         Command::Merge(a) => crate::merge::run(&a),
         Command::Data(DataCommand::Inspect(a)) => crate::data::inspect::inspect(&a),
+        Command::Sweep(a) => sweep(&a),
+        Command::Plot(a) => plot(&a),
+        Command::RefCache(c) => refcache::run(c),
     };
     match result {
         Ok(()) => 0,
@@ -65,9 +78,10 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
                 eprintln!("{stop}");
                 128 + stop.signal
             }
+            None if e.downcast_ref::<SweepIncomplete>().is_some() => 1,
             None => {
                 eprintln!("error: {e:#}");
-                1
+                if e.downcast_ref::<crate::config::UsageError>().is_some() { 2 } else { 1 }
             }
         },
     }
@@ -78,12 +92,9 @@ fn expand(args: Vec<String>) -> anyhow::Result<Vec<String>> {
         Some("train") => expand_config_file::<TrainArgs>(args),
         Some("eval") => expand_config_file::<EvalArgs>(args),
         Some("data") if args.get(2).map(String::as_str) == Some("inspect") => {
-            // `dpo data inspect ...`: expand as if `inspect` were the subcommand.
-            let mut rest = args[1..].to_vec();
-            rest[0] = args[0].clone();
-            let expanded = expand_config_file::<crate::data::inspect::InspectArgs>(rest)?;
-            Ok([vec![args[0].clone(), "data".to_string()], expanded[1..].to_vec()].concat())
+            expand_nested::<crate::data::inspect::InspectArgs>(args)
         }
+        Some("ref-cache") if args.get(2).map(String::as_str) == Some("build") => expand_nested::<TrainArgs>(args),
         _ => {
             let _ = Cli::command();
             Ok(args)
@@ -91,7 +102,21 @@ fn expand(args: Vec<String>) -> anyhow::Result<Vec<String>> {
     }
 }
 
+/// `dpo GROUP SUB ...`: expands `--config` as if `SUB` were the subcommand.
+fn expand_nested<C: CommandFactory>(args: Vec<String>) -> anyhow::Result<Vec<String>> {
+    let mut rest = args[1..].to_vec();
+    rest[0] = args[0].clone();
+    let expanded = expand_config_file::<C>(rest)?;
+    Ok([vec![args[0].clone(), args[1].clone()], expanded[1..].to_vec()].concat())
+}
+
 fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    if args.print_config {
+        crate::config::validate(args)?;
+        print!("{}", args.to_toml()?);
+        return Ok(());
+    }
+    crate::config::validate(args)?;
     let s = crate::train::run(args)?;
     if args.json {
         println!("{}", serde_json::to_string(&s)?);
@@ -119,6 +144,58 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             "loss {:.6}  rewards/accuracies {:.4}  rewards/margins {:.6}  rewards/chosen {:.6}  rewards/rejected {:.6}  logps/chosen {:.4}  logps/rejected {:.4}",
             m.loss, m.rewards_accuracies, m.rewards_margins, m.rewards_chosen, m.rewards_rejected, m.logps_chosen, m.logps_rejected
         );
+    }
+    Ok(())
+}
+
+/// A sweep that ran but did not finish every run (already reported): exit code 1.
+#[derive(Debug)]
+struct SweepIncomplete;
+
+impl std::fmt::Display for SweepIncomplete {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("not every sweep run finished")
+    }
+}
+
+impl std::error::Error for SweepIncomplete {}
+
+fn sweep(args: &crate::sweep::SweepArgs) -> anyhow::Result<()> {
+    if args.dry_run {
+        let plan = crate::sweep::plan(args)?;
+        let runs: Vec<crate::sweep::PlannedRun> = crate::sweep::planned_runs(&plan)?.into_iter().map(|(r, _)| r).collect();
+        if args.json {
+            println!("{}", serde_json::json!({ "output_dir": plan.output_dir, "runs": runs }));
+        } else {
+            println!("sweep in {}: {} runs", plan.output_dir.display(), runs.len());
+            for r in &runs {
+                println!("  {} ({}) -> {}", r.name, r.state, r.output_dir.display());
+            }
+        }
+        return Ok(());
+    }
+    let summary = crate::sweep::run(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print!("{}", summary.markdown());
+    }
+    if summary.all_finished() {
+        Ok(())
+    } else {
+        eprintln!("error: {} of {} sweep runs did not finish (see sweep_summary.md)", summary.rows.len() - summary.finished, summary.rows.len());
+        Err(SweepIncomplete.into())
+    }
+}
+
+fn plot(args: &crate::plot::PlotArgs) -> anyhow::Result<()> {
+    let written = crate::plot::run(&args.output)?;
+    if args.json {
+        println!("{}", serde_json::json!({ "files": written }));
+    } else {
+        for w in &written {
+            println!("wrote {}", w.display());
+        }
     }
     Ok(())
 }

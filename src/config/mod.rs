@@ -15,7 +15,9 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 mod common;
+pub mod validate;
 pub use common::CommonArgs;
+pub use validate::validate;
 
 #[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "train", args_override_self = true)]
@@ -59,8 +61,13 @@ pub struct TrainArgs {
     /// constant | linear | cosine (transformers' *_with_warmup semantics).
     #[arg(long, default_value = "linear")]
     pub lr_scheduler: String,
+    /// Linear warmup over this many optimizer steps.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
+    /// Warmup as a fraction of the total steps (transformers' `warmup_ratio`; used when
+    /// --warmup-steps is 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_ratio: f64,
     /// Decoupled AdamW weight decay.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
@@ -102,6 +109,19 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub verify_resume: bool,
+    /// Held-out pairs scored with the trained adapter at the end (eval_metrics.json).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_dataset: Option<PathBuf>,
+    /// Reference log-prob cache folder: cached pairs skip the reference forward (bit-identical
+    /// results); `auto` = OUTPUT's parent/.dpo-ref-cache, shared by runs.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ref_cache: Option<PathBuf>,
+    /// Print the resolved settings as TOML (loadable with --config) and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
     /// Testing hook: stop after this optimizer step as if killed (checkpoints already written stay).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -119,6 +139,16 @@ impl TrainArgs {
     /// The resolved settings as TOML, loadable again with `--config`.
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string(self)?)
+    }
+
+    /// Where `--ref-cache` points, `auto` resolved to `OUTPUT/../.dpo-ref-cache`.
+    pub fn ref_cache_dir(&self) -> Option<PathBuf> {
+        let dir = self.ref_cache.as_ref()?;
+        if dir.as_os_str() != "auto" {
+            return Some(dir.clone());
+        }
+        let parent = self.output_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Some(parent.join(".dpo-ref-cache"))
     }
 }
 
@@ -191,6 +221,11 @@ pub fn resolve_resume(resume: &str, output_dir: Option<&str>) -> Result<crate::c
 pub fn config_file_flags<C: CommandFactory>(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
     let table: toml::Table = text.parse().with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+    table_flags::<C>(table, &|key| format!("config file {}{}", path.display(), key_line(&text, key)))
+}
+
+/// Turns `key = value` settings into flags of `C`; `origin(key)` says where a bad key came from.
+pub fn table_flags<C: CommandFactory>(table: toml::Table, origin: &dyn Fn(&str) -> String) -> Result<Vec<String>> {
     let command = C::command();
     let mut flags = Vec::new();
     for (key, value) in table {
@@ -198,7 +233,7 @@ pub fn config_file_flags<C: CommandFactory>(path: &Path) -> Result<Vec<String>> 
         let arg = command
             .get_arguments()
             .find(|a| a.get_long() == Some(flag.as_str()) && !matches!(flag.as_str(), "config" | "resume"))
-            .with_context(|| format!("config file {}: unknown key {key:?}", path.display()))?;
+            .with_context(|| format!("{}: unknown key {key:?}", origin(&key)))?;
         let takes_value = arg.get_action().takes_values();
         let text = match (&value, takes_value) {
             (toml::Value::Boolean(true), false) => {
@@ -206,7 +241,7 @@ pub fn config_file_flags<C: CommandFactory>(path: &Path) -> Result<Vec<String>> 
                 continue;
             }
             (toml::Value::Boolean(false), false) => continue,
-            (_, false) => bail!("config file {}: key {key:?} must be true or false", path.display()),
+            (_, false) => bail!("{}: key {key:?} must be true or false", origin(&key)),
             (toml::Value::String(s), true) => s.clone(),
             (toml::Value::Integer(i), true) => i.to_string(),
             (toml::Value::Float(f), true) => f.to_string(),
@@ -215,9 +250,28 @@ pub fn config_file_flags<C: CommandFactory>(path: &Path) -> Result<Vec<String>> 
                 .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
                 .collect::<Vec<_>>()
                 .join(","),
-            (other, true) => bail!("config file {}: key {key:?} has unsupported value {other}", path.display()),
+            (other, true) => bail!("{}: key {key:?} has unsupported value {other}", origin(&key)),
         };
         flags.push(format!("--{flag}={text}"));
     }
     Ok(flags)
+}
+
+/// `key=value` (a `--set` argument) as a one-entry TOML table; the value is read as TOML
+/// (`0.1`, `true`, `["q", "v"]`) and as a plain string when it is not valid TOML.
+pub fn parse_setting(setting: &str) -> Result<toml::Table> {
+    let (key, value) = setting.split_once('=').with_context(|| format!("--set {setting:?}: expected key=value"))?;
+    let key = key.trim();
+    let value = value.trim();
+    let parsed = format!("v = {value}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v"));
+    let value = parsed.unwrap_or_else(|| toml::Value::String(value.to_string()));
+    Ok(toml::Table::from_iter([(key.to_string(), value)]))
+}
+
+/// `:LINE` of the line that sets `key` in a TOML text, for error messages ("" when not found).
+fn key_line(text: &str, key: &str) -> String {
+    text.lines()
+        .position(|l| l.trim_start().strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('=')))
+        .map(|i| format!(":{}", i + 1))
+        .unwrap_or_default()
 }

@@ -4,12 +4,17 @@
 //! runs [`step::micro_step`] on each micro-batch, clips, updates with AdamW and logs a line
 //! to `metrics.jsonl`.
 //!
+//! [`run`] loads the model and data itself; [`run_loaded`] trains on a model and data already
+//! loaded (a sweep loads them once for all its runs), optionally taking the reference log-probs
+//! from a [`RefCache`] instead of running the reference forward.
+//!
 //! ```no_run
 //! use clap::Parser;
 //! let args = dpo::config::TrainArgs::parse_from(["train", "--model", "m", "--dataset", "d.jsonl"]);
 //! let summary = dpo::train::run(&args).unwrap();
 //! println!("final loss {}", summary.final_loss);
 //! ```
+pub mod heldout;
 pub mod interrupt;
 pub mod optimizer;
 pub mod progress;
@@ -24,6 +29,8 @@ use crate::lora::{LoraConfig, LoraMode, adapter};
 use crate::loss::{PairScore, RewardMetrics};
 use crate::rng::{SeededRng, Stream};
 use crate::checkpoint::{self, atomic};
+use crate::refcache::{Fingerprint, RefCache};
+use crate::setup::{Dataset, Loaded};
 use anyhow::{Context, Result, bail};
 use candle_core::Var;
 use optimizer::AdamW;
@@ -37,6 +44,7 @@ use step::{GradAccumulator, clip, global_norm, micro_step};
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const CONFIG_FILE: &str = checkpoint::CONFIG_FILE;
+pub const EVAL_FILE: &str = "eval_metrics.json";
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize)]
@@ -61,24 +69,141 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub tokens_per_sec: f64,
     pub output_dir: PathBuf,
+    /// Held-out metrics of the final adapter (`--eval-dataset`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<RewardMetrics>,
 }
 
+/// What a run trains on once the model is loaded: shared by the runs of a sweep.
+pub struct Inputs<'a> {
+    pub loaded: &'a mut Loaded,
+    pub data: &'a Dataset,
+    pub eval_data: Option<&'a Dataset>,
+    pub cache: Option<&'a mut RefCache>,
+}
+
+/// Loads the model, data and (with `--ref-cache`) the reference cache, then trains.
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
-    validate(args)?;
     let started = Instant::now();
+    let prepared = prepare(args)?;
+    let mut loaded = crate::setup::load_model(args)?;
+    let data = crate::setup::load_pairs(args, &loaded)?;
+    let eval_data = load_eval_pairs(args, &loaded)?;
+    let mut cache = open_cache(args, &loaded)?;
+    let inputs = Inputs { loaded: &mut loaded, data: &data, eval_data: eval_data.as_ref(), cache: cache.as_mut() };
+    train_prepared(args, prepared, inputs, started)
+}
+
+/// Trains one run on an already loaded model. Adapters are attached afresh (replacing those of
+/// a previous run, which must have had the same targets), so runs are independent.
+pub fn run_loaded(args: &TrainArgs, inputs: Inputs) -> Result<TrainSummary> {
+    let started = Instant::now();
+    let prepared = prepare(args)?;
+    train_prepared(args, prepared, inputs, started)
+}
+
+/// `--eval-dataset`'s pairs, read with the run's data settings.
+pub fn load_eval_pairs(args: &TrainArgs, loaded: &Loaded) -> Result<Option<Dataset>> {
+    let Some(path) = &args.eval_dataset else { return Ok(None) };
+    let mut common = args.common.clone();
+    common.dataset = path.clone();
+    crate::setup::load_pairs(&common, loaded).with_context(|| format!("reading --eval-dataset {}", path.display())).map(Some)
+}
+
+/// The reference cache `--ref-cache` names, opened for this model and these data settings.
+pub fn open_cache(args: &TrainArgs, loaded: &Loaded) -> Result<Option<RefCache>> {
+    let Some(dir) = args.ref_cache_dir() else { return Ok(None) };
+    let cache = RefCache::open(&dir, Fingerprint::for_run(args, loaded)?)?;
+    eprintln!("reference cache {}: {} pairs cached", cache.dir().display(), cache.len());
+    Ok(Some(cache))
+}
+
+/// Checked settings, the checkpoint to resume from, and the output folder made ready.
+struct Prepared {
+    resume: Option<checkpoint::Checkpoint>,
+    config_toml: String,
+}
+
+fn prepare(args: &TrainArgs) -> Result<Prepared> {
+    validate(args)?;
     let resume = match &args.resume {
         Some(r) => Some(crate::config::resolve_resume(r, Some(&args.output_dir.to_string_lossy()))?),
         None => None,
     };
     if let Some(ckpt) = &resume {
-        resume::check_compatible(args, ckpt)?;
+        resume::check_compatible(&neutral_as_saved(args, ckpt)?, ckpt)?;
     }
     prepare_output_dir(&args.output_dir, args.overwrite_output_dir, resume.is_some())?;
     let config_toml = args.to_toml()?;
     atomic::write_bytes(&args.output_dir.join(CONFIG_FILE), config_toml.as_bytes())?;
+    Ok(Prepared { resume, config_toml })
+}
 
-    let mut loaded = crate::setup::load_model(args)?;
-    let data = crate::setup::load_pairs(args, &loaded)?;
+/// `args` with the settings that cannot change the training math (the reference cache, the
+/// held-out set) taken from the checkpoint, so a resume may add or drop them.
+fn neutral_as_saved(args: &TrainArgs, ckpt: &checkpoint::Checkpoint) -> Result<TrainArgs> {
+    let saved: toml::Table = ckpt.config_toml.parse().context("the checkpoint's train_config.toml is corrupt")?;
+    let path = |key: &str| saved.get(key).and_then(|v| v.as_str()).map(PathBuf::from);
+    let mut view = args.clone();
+    view.ref_cache = path("ref_cache");
+    view.eval_dataset = path("eval_dataset");
+    Ok(view)
+}
+
+/// Which pairs each optimizer step takes from the seeded order.
+#[derive(Debug, Clone, Copy)]
+pub struct StepPlan {
+    pub pairs: usize,
+    pub per_step: usize,
+    pub batch_size: usize,
+    /// Pairs in the whole stream (`usize::MAX` when --max-steps sets the length).
+    pub stream_end: usize,
+    pub total_steps: usize,
+}
+
+impl StepPlan {
+    pub fn new(args: &TrainArgs, pairs: usize) -> Self {
+        let per_step = args.batch_size * args.grad_accum;
+        let stream_end = match args.max_steps {
+            Some(_) => usize::MAX,
+            None => pairs * args.epochs,
+        };
+        let total_steps = args.max_steps.unwrap_or_else(|| stream_end.div_ceil(per_step));
+        Self { pairs, per_step, batch_size: args.batch_size, stream_end, total_steps }
+    }
+
+    /// Stream positions of step `step` (1-based); map them with [`PairOrder::pair_at`].
+    pub fn positions(&self, step: usize) -> Vec<usize> {
+        let first = (step - 1) * self.per_step;
+        (first..(first + self.per_step).min(self.stream_end)).collect()
+    }
+
+    /// Warmup steps: --warmup-steps, else ceil(--warmup-ratio × total steps) as transformers does.
+    pub fn warmup(&self, args: &TrainArgs) -> usize {
+        if args.warmup_steps > 0 { args.warmup_steps } else { (args.warmup_ratio * self.total_steps as f64).ceil() as usize }
+    }
+}
+
+fn train_prepared(args: &TrainArgs, prepared: Prepared, inputs: Inputs, started: Instant) -> Result<TrainSummary> {
+    let Inputs { loaded, data, eval_data, mut cache } = inputs;
+    let result = train_loop(args, prepared, loaded, data, eval_data, cache.as_deref_mut(), started);
+    if let Some(c) = cache {
+        c.flush()?;
+        eprintln!("reference cache: {} pairs reused, {} computed", c.hits, c.misses);
+    }
+    result
+}
+
+fn train_loop(
+    args: &TrainArgs,
+    prepared: Prepared,
+    loaded: &mut Loaded,
+    data: &Dataset,
+    eval_data: Option<&Dataset>,
+    mut cache: Option<&mut RefCache>,
+    started: Instant,
+) -> Result<TrainSummary> {
+    let Prepared { resume, config_toml } = prepared;
     let loss = crate::setup::dpo_loss(args)?;
     let (lora_cfg, params) = match &args.init_adapter {
         Some(dir) => adapter::attach_from_dir(&mut loaded.model, dir, Some(args.lora_dropout))?,
@@ -88,20 +213,17 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             (cfg, params)
         }
     };
+    check_no_stale_adapters(&mut loaded.model, params.len())?;
     let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
 
     let n = data.len();
-    let per_step = args.batch_size * args.grad_accum;
-    let stream_end = match args.max_steps {
-        Some(_) => usize::MAX,
-        None => n * args.epochs,
-    };
-    let total_steps = args.max_steps.unwrap_or_else(|| stream_end.div_ceil(per_step));
+    let plan = StepPlan::new(args, n);
+    let (per_step, total_steps) = (plan.per_step, plan.total_steps);
     let order = PairOrder::new(n, (!args.no_shuffle).then_some(args.seed));
     let schedule = LrSchedule {
         kind: Schedule::parse(&args.lr_scheduler)?,
         base_lr: args.lr,
-        warmup_steps: args.warmup_steps,
+        warmup_steps: plan.warmup(args),
         total_steps,
     };
     let mut optimizer = AdamW::new(&vars, 0.9, 0.999, 1e-8, args.weight_decay)?;
@@ -137,7 +259,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     for step in first_step..=total_steps {
         let step_start = Instant::now();
         let first = (step - 1) * per_step;
-        let positions: Vec<usize> = (first..(first + per_step).min(stream_end)).collect();
+        let positions = plan.positions(step);
         let micro_batches: Vec<&[usize]> = positions.chunks(args.batch_size).collect();
         let mut grads = GradAccumulator::new(vars.len());
         let (mut scores, mut tokens): (Vec<PairScore>, usize) = (Vec::new(), 0);
@@ -146,7 +268,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device)?;
             let mut mode = if lora_cfg.dropout > 0.0 { LoraMode::Train(&mut dropout_rng) } else { LoraMode::On };
             let scale = 1.0 / micro_batches.len() as f64;
-            scores.extend(micro_step(&loaded.model, &batch, &loss, &vars, &mut mode, None, scale, &mut grads)?);
+            let reference = match cache.as_deref_mut() {
+                Some(c) => Some(c.reference(&loaded.model, &pairs, &batch)?),
+                None => None,
+            };
+            scores.extend(micro_step(&loaded.model, &batch, &loss, &vars, &mut mode, reference.as_ref(), scale, &mut grads)?);
             tokens += batch.tokens;
         }
         let grads = grads.into_grads()?;
@@ -216,11 +342,19 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     metrics_file.sync_all()?;
     adapter::save(&args.output_dir, &params, &lora_cfg, &Path::new(&args.model).display().to_string())?;
 
-    let seconds = started.elapsed().as_secs_f64();
     let final_metrics = match last {
         Some(m) => m.rewards,
         None => bail!("nothing to do: the run already finished {total_steps} steps"),
     };
+    let eval = match eval_data {
+        Some(d) => {
+            let m = heldout::evaluate(loaded, d, &loss, args.batch_size, cache)?;
+            atomic::write_bytes(&args.output_dir.join(EVAL_FILE), serde_json::to_string_pretty(&m)?.as_bytes())?;
+            Some(m)
+        }
+        None => None,
+    };
+    let seconds = started.elapsed().as_secs_f64();
     Ok(TrainSummary {
         steps: total_steps,
         pairs: n,
@@ -230,7 +364,18 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         seconds,
         tokens_per_sec: all_tokens as f64 / seconds,
         output_dir: args.output_dir.clone(),
+        eval,
     })
+}
+
+/// Every adapter on the model belongs to this run (a previous run of a sweep with other
+/// targets would leave its own behind, silently training a different model).
+fn check_no_stale_adapters(model: &mut crate::model::Llama, params: usize) -> Result<()> {
+    let attached = model.linear_layers_mut().iter().filter(|(_, l)| l.lora().is_some()).count();
+    if attached * 2 != params {
+        bail!("the model carries {attached} adapters but this run attached {}: runs sharing a loaded model must target the same layers", params / 2);
+    }
+    Ok(())
 }
 
 /// What the manifests record about the run's inputs (hashed once, at the start).
@@ -255,6 +400,7 @@ fn provenance(args: &TrainArgs) -> Result<checkpoint::Provenance> {
 }
 
 fn validate(args: &TrainArgs) -> Result<()> {
+    crate::config::validate(args)?;
     let positive = [("batch-size", args.batch_size), ("grad-accum", args.grad_accum), ("epochs", args.epochs)];
     for (name, v) in positive {
         if v == 0 {

@@ -1,0 +1,69 @@
+//! What a plot shows, read from a run or sweep folder: each run's `metrics.jsonl` (train
+//! curves), its `eval_metrics.json` (held-out point at the last step) and its swept parameters.
+//!
+//! ```no_run
+//! let runs = dpo::plot::series::read_runs(std::path::Path::new("runs/sweep")).unwrap();
+//! for r in &runs { println!("{}: {} steps", r.name, r.steps.len()); }
+//! ```
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The metrics plotted, as named in metrics.jsonl.
+pub const METRICS: [&str; 5] = ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
+
+#[derive(Debug, Clone)]
+pub struct RunSeries {
+    pub name: String,
+    pub steps: Vec<f64>,
+    /// Per metric of [`METRICS`], one value per step.
+    pub train: BTreeMap<&'static str, Vec<f64>>,
+    pub eval: Option<BTreeMap<&'static str, f64>>,
+    /// Swept parameters parsed from the folder name (`beta=0.1_lr=5e-6`).
+    pub params: BTreeMap<String, String>,
+}
+
+/// The run in `dir`, or, for a sweep folder, every run folder in it (sorted by name).
+pub fn read_runs(dir: &Path) -> Result<Vec<RunSeries>> {
+    if dir.join(crate::train::METRICS_FILE).is_file() {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        return Ok(vec![read_run(dir, name, BTreeMap::new())?]);
+    }
+    let mut runs = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut dirs: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join(crate::train::METRICS_FILE).is_file()).collect();
+    dirs.sort();
+    for d in dirs {
+        let name = d.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let params = name.split('_').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        runs.push(read_run(&d, name, params)?);
+    }
+    if runs.is_empty() {
+        bail!("{} holds no metrics.jsonl, neither itself nor in a run folder", dir.display());
+    }
+    Ok(runs)
+}
+
+fn read_run(dir: &Path, name: String, params: BTreeMap<String, String>) -> Result<RunSeries> {
+    let path = dir.join(crate::train::METRICS_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut steps = Vec::new();
+    let mut train: BTreeMap<&'static str, Vec<f64>> = METRICS.iter().map(|m| (*m, Vec::new())).collect();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let get = |key: &str| v[key].as_f64().with_context(|| format!("{}:{}: missing number {key:?}", path.display(), i + 1));
+        steps.push(get("step")?);
+        for m in METRICS {
+            train.get_mut(m).unwrap().push(get(m)?);
+        }
+    }
+    let eval_path = dir.join(crate::train::EVAL_FILE);
+    let eval = match std::fs::read_to_string(&eval_path) {
+        Ok(t) => {
+            let v: serde_json::Value = serde_json::from_str(&t).with_context(|| format!("{} is not JSON", eval_path.display()))?;
+            Some(METRICS.iter().filter_map(|m| v[*m].as_f64().map(|x| (*m, x))).collect())
+        }
+        Err(_) => None,
+    };
+    Ok(RunSeries { name, steps, train, eval, params })
+}

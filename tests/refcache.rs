@@ -1,0 +1,95 @@
+//! The reference log-prob cache: a hit skips the reference forward, values are bit-identical,
+//! corruption is detected and rebuilt, and training with the cache matches training without.
+mod common;
+use clap::Parser;
+use common::*;
+use dpo::config::TrainArgs;
+use dpo::data::PairBatch;
+use dpo::refcache::{Fingerprint, RefCache};
+
+fn args(out: &std::path::Path, extra: &[&str]) -> TrainArgs {
+    let model = model_dir("tiny-llama");
+    let data = orca("train");
+    let base = ["train", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--output-dir", out.to_str().unwrap()];
+    let fixed = ["--device", "cpu", "--batch-size", "4", "--lr", "5e-3", "--max-steps", "4", "--max-grad-norm", "0", "--lr-scheduler", "constant"];
+    TrainArgs::parse_from([&base[..], &fixed[..], extra].concat())
+}
+
+#[test]
+fn cache_hit_skips_the_reference_forward_and_is_bit_identical() {
+    let dir = scratch("refcache-hit");
+    let a = args(&dir.join("run"), &[]);
+    let loaded = dpo::setup::load_model(&a).unwrap();
+    let data = dpo::setup::load_pairs(&a, &loaded).unwrap();
+    let pairs: Vec<_> = (0..4).map(|i| data.get(i).unwrap()).collect();
+    let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
+    let fp = Fingerprint::for_run(&a, &loaded).unwrap();
+    let mut cache = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
+    let before = loaded.model.forward_counts().0;
+    let computed = cache.reference(&loaded.model, &pairs, &batch).unwrap();
+    assert_eq!(loaded.model.forward_counts().0, before + 1, "a miss runs the reference forward");
+    cache.flush().unwrap();
+
+    let mut reopened = RefCache::open(&dir.join("cache"), fp).unwrap();
+    assert_eq!(reopened.len(), 4);
+    let cached = reopened.reference(&loaded.model, &pairs, &batch).unwrap();
+    assert_eq!(loaded.model.forward_counts().0, before + 1, "a hit skips the reference forward");
+    let bits = |t: &candle_core::Tensor| t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&cached), bits(&computed));
+    assert_eq!(reopened.hits, 4);
+}
+
+#[test]
+fn corrupt_or_foreign_cache_is_detected_and_rebuilt() {
+    let dir = scratch("refcache-corrupt");
+    let a = args(&dir.join("run"), &[]);
+    let loaded = dpo::setup::load_model(&a).unwrap();
+    let data = dpo::setup::load_pairs(&a, &loaded).unwrap();
+    let pairs: Vec<_> = (0..2).map(|i| data.get(i).unwrap()).collect();
+    let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
+    let fp = Fingerprint::for_run(&a, &loaded).unwrap();
+    let mut cache = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
+    cache.reference(&loaded.model, &pairs, &batch).unwrap();
+    cache.flush().unwrap();
+    let seg = dpo::refcache::segments(cache.dir()).unwrap().remove(0);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[60] ^= 0x01; // one bit of a stored log-prob
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let reopened = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
+    assert!(reopened.rebuilt.as_deref().is_some_and(|r| r.contains("checksum")), "{:?}", reopened.rebuilt);
+    assert!(reopened.is_empty(), "a corrupt cache is never used");
+    assert!(dpo::refcache::segments(reopened.dir()).unwrap().is_empty());
+
+    // Other settings (another truncation) never see these entries.
+    let mut other = fp;
+    other.insert("max_length", "7");
+    assert_ne!(RefCache::open(&dir.join("cache"), other).unwrap().dir(), reopened.dir());
+}
+
+fn metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_sec");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn training_with_the_cache_is_bit_identical_to_training_without() {
+    let dir = scratch("refcache-train");
+    let cache = dir.join("cache");
+    dpo::train::run(&args(&dir.join("plain"), &[])).unwrap();
+    dpo::train::run(&args(&dir.join("fill"), &["--ref-cache", cache.to_str().unwrap()])).unwrap();
+    dpo::train::run(&args(&dir.join("hit"), &["--ref-cache", cache.to_str().unwrap(), "--beta", "0.1"])).unwrap();
+    let plain = metrics(&dir.join("plain"));
+    assert_eq!(plain.len(), 4);
+    assert_eq!(metrics(&dir.join("fill")), plain);
+    assert_eq!(metrics(&dir.join("hit")), plain);
+    let w = |d: &str| std::fs::read(dir.join(d).join("adapter_model.safetensors")).unwrap();
+    assert_eq!(w("hit"), w("plain"), "same adapter bytes");
+}
