@@ -1,0 +1,117 @@
+//! A 3 β × 3 lr `dpo sweep` (one process: model loaded once, reference log-probs computed
+//! once) against the 9 equivalent separate `dpo train` runs, wall time of each, on a random
+//! Llama large enough for compute to dominate (issue 5's target: sweep ≤ 0.7× separate).
+//!
+//! Shape knobs: DPO_SWEEP_{HIDDEN (256), LAYERS (4), STEPS (4), BATCH (4)}; tokenizer and
+//! data are the bundled tiny-llama's and orca pairs. Needs `cargo build --release` first (it
+//! runs target/release/dpo).
+//!
+//! `cargo bench --bench sweep` — the last line printed is one JSON object.
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+fn knob(name: &str, default: usize) -> usize {
+    std::env::var(format!("DPO_SWEEP_{name}")).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A model folder: the tiny-llama tokenizer with a larger random decoder.
+fn write_model(dir: &Path, hidden: usize, layers: usize) {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-llama");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(tiny.join(f), dir.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
+    let (heads, inter, vocab) = (hidden / 32, hidden * 11 / 4, 512);
+    cfg["hidden_size"] = hidden.into();
+    cfg["intermediate_size"] = inter.into();
+    cfg["num_hidden_layers"] = layers.into();
+    cfg["num_attention_heads"] = heads.into();
+    cfg["num_key_value_heads"] = heads.into();
+    cfg["head_dim"] = 32.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut state = 0x2545F4914F6CDD1Du64;
+    let mut random = |shape: &[usize], scale: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let mut w: HashMap<String, Tensor> = HashMap::new();
+    w.insert("model.embed_tokens.weight".into(), random(&[vocab, hidden], 0.05));
+    w.insert("lm_head.weight".into(), random(&[vocab, hidden], 0.05));
+    w.insert("model.norm.weight".into(), Tensor::ones(hidden, candle_core::DType::F32, &Device::Cpu).unwrap());
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [hidden, hidden]),
+            ("self_attn.k_proj", [hidden, hidden]),
+            ("self_attn.v_proj", [hidden, hidden]),
+            ("self_attn.o_proj", [hidden, hidden]),
+            ("mlp.gate_proj", [inter, hidden]),
+            ("mlp.up_proj", [inter, hidden]),
+            ("mlp.down_proj", [hidden, inter]),
+        ] {
+            w.insert(format!("{p}.{name}.weight"), random(&shape, 0.05));
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            w.insert(format!("{p}.{norm}.weight"), Tensor::ones(hidden, candle_core::DType::F32, &Device::Cpu).unwrap());
+        }
+    }
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+}
+
+fn dpo(args: &[String]) {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/dpo");
+    let o = Command::new(&bin).args(args).output().unwrap_or_else(|e| panic!("running {}: {e} (cargo build --release first)", bin.display()));
+    assert!(o.status.success(), "dpo {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn main() {
+    let (hidden, layers, steps, batch) = (knob("HIDDEN", 256), knob("LAYERS", 4), knob("STEPS", 4), knob("BATCH", 4));
+    let root = std::env::temp_dir().join(format!("dpo-sweep-bench-{}", std::process::id()));
+    let model = root.join("model");
+    write_model(&model, hidden, layers);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/orca_dpo_pairs/train.jsonl");
+    let config = root.join("base.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ndataset = {:?}\ndevice = \"cpu\"\nmax_steps = {steps}\nbatch_size = {batch}\nlora_targets = \"all\"\nlora_r = 16\n",
+            model.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let (betas, lrs) = (["0.05", "0.1", "0.5"], ["1e-4", "5e-4", "1e-3"]);
+    let s = |p: &PathBuf| p.display().to_string();
+
+    let t = Instant::now();
+    for b in betas {
+        for lr in lrs {
+            let out = root.join(format!("separate/beta={b}_lr={lr}"));
+            dpo(&["train".into(), "--config".into(), s(&config), "--beta".into(), b.into(), "--lr".into(), lr.into(), "--output-dir".into(), s(&out)]);
+        }
+    }
+    let separate = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    dpo(&["sweep".into(), "--config".into(), s(&config), "--beta".into(), betas.join(","), "--lr".into(), lrs.join(","), "--output-dir".into(), s(&root.join("sweep"))]);
+    let sweep = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&root);
+    println!("9 separate `dpo train` runs: {separate:.2} s; one 3x3 `dpo sweep`: {sweep:.2} s; ratio {:.3}", sweep / separate);
+    println!(
+        "{}",
+        serde_json::json!({"bench": "sweep", "hidden": hidden, "layers": layers, "steps": steps, "batch_size": batch,
+            "separate_s": separate, "sweep_s": sweep, "ratio": sweep / separate})
+    );
+}
