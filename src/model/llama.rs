@@ -13,7 +13,9 @@
 //! # Ok(()) }
 //! ```
 use super::config::ModelConfig;
-use super::ops::{Rope, causal_mask, frozen_matmul, repeat_kv, rms_norm};
+use super::fused;
+use super::layout::TokenLayout;
+use super::ops::{RopeTable, frozen_matmul, repeat_kv, rms_norm, rope};
 use super::weights::mmap_weights;
 use crate::lora::{LoraLinear, LoraMode};
 use anyhow::{Context, Result};
@@ -28,12 +30,24 @@ pub struct Llama {
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: Tensor,
-    rope: Rope,
+    rope: RopeTable,
     dtype: DType,
     device: Device,
     /// Forward passes run with adapters off / on (observability: tests check a cache hit
     /// really skips the reference forward).
     forwards: [AtomicUsize; 2],
+    /// Use the fused CPU kernels of [`fused`] (f32 on CPU) instead of the compositions.
+    fused: bool,
+}
+
+/// What one forward pass shares across layers: masks per attention window, RoPE tables.
+struct PassContext<'a, 'm> {
+    masks: Vec<(Option<usize>, Tensor)>,
+    cos: Tensor,
+    sin: Tensor,
+    eps: f64,
+    fused: bool,
+    mode: &'a mut LoraMode<'m>,
 }
 
 struct DecoderLayer {
@@ -81,8 +95,9 @@ impl Llama {
         } else {
             embed.clone()
         };
-        let rope = Rope::new(cfg.head_dim(), cfg.rope_theta, cfg.max_position_embeddings, dtype, device)?;
-        Ok(Self { cfg, embed, layers, norm, lm_head, rope, dtype, device: device.clone(), forwards: Default::default() })
+        let rope = RopeTable::new(cfg.head_dim(), cfg.rope_theta, cfg.max_position_embeddings, dtype, device)?;
+        let fused = device.is_cpu() && dtype == DType::F32;
+        Ok(Self { cfg, embed, layers, norm, lm_head, rope, dtype, device: device.clone(), forwards: Default::default(), fused })
     }
 
     /// Forward passes so far: `(reference, adapters on)`.
@@ -102,26 +117,37 @@ impl Llama {
         &self.device
     }
 
-    /// Final-norm hidden states `[batch, seq, hidden]` for right-padded `ids` `[batch, seq]`.
-    /// Right padding needs no mask beyond the causal one: real tokens never see later pads.
-    pub fn forward(&self, ids: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
+    /// Chooses the fused CPU kernels (default for f32 on CPU) or the plain compositions.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused && self.device.is_cpu() && self.dtype == DType::F32;
+    }
+
+    /// Final-norm hidden states `[rows, len, hidden]` for `ids` `[rows, len]` laid out as
+    /// `layout` says (positions, and which tokens may see which).
+    pub fn forward_layout(&self, ids: &Tensor, layout: &TokenLayout, mode: &mut LoraMode) -> Result<Tensor> {
         let with_adapters = !matches!(mode, LoraMode::Off);
         self.forwards[usize::from(with_adapters)].fetch_add(1, Ordering::Relaxed);
         let (b, t) = ids.dims2()?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let (cos, sin) = self.rope.tables(&layout.positions_tensor(&self.device)?)?;
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         for layer in &self.layers {
-            let mask = match masks.iter().find(|(w, _)| *w == layer.window) {
-                Some((_, m)) => m.clone(),
-                None => {
-                    let m = causal_mask(t, layer.window, self.dtype, &self.device)?;
-                    masks.push((layer.window, m.clone()));
-                    m
-                }
-            };
-            x = layer.forward(&x, &mask, &self.rope, self.cfg.rms_norm_eps, mode)?;
+            if !masks.iter().any(|(w, _)| *w == layer.window) {
+                masks.push((layer.window, layout.mask(layer.window, self.dtype, &self.device)?));
+            }
         }
-        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+        let eps = self.cfg.rms_norm_eps;
+        let mut ctx = PassContext { masks, cos, sin, eps, fused: self.fused, mode };
+        for layer in &self.layers {
+            x = layer.forward(&x, &mut ctx)?;
+        }
+        Ok(ctx.norm(&x, &self.norm)?)
+    }
+
+    /// Final-norm hidden states of plain causal rows (no padding).
+    pub fn forward(&self, ids: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.forward_layout(ids, &TokenLayout::causal(b, t), mode)
     }
 
     /// Logits at every position, `[batch, seq, vocab]` (f32).
@@ -132,9 +158,13 @@ impl Llama {
 
     /// `log p(target | position)` for selected hidden states `[n, hidden]` and targets `[n]`:
     /// lm_head and the log-softmax run on these rows only (in f32).
-    pub fn token_logps(&self, hidden_rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    pub fn token_logps(&self, hidden_rows: &Tensor, targets: &[u32]) -> Result<Tensor> {
         let logits = frozen_matmul(hidden_rows, &self.lm_head)?.to_dtype(DType::F32)?;
+        if self.fused {
+            return Ok(fused::log_softmax_gather(&logits, targets)?);
+        }
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = Tensor::new(targets, &self.device)?;
         Ok(logp.gather(&targets.unsqueeze(1)?.contiguous()?, 1)?.squeeze(1)?)
     }
 
@@ -193,29 +223,47 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rope, eps: f64, mode: &mut LoraMode) -> candle_core::Result<Tensor> {
-        let attn_out = self.attn.forward(&rms_norm(x, &self.input_norm, eps)?, mask, rope, mode)?;
+    fn forward(&self, x: &Tensor, ctx: &mut PassContext) -> candle_core::Result<Tensor> {
+        let mask = ctx.masks.iter().find(|(w, _)| *w == self.window).map(|(_, m)| m.clone()).expect("mask per window");
+        let attn_out = self.attn.forward(&ctx.norm(x, &self.input_norm)?, &mask, ctx)?;
         let x = (x + attn_out)?;
-        let mlp_out = self.mlp.forward(&rms_norm(&x, &self.post_attn_norm, eps)?, mode)?;
+        let mlp_out = self.mlp.forward(&ctx.norm(&x, &self.post_attn_norm)?, ctx.mode)?;
         x + mlp_out
     }
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, mask: &Tensor, rope: &Rope, mode: &mut LoraMode) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Tensor, ctx: &mut PassContext) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous();
-        let q = rope.apply(&heads(self.q_proj.forward(x, mode)?, self.num_heads)?)?;
-        let k = rope.apply(&heads(self.k_proj.forward(x, mode)?, self.num_kv_heads)?)?;
-        let v = heads(self.v_proj.forward(x, mode)?, self.num_kv_heads)?;
+        let q = heads(self.q_proj.forward(x, ctx.mode)?, self.num_heads)?;
+        let q = ctx.rope(&q)?;
+        let k = heads(self.k_proj.forward(x, ctx.mode)?, self.num_kv_heads)?;
+        let k = ctx.rope(&k)?;
+        let v = heads(self.v_proj.forward(x, ctx.mode)?, self.num_kv_heads)?;
         let n_rep = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(k, n_rep)?;
         let v = repeat_kv(v, n_rep)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?.broadcast_add(mask)?;
-        // The composite softmax: candle's fused softmax_last_dim has no backward.
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&out, mode)
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = if ctx.fused {
+            fused::attention(&q, &k, &v, mask, scale)?
+        } else {
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+            // The composite softmax: candle's fused softmax_last_dim has no backward.
+            candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?
+        };
+        let out = out.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out, ctx.mode)
+    }
+}
+
+impl PassContext<'_, '_> {
+    fn norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fused { fused::rms_norm(x, weight, self.eps) } else { rms_norm(x, weight, self.eps) }
+    }
+
+    fn rope(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fused { fused::rope(x, &self.cos, &self.sin) } else { rope(x, &self.cos, &self.sin) }
     }
 }
 

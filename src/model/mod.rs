@@ -1,5 +1,7 @@
 //! The Llama-family causal LM: config, weights, differentiable ops and the decoder.
 pub mod config;
+pub mod fused;
+pub mod layout;
 pub mod llama;
 pub mod ops;
 pub mod scoring;

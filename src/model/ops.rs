@@ -95,13 +95,13 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Rotary position embedding tables for HF's `rotate_half` convention.
 #[derive(Debug, Clone)]
-pub struct Rope {
+pub struct RopeTable {
     /// `[max_positions, head_dim]`, each row `cat(freqs, freqs)`.
     cos: Tensor,
     sin: Tensor,
 }
 
-impl Rope {
+impl RopeTable {
     pub fn new(head_dim: usize, theta: f64, max_positions: usize, dtype: DType, device: &candle_core::Device) -> Result<Self> {
         let half = head_dim / 2;
         // Same f32 rounding of the inverse frequencies as transformers.
@@ -124,20 +124,27 @@ impl Rope {
         Ok(Self { cos, sin })
     }
 
-    /// Rotates `x` of shape `[batch, heads, seq, head_dim]` for positions `0..seq`.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, seq, head_dim) = x.dims4()?;
-        if seq > self.cos.dim(0)? {
-            candle_core::bail!("sequence of {seq} tokens is longer than the rope table ({})", self.cos.dim(0)?);
+    /// `cos`, `sin` for each token's position: `[rows, 1, len, head_dim]` for positions `[rows, len]`.
+    pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (rows, len) = positions.dims2()?;
+        let max = self.cos.dim(0)?;
+        if positions.max_all()?.to_scalar::<u32>()? as usize >= max {
+            candle_core::bail!("a position is beyond the rope table of {max} (max_position_embeddings)");
         }
-        let cos = self.cos.narrow(0, 0, seq)?;
-        let sin = self.sin.narrow(0, 0, seq)?;
-        let half = head_dim / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        let flat = positions.flatten_all()?;
+        let d = self.cos.dim(1)?;
+        let pick = |t: &Tensor| t.index_select(&flat, 0)?.reshape((rows, 1, len, d));
+        Ok((pick(&self.cos)?, pick(&self.sin)?))
     }
+}
+
+/// `x·cos + rotate_half(x)·sin` (HF convention), `cos`/`sin` broadcastable to `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 /// Repeats key/value heads for grouped-query attention: `[b, kv, t, d]` → `[b, kv·n_rep, t, d]`.
@@ -149,20 +156,6 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     x.unsqueeze(2)?
         .broadcast_as((b, kv, n_rep, t, d))?
         .reshape((b, kv * n_rep, t, d))
-}
-
-/// Additive attention mask `[t, t]`: 0 where query `i` may see key `j`, −inf elsewhere.
-/// Causal, and limited to the last `window` keys when a sliding window applies.
-pub fn causal_mask(t: usize, window: Option<usize>, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..t).map(move |j| {
-                let visible = j <= i && window.is_none_or(|w| i - j < w);
-                if visible { 0.0 } else { f32::NEG_INFINITY }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
 }
 
 #[cfg(test)]
@@ -193,21 +186,12 @@ mod tests {
     }
 
     #[test]
-    fn causal_mask_respects_the_sliding_window() {
-        let m = causal_mask(4, Some(2), DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        let visible: Vec<Vec<bool>> = m.iter().map(|r| r.iter().map(|v| *v == 0.0).collect()).collect();
-        assert_eq!(visible[0], [true, false, false, false]);
-        assert_eq!(visible[3], [false, false, true, true]);
-        let full = causal_mask(4, None, DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        assert!(full[3].iter().all(|v| *v == 0.0));
-    }
-
-    #[test]
     fn rms_norm_and_rope_carry_gradients() {
         let x = Var::from_tensor(&Tensor::arange(0f32, 16., &Device::Cpu).unwrap().reshape((1, 1, 2, 8)).unwrap()).unwrap();
         let w = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
-        let rope = Rope::new(8, 10000.0, 4, DType::F32, &Device::Cpu).unwrap();
-        let y = rope.apply(&rms_norm(x.as_tensor(), &w, 1e-6).unwrap()).unwrap();
+        let table = RopeTable::new(8, 10000.0, 4, DType::F32, &Device::Cpu).unwrap();
+        let (cos, sin) = table.tables(&Tensor::new(&[[0u32, 1]], &Device::Cpu).unwrap()).unwrap();
+        let y = rope(&rms_norm(x.as_tensor(), &w, 1e-6).unwrap(), &cos, &sin).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&x).is_some());
         // Position 0 is not rotated.

@@ -16,7 +16,7 @@ use candle_core::Tensor;
 /// `[2·pairs]` f32: Σ over each sequence's response tokens of `log p(token | prefix)`.
 /// lm_head and the log-softmax run only at scored positions.
 pub fn response_logps(model: &Llama, batch: &PairBatch, mode: &mut LoraMode) -> Result<Tensor> {
-    let hidden = model.forward(&batch.ids, mode)?;
+    let hidden = model.forward_layout(&batch.ids, &batch.layout, mode)?;
     let (n, t, h) = hidden.dims3()?;
     let rows = hidden.reshape((n * t, h))?.index_select(&batch.rows, 0)?;
     let token_logps = model.token_logps(&rows, &batch.targets)?;

@@ -1,0 +1,163 @@
+//! One full LoRA-DPO optimizer step on a random Llama, timed: the CPU benchmark of issue 6.
+//!
+//! Default shape = ../shared/bench/bench_torch.py's: hidden 512, 8 layers, 8 heads (8 KV),
+//! intermediate 1408, vocab 32000, LoRA r16/α32 on q,k,v,o,gate,up,down, 2 pairs of 256 prompt +
+//! 256 response tokens (4 sequences × 512 = 2048 tokens a step), f32. A step = reference forward
+//! + policy forward + backward + AdamW. Median of `DPO_BENCH_STEPS` (5) after
+//! `DPO_BENCH_WARMUP` (2). Knobs: DPO_BENCH_{HIDDEN,LAYERS,HEADS,KV_HEADS,INTERMEDIATE,VOCAB,
+//! PROMPT_LEN,RESPONSE_LEN,PAIRS,STEPS,WARMUP,OUT}. Threads: RAYON_NUM_THREADS (default 2 here).
+//!
+//! `cargo bench --bench dpo_step` — the last line printed is one JSON object.
+use candle_core::{DType, Device, Tensor, Var};
+use dpo::data::{PairBatch, TokenizedPair};
+use dpo::lora::{LoraConfig, LoraMode, adapter};
+use dpo::loss::{DpoLoss, LossKind};
+use dpo::model::{Llama, ModelConfig};
+use dpo::rng::{SeededRng, Stream};
+use dpo::train::optimizer::AdamW;
+use dpo::train::step::{GradAccumulator, global_norm, micro_step};
+use std::collections::HashMap;
+use std::time::Instant;
+
+fn knob(name: &str, default: usize) -> usize {
+    std::env::var(format!("DPO_BENCH_{name}")).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn random_tensor(rng: &mut SeededRng, shape: &[usize], mean: f32, std: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    // Uniform with the given std (√3·std half-width): cheap, and any values do for timing.
+    let w = std * 3f32.sqrt();
+    let v: Vec<f32> = (0..n).map(|_| mean + (rng.uniform() * 2.0 - 1.0) * w).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn random_model(cfg_json: &str, cfg: &ModelConfig) -> Llama {
+    let mut rng = SeededRng::new(0, Stream::LoraInit);
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (cfg.num_heads * cfg.head_dim(), cfg.num_kv_heads * cfg.head_dim());
+    let mut w = HashMap::new();
+    w.insert("model.embed_tokens.weight".to_string(), random_tensor(&mut rng, &[v, h], 0.0, 0.02));
+    w.insert("lm_head.weight".to_string(), random_tensor(&mut rng, &[v, h], 0.0, 0.02));
+    w.insert("model.norm.weight".to_string(), random_tensor(&mut rng, &[h], 1.0, 0.0));
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", vec![q, h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.o_proj.weight", vec![h, q]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+        ] {
+            w.insert(format!("{p}.{name}"), random_tensor(&mut rng, &shape, 0.0, 0.02));
+        }
+        for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+            w.insert(format!("{p}.{norm}"), random_tensor(&mut rng, &[h], 1.0, 0.0));
+        }
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+    let _ = cfg_json;
+    Llama::from_weights(cfg.clone(), vb, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() {
+    if std::env::var("RAYON_NUM_THREADS").is_err() {
+        // SAFETY: set before any thread pool starts.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "2") };
+    }
+    let (hidden, layers, heads) = (knob("HIDDEN", 512), knob("LAYERS", 8), knob("HEADS", 8));
+    let (kv_heads, inter, vocab) = (knob("KV_HEADS", 8), knob("INTERMEDIATE", 1408), knob("VOCAB", 32000));
+    let (prompt_len, response_len, pairs) = (knob("PROMPT_LEN", 256), knob("RESPONSE_LEN", 256), knob("PAIRS", 2));
+    let (steps, warmup) = (knob("STEPS", 5), knob("WARMUP", 2));
+    let cfg_json = format!(
+        r#"{{"model_type":"llama","hidden_size":{hidden},"intermediate_size":{inter},"num_hidden_layers":{layers},
+        "num_attention_heads":{heads},"num_key_value_heads":{kv_heads},"vocab_size":{vocab},"rms_norm_eps":1e-6,
+        "rope_theta":10000.0,"max_position_embeddings":4096,"tie_word_embeddings":false}}"#
+    );
+    let cfg = ModelConfig::from_json(&cfg_json).unwrap();
+    let mut model = random_model(&cfg_json, &cfg);
+    let lora = LoraConfig::new(16, 32.0, 0.0, "all").unwrap();
+    let params = adapter::attach_fresh(&mut model, &lora, 1).unwrap();
+    let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
+    let mut rng = SeededRng::new(7, Stream::DataOrder);
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| 3 + rng.below(vocab as u64 - 3) as u32).collect() };
+    let batch_pairs: Vec<TokenizedPair> = (0..pairs)
+        .map(|_| TokenizedPair { prompt: ids(prompt_len), chosen: ids(response_len), rejected: ids(response_len) })
+        .collect();
+    let batch = PairBatch::new(&batch_pairs, 0, &Device::Cpu).unwrap();
+    let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
+    let mut opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
+    let tokens = 2 * pairs * (prompt_len + response_len);
+
+    let lr = std::env::var("DPO_BENCH_LR").ok().and_then(|v| v.parse().ok()).unwrap_or(5e-3);
+    let mut times = Vec::new();
+    for step in 0..warmup + steps {
+        let t = Instant::now();
+        let mut grads = GradAccumulator::new(vars.len());
+        micro_step(&model, &batch, &loss, &vars, &mut LoraMode::On, None, 1.0, &mut grads).unwrap();
+        let grads = grads.into_grads().unwrap();
+        let _ = global_norm(&grads).unwrap();
+        opt.step(&vars, &grads, lr).unwrap();
+        let s = t.elapsed().as_secs_f64();
+        eprintln!("step {} {}: {s:.3} s", step + 1, if step < warmup { "(warm-up)" } else { "" });
+        if step >= warmup {
+            times.push(s);
+        }
+    }
+    // Where the time goes: the reference forward alone, then the policy forward + backward
+    // with the reference given (what a reference-cache hit costs).
+    let t = Instant::now();
+    let reference = dpo::train::step::reference_logps(&model, &batch).unwrap();
+    let reference_seconds = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut grads = GradAccumulator::new(vars.len());
+    micro_step(&model, &batch, &loss, &vars, &mut LoraMode::On, Some(&reference), 1.0, &mut grads).unwrap();
+    let policy_seconds = t.elapsed().as_secs_f64();
+    eprintln!("reference forward {reference_seconds:.3} s, policy forward+backward {policy_seconds:.3} s");
+    if std::env::var("DPO_BENCH_PROFILE").is_ok() {
+        for _ in 0..2 {
+            let t = Instant::now();
+            let (_, losses) =
+                dpo::train::step::score_against(&model, &batch, &loss, &mut LoraMode::On, &reference).unwrap();
+            let fwd = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let g = losses.mean_all().unwrap().backward().unwrap();
+            let bwd = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            drop(g);
+            drop(losses);
+            eprintln!("policy forward {fwd:.3} s, backward {bwd:.3} s, drop {:.3} s", t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = times[times.len() / 2];
+    let result = serde_json::json!({
+        "impl": "dpo (candle)",
+        "median_step_seconds": median,
+        "step_seconds": times,
+        "tokens_per_step": tokens,
+        "tokens_per_second": tokens as f64 / median,
+        "peak_rss_mib": peak_rss_mib(),
+        "reference_forward_seconds": reference_seconds,
+        "policy_forward_backward_seconds": policy_seconds,
+        "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
+        "shape": {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "intermediate": inter,
+                  "vocab": vocab, "prompt_len": prompt_len, "response_len": response_len, "pairs": pairs, "lora_r": 16},
+    });
+    println!("median {median:.3} s/step, {:.1} tokens/s, peak RSS {:.0} MiB", tokens as f64 / median, peak_rss_mib());
+    if let Ok(path) = std::env::var("DPO_BENCH_OUT") {
+        std::fs::write(path, serde_json::to_string_pretty(&result).unwrap()).unwrap();
+    }
+    println!("{result}");
+}
