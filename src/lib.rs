@@ -27,3 +27,9 @@ pub mod rng;
 pub mod setup;
 pub mod sweep;
 pub mod train;
+
+// Training allocates and frees many large activation buffers each step; glibc malloc hands
+// those back to the kernel and page-faults them in again (~15% of a CPU step in a profile).
+// mimalloc keeps them for reuse.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
