@@ -1,8 +1,10 @@
 //! Fused CPU kernels with their own backward, for the ops whose candle compositions keep many
 //! full-size intermediates alive for backward. Each keeps only its inputs (and output):
 //!
-//! - [`attention`]: `softmax(q·kᵀ·scale + mask)·v`; backward recomputes the probabilities from
-//!   q and k instead of storing the `[b, heads, t, t]` scores, their mask sum, exp and softmax.
+//! - [`block_attention`]: `softmax(q·kᵀ·scale + mask)·v` computed only on the blocks of the
+//!   attention matrix that are not fully masked (a shared prompt's chosen × rejected block, and
+//!   padding, are skipped); backward recomputes the probabilities from q and k instead of
+//!   storing the `[b, heads, t, t]` scores, their mask sum, exp and softmax.
 //! - [`log_softmax_gather`]: `log_softmax(logits)[target]` per row; backward derives the
 //!   log-sum-exp from the output, so the `[rows, vocab]` softmax is never stored.
 //! - [`rms_norm`], [`rope`]: one stored input instead of five or six intermediates.
@@ -64,31 +66,76 @@ fn into_storage(t: Tensor) -> Result<(CpuStorage, Shape)> {
     }
 }
 
-// ---------------------------------------------------------------- attention
+// ---------------------------------------------------------------- block-sparse attention
 
-/// `softmax(q·kᵀ·scale + mask)·v` for `q, k, v`: `[b, heads, t, d]` (k/v already repeated for
-/// GQA) and an additive `mask` broadcastable to `[b, heads, t, t]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    let op = Attention { mask: mask.clone(), scale };
+/// One [`AttentionBlock`](super::layout::AttentionBlock) as tensors: key indices `[nk]` u32 and
+/// the additive mask `[q_len, nk]`.
+#[derive(Debug, Clone)]
+pub struct BlockTensors {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub keys: Tensor,
+    pub mask: Tensor,
+}
+
+/// Per row, the blocks of a [`TokenLayout`](super::layout::TokenLayout) as tensors.
+pub fn block_tensors(layout: &super::layout::TokenLayout, window: Option<usize>, device: &candle_core::Device) -> Result<Vec<Vec<BlockTensors>>> {
+    layout
+        .attention_blocks(window)
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|b| {
+                    let nk = b.keys.len();
+                    Ok(BlockTensors {
+                        q_start: b.q_start,
+                        q_len: b.q_len,
+                        keys: Tensor::from_vec(b.keys, nk, device)?,
+                        mask: Tensor::from_vec(b.mask, (b.q_len, nk), device)?,
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Attention computed only on the blocks that are not fully masked (see
+/// [`TokenLayout::attention_blocks`](super::layout::TokenLayout::attention_blocks)); same result as
+/// dense attention with the layout's mask at every non-pad query (pad queries give 0).
+pub fn block_attention(q: &Tensor, k: &Tensor, v: &Tensor, blocks: std::sync::Arc<Vec<Vec<BlockTensors>>>, scale: f64) -> Result<Tensor> {
+    let op = BlockAttention { blocks, scale };
     q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, std::sync::Arc::new(Box::new(op)))
 }
 
-struct Attention {
-    mask: Tensor,
+struct BlockAttention {
+    blocks: std::sync::Arc<Vec<Vec<BlockTensors>>>,
     scale: f64,
 }
 
-impl Attention {
-    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(&self.mask)?;
-        // The fused softmax is fine here: nothing is recorded inside the op.
-        candle_nn::ops::softmax_last_dim(&scores)
-    }
+/// Per block of one row: (queries `[h, q_len, d]`, keys, values `[h, nk, d]`, probabilities).
+fn block_probs(q: &Tensor, k: &Tensor, v: &Tensor, b: &BlockTensors, scale: f64) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let qb = q.narrow(1, b.q_start, b.q_len)?;
+    let kb = k.index_select(&b.keys, 1)?;
+    let vb = v.index_select(&b.keys, 1)?;
+    let scores = (qb.matmul(&kb.t()?)? * scale)?.broadcast_add(&b.mask)?;
+    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok((qb, kb, vb, p))
 }
 
-impl CustomOp3 for Attention {
+/// Stitches per-block query outputs `[h, q_len, d]` (in order) into `[h, t, d]`, zeros after.
+fn stitch(pieces: Vec<Tensor>, t: usize, like: &Tensor) -> Result<Tensor> {
+    let covered: usize = pieces.iter().map(|p| p.dim(1)).sum::<Result<usize>>()?;
+    let mut pieces = pieces;
+    if covered < t {
+        let (h, _, d) = like.dims3()?;
+        pieces.push(Tensor::zeros((h, t - covered, d), like.dtype(), like.device())?);
+    }
+    Tensor::cat(&pieces, 1)
+}
+
+impl CustomOp3 for BlockAttention {
     fn name(&self) -> &'static str {
-        "fused-attention"
+        "block-attention"
     }
 
     fn cpu_fwd(
@@ -101,18 +148,44 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (as_tensor(s1, l1)?, as_tensor(s2, l2)?, as_tensor(s3, l3)?);
-        into_storage(self.probs(&q, &k)?.matmul(&v)?)
+        let t = q.dim(2)?;
+        let mut rows = Vec::with_capacity(self.blocks.len());
+        for (r, blocks) in self.blocks.iter().enumerate() {
+            let (qr, kr, vr) = (q.get(r)?, k.get(r)?, v.get(r)?);
+            let mut pieces = Vec::with_capacity(blocks.len());
+            for b in blocks {
+                let (_, _, vb, p) = block_probs(&qr, &kr, &vr, b, self.scale)?;
+                pieces.push(p.matmul(&vb)?);
+            }
+            rows.push(stitch(pieces, t, &qr)?);
+        }
+        into_storage(Tensor::stack(&rows, 0)?)
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _o: &Tensor, d_o: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, d_o) = (q.detach(), k.detach(), v.detach(), d_o.detach());
-        let p = self.probs(&q, &k)?;
-        let d_v = p.t()?.matmul(&d_o)?;
-        let d_p = d_o.matmul(&v.t()?)?;
-        let d_s = (&p * d_p.broadcast_sub(&(&d_p * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        let d_q = (d_s.matmul(&k)? * self.scale)?;
-        let d_k = (d_s.t()?.matmul(&q)? * self.scale)?;
-        Ok((Some(d_q), Some(d_k), Some(d_v)))
+        let t = q.dim(2)?;
+        let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, blocks) in self.blocks.iter().enumerate() {
+            let (qr, kr, vr, dor) = (q.get(r)?, k.get(r)?, v.get(r)?, d_o.get(r)?);
+            let mut dq_pieces = Vec::with_capacity(blocks.len());
+            let (mut dk, mut dv) = (kr.zeros_like()?, vr.zeros_like()?);
+            for b in blocks {
+                let (qb, kb, vb, p) = block_probs(&qr, &kr, &vr, b, self.scale)?;
+                let dob = dor.narrow(1, b.q_start, b.q_len)?;
+                let dvb = p.t()?.matmul(&dob)?;
+                let dp = dob.matmul(&vb.t()?)?;
+                let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+                dq_pieces.push((ds.matmul(&kb)? * self.scale)?);
+                let dkb = (ds.t()?.matmul(&qb)? * self.scale)?;
+                dk = dk.index_add(&b.keys, &dkb, 1)?;
+                dv = dv.index_add(&b.keys, &dvb, 1)?;
+            }
+            dqs.push(stitch(dq_pieces, t, &qr)?);
+            dks.push(dk);
+            dvs.push(dv);
+        }
+        Ok((Some(Tensor::stack(&dqs, 0)?), Some(Tensor::stack(&dks, 0)?), Some(Tensor::stack(&dvs, 0)?)))
     }
 }
 

@@ -75,3 +75,54 @@ impl TokenLayout {
         Tensor::from_vec(self.positions.clone(), (self.rows, self.len), device)
     }
 }
+
+/// A rectangle of the attention matrix that is not entirely masked: a run of queries
+/// `[q_start, q_start + q_len)` of one row and the keys they may see (by index), with the
+/// additive mask inside the rectangle. Computing only these skips the `chosen × rejected`
+/// blocks and the padding that a dense `[len, len]` matrix would spend work on.
+#[derive(Debug, Clone)]
+pub struct AttentionBlock {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub keys: Vec<u32>,
+    /// `[q_len, keys.len()]`, 0 or −inf.
+    pub mask: Vec<f32>,
+}
+
+impl TokenLayout {
+    /// Per row, the blocks covering every non-pad query: one per run of same-segment tokens,
+    /// seeing the shared runs before it and itself. Pad queries get no block (their output is 0:
+    /// nothing reads it).
+    pub fn attention_blocks(&self, window: Option<usize>) -> Vec<Vec<AttentionBlock>> {
+        (0..self.rows)
+            .map(|r| {
+                let seg = &self.segments[r * self.len..(r + 1) * self.len];
+                let mut runs: Vec<(usize, usize)> = Vec::new(); // (start, end) of same-segment runs
+                for (i, &s) in seg.iter().enumerate() {
+                    match runs.last_mut() {
+                        Some((start, end)) if seg[*start] == s && *end == i => *end = i + 1,
+                        _ => runs.push((i, i + 1)),
+                    }
+                }
+                runs.iter()
+                    .filter(|(start, _)| seg[*start] != PAD)
+                    .map(|&(start, end)| {
+                        let keys: Vec<u32> = runs
+                            .iter()
+                            .filter(|(ks, ke)| *ks < end && (seg[*ks] == SHARED || *ks == start) && *ke <= end)
+                            .flat_map(|&(ks, ke)| (ks as u32)..(ke as u32))
+                            .collect();
+                        let mut mask = Vec::with_capacity((end - start) * keys.len());
+                        for i in start..end {
+                            for &j in &keys {
+                                let ok = (j as usize) <= i && self.visible(r, i, j as usize, window);
+                                mask.push(if ok { 0.0 } else { f32::NEG_INFINITY });
+                            }
+                        }
+                        AttentionBlock { q_start: start, q_len: end - start, keys, mask }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}

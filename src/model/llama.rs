@@ -40,9 +40,17 @@ pub struct Llama {
     fused: bool,
 }
 
+/// How a layer's attention is computed: dense with an additive mask, or block-sparse (fused).
+#[derive(Clone)]
+enum AttentionPlan {
+    Dense(Tensor),
+    Blocks(std::sync::Arc<Vec<Vec<fused::BlockTensors>>>),
+}
+
 /// What one forward pass shares across layers: masks per attention window, RoPE tables.
 struct PassContext<'a, 'm> {
-    masks: Vec<(Option<usize>, Tensor)>,
+    /// Per attention window: the dense mask (composite path) or the blocks (fused path).
+    masks: Vec<(Option<usize>, AttentionPlan)>,
     cos: Tensor,
     sin: Tensor,
     eps: f64,
@@ -130,10 +138,15 @@ impl Llama {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         let (cos, sin) = self.rope.tables(&layout.positions_tensor(&self.device)?)?;
-        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        let mut masks: Vec<(Option<usize>, AttentionPlan)> = Vec::new();
         for layer in &self.layers {
             if !masks.iter().any(|(w, _)| *w == layer.window) {
-                masks.push((layer.window, layout.mask(layer.window, self.dtype, &self.device)?));
+                let plan = if self.fused {
+                    AttentionPlan::Blocks(std::sync::Arc::new(fused::block_tensors(layout, layer.window, &self.device)?))
+                } else {
+                    AttentionPlan::Dense(layout.mask(layer.window, self.dtype, &self.device)?)
+                };
+                masks.push((layer.window, plan));
             }
         }
         let eps = self.cfg.rms_norm_eps;
@@ -233,7 +246,7 @@ impl DecoderLayer {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, mask: &Tensor, ctx: &mut PassContext) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &AttentionPlan, ctx: &mut PassContext) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous();
         let q = heads(self.q_proj.forward(x, ctx.mode)?, self.num_heads)?;
@@ -245,12 +258,13 @@ impl Attention {
         let k = repeat_kv(k, n_rep)?;
         let v = repeat_kv(v, n_rep)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = if ctx.fused {
-            fused::attention(&q, &k, &v, mask, scale)?
-        } else {
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-            // The composite softmax: candle's fused softmax_last_dim has no backward.
-            candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?
+        let out = match mask {
+            AttentionPlan::Blocks(blocks) => fused::block_attention(&q, &k, &v, blocks.clone(), scale)?,
+            AttentionPlan::Dense(mask) => {
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+                // The composite softmax: candle's fused softmax_last_dim has no backward.
+                candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?
+            }
         };
         let out = out.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out, ctx.mode)
