@@ -89,12 +89,12 @@ fn checkpoints_hold_a_peft_adapter_a_manifest_and_respect_the_limit() {
     ok(&dpo(&args));
     assert_eq!(checkpoints(&out), vec![15, 18]);
     let ckpt = out.join("checkpoint-18");
-    for f in ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "trainer_state.json", "train_config.toml", "manifest.json"] {
+    for f in ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "trainer_state.json", "train_config.toml", "manifest.json", "pre_step_adapter.safetensors"] {
         assert!(ckpt.join(f).is_file(), "{f}");
     }
     let manifest = read_json(&ckpt.join("manifest.json"));
     assert_eq!(manifest["step"], 18);
-    assert_eq!(manifest["files"].as_object().unwrap().len(), 5);
+    assert_eq!(manifest["files"].as_object().unwrap().len(), 6);
     assert_eq!(manifest["model_files"]["model.safetensors"].as_str().unwrap().len(), 64);
     assert_eq!(manifest["metrics"]["step"], 18);
     let state = read_json(&ckpt.join("trainer_state.json"));
@@ -210,4 +210,33 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143() {
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn verify_resume_recomputes_the_logged_step_and_catches_changed_data() {
+    let reference = reference_run("verify");
+    let dir = scratch("ckpt_verify");
+    let data = dir.join("train.jsonl");
+    std::fs::copy(orca("train"), &data).unwrap();
+    let out = dir.join("out");
+    let with_data = |out: &Path| {
+        let mut a = run_args(out);
+        let i = a.iter().position(|x| x == "--dataset").unwrap() + 1;
+        a[i] = p(&data).to_string();
+        a
+    };
+    let mut args = with_data(&out);
+    args.extend(["--stop-after-steps".to_string(), "8".to_string()]);
+    dpo(&args);
+    let o = dpo(&["train".into(), "--resume".into(), p(&out).into(), "--verify-resume".into(), "--stop-after-steps".into(), "10".into()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("verified: step 6"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The same path, other contents (rows reordered): the recomputed step no longer matches.
+    let text = std::fs::read_to_string(&data).unwrap();
+    let reversed: String = text.lines().rev().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&data, reversed).unwrap();
+    let o = dpo(&["train".into(), "--resume".into(), p(&out).into(), "--verify-resume".into()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--verify-resume: step 9"), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = reference;
 }

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const CONFIG_FILE: &str = "train_config.toml";
+pub const PRE_STEP_FILE: &str = "pre_step_adapter.safetensors";
 const PREFIX: &str = "checkpoint-";
 
 /// Where the run stands after an optimizer step: enough to continue it exactly.
@@ -38,6 +39,9 @@ pub struct TrainerState {
     pub index_in_epoch: usize,
     /// Word position of the LoRA-dropout random stream (u128 as a decimal string).
     pub dropout_rng_position: String,
+    /// The same, before this step's micro-batches drew their masks (for --verify-resume).
+    #[serde(default)]
+    pub dropout_rng_position_before_step: String,
     pub optimizer_steps: u64,
 }
 
@@ -53,6 +57,8 @@ pub struct Provenance {
 
 pub struct Snapshot<'a> {
     pub params: &'a [NamedParam],
+    /// The adapter before this step's update, aligned with `params` (for --verify-resume).
+    pub pre_step: Option<&'a [Tensor]>,
     pub lora: &'a LoraConfig,
     pub optimizer: &'a AdamW,
     pub state: TrainerState,
@@ -71,6 +77,10 @@ pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
     atomic::write_dir(&dir, |tmp| {
         adapter::save(tmp, snap.params, snap.lora, &snap.provenance.model)?;
         save_optimizer(&tmp.join(OPTIMIZER_FILE), snap.params, snap.optimizer)?;
+        if let Some(pre) = snap.pre_step {
+            let tensors: Vec<(String, Tensor)> = snap.params.iter().zip(pre).map(|(p, t)| (p.name.clone(), t.clone())).collect();
+            std::fs::write(tmp.join(PRE_STEP_FILE), safetensors::serialize(tensors, None)?)?;
+        }
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&snap.state)?)?;
         std::fs::write(tmp.join(CONFIG_FILE), snap.config_toml)?;
         let p = snap.provenance;

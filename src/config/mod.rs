@@ -113,6 +113,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_dataset: Option<PathBuf>,
+    /// Split scored as held-out pairs at the end (e.g. `test`): of --eval-dataset if given,
+    /// else of --dataset.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_split: Option<String>,
     /// Reference log-prob cache folder: cached pairs skip the reference forward (bit-identical
     /// results); `auto` = OUTPUT's parent/.dpo-ref-cache, shared by runs.
     #[arg(long)]

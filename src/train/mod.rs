@@ -102,12 +102,21 @@ pub fn run_loaded(args: &TrainArgs, inputs: Inputs) -> Result<TrainSummary> {
     train_prepared(args, prepared, inputs, started)
 }
 
-/// `--eval-dataset`'s pairs, read with the run's data settings.
+/// The held-out pairs (`--eval-dataset` and/or `--eval-split`), read with the run's data settings.
 pub fn load_eval_pairs(args: &TrainArgs, loaded: &Loaded) -> Result<Option<Dataset>> {
-    let Some(path) = &args.eval_dataset else { return Ok(None) };
+    if args.eval_dataset.is_none() && args.eval_split.is_none() {
+        return Ok(None);
+    }
     let mut common = args.common.clone();
-    common.dataset = path.clone();
-    crate::setup::load_pairs(&common, loaded).with_context(|| format!("reading --eval-dataset {}", path.display())).map(Some)
+    if let Some(path) = &args.eval_dataset {
+        common.dataset = path.clone();
+    }
+    if let Some(split) = &args.eval_split {
+        common.split = split.clone();
+    }
+    crate::setup::load_pairs(&common, loaded)
+        .with_context(|| format!("reading the held-out pairs ({} split {})", common.dataset.display(), common.split))
+        .map(Some)
 }
 
 /// The reference cache `--ref-cache` names, opened for this model and these data settings.
@@ -140,13 +149,14 @@ fn prepare(args: &TrainArgs) -> Result<Prepared> {
 }
 
 /// `args` with the settings that cannot change the training math (the reference cache, the
-/// held-out set) taken from the checkpoint, so a resume may add or drop them.
+/// held-out set and split) taken from the checkpoint, so a resume may add or drop them.
 fn neutral_as_saved(args: &TrainArgs, ckpt: &checkpoint::Checkpoint) -> Result<TrainArgs> {
     let saved: toml::Table = ckpt.config_toml.parse().context("the checkpoint's train_config.toml is corrupt")?;
     let path = |key: &str| saved.get(key).and_then(|v| v.as_str()).map(PathBuf::from);
     let mut view = args.clone();
     view.ref_cache = path("ref_cache");
     view.eval_dataset = path("eval_dataset");
+    view.eval_split = saved.get("eval_split").and_then(|v| v.as_str()).map(str::to_string);
     Ok(view)
 }
 
@@ -231,6 +241,10 @@ fn train_loop(
     let metrics_path = args.output_dir.join(METRICS_FILE);
     let mut first_step = 1;
     if let Some(ckpt) = &resume {
+        if args.verify_resume {
+            let work = StepWork { model: &loaded.model, pad_id: loaded.pad_id, data, order: &order, plan: &plan, loss: &loss, vars: &vars };
+            resume::verify(ckpt, &params, &work, lora_cfg.dropout, &loaded.device)?;
+        }
         ckpt.restore(&params, &mut optimizer, &loaded.device)?;
         dropout_rng.set_word_pos(ckpt.state.dropout_rng_position.parse().context("corrupt RNG position")?);
         resume::trim_metrics(&metrics_path, ckpt.state.step)?;
@@ -258,28 +272,20 @@ fn train_loop(
     let (mut last, mut all_tokens) = (None, 0usize);
     for step in first_step..=total_steps {
         let step_start = Instant::now();
+        let rng_before_step = dropout_rng.word_pos();
         let first = (step - 1) * per_step;
         let positions = plan.positions(step);
-        let micro_batches: Vec<&[usize]> = positions.chunks(args.batch_size).collect();
-        let mut grads = GradAccumulator::new(vars.len());
-        let (mut scores, mut tokens): (Vec<PairScore>, usize) = (Vec::new(), 0);
-        for chunk in &micro_batches {
-            let pairs = chunk.iter().map(|&pos| data.get(order.pair_at(pos))).collect::<Result<Vec<_>>>()?;
-            let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device)?;
-            let mut mode = if lora_cfg.dropout > 0.0 { LoraMode::Train(&mut dropout_rng) } else { LoraMode::On };
-            let scale = 1.0 / micro_batches.len() as f64;
-            let reference = match cache.as_deref_mut() {
-                Some(c) => Some(c.reference(&loaded.model, &pairs, &batch)?),
-                None => None,
-            };
-            scores.extend(micro_step(&loaded.model, &batch, &loss, &vars, &mut mode, reference.as_ref(), scale, &mut grads)?);
-            tokens += batch.tokens;
-        }
-        let grads = grads.into_grads()?;
+        let work = StepWork { model: &loaded.model, pad_id: loaded.pad_id, data, order: &order, plan: &plan, loss: &loss, vars: &vars };
+        let (scores, grads, tokens) = work.forward_backward(step, lora_cfg.dropout, &mut dropout_rng, cache.as_deref_mut())?;
         let grad_norm = global_norm(&grads)?;
         if !grad_norm.is_finite() {
             bail!("step {step}: gradient norm is {grad_norm}; stopping before the adapter is corrupted");
         }
+        // What --verify-resume needs to recompute this step: the adapter before its update.
+        let pre_step = match provenance {
+            Some(_) => Some(vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?),
+            None => None,
+        };
         let lr = schedule.lr_at(step);
         optimizer.step(&vars, &clip(grads, grad_norm, args.max_grad_norm)?, lr)?;
 
@@ -309,10 +315,12 @@ fn train_loop(
                 epoch: stream_position / n,
                 index_in_epoch: stream_position % n,
                 dropout_rng_position: dropout_rng.word_pos().to_string(),
+                dropout_rng_position_before_step: rng_before_step.to_string(),
                 optimizer_steps: optimizer.steps(),
             };
             let snapshot = checkpoint::Snapshot {
                 params: &params,
+                pre_step: pre_step.as_deref(),
                 lora: &lora_cfg,
                 optimizer: &optimizer,
                 state,
@@ -366,6 +374,47 @@ fn train_loop(
         output_dir: args.output_dir.clone(),
         eval,
     })
+}
+
+/// Everything one optimizer step's forward/backward reads.
+pub struct StepWork<'a> {
+    pub model: &'a crate::model::Llama,
+    pub pad_id: u32,
+    pub data: &'a Dataset,
+    pub order: &'a PairOrder,
+    pub plan: &'a StepPlan,
+    pub loss: &'a crate::loss::DpoLoss,
+    pub vars: &'a [Var],
+}
+
+impl StepWork<'_> {
+    /// Runs step `step`'s micro-batches (forward both models, backward), summing gradients.
+    /// Returns the pairs' scores, the summed gradients and the step's token count.
+    pub fn forward_backward(
+        &self,
+        step: usize,
+        dropout: f64,
+        dropout_rng: &mut SeededRng,
+        mut cache: Option<&mut RefCache>,
+    ) -> Result<(Vec<PairScore>, Vec<candle_core::Tensor>, usize)> {
+        let positions = self.plan.positions(step);
+        let micro_batches: Vec<&[usize]> = positions.chunks(self.plan.batch_size).collect();
+        let mut grads = GradAccumulator::new(self.vars.len());
+        let (mut scores, mut tokens): (Vec<PairScore>, usize) = (Vec::new(), 0);
+        for chunk in &micro_batches {
+            let pairs = chunk.iter().map(|&pos| self.data.get(self.order.pair_at(pos))).collect::<Result<Vec<_>>>()?;
+            let batch = PairBatch::new(&pairs, self.pad_id, self.model.device())?;
+            let mut mode = if dropout > 0.0 { LoraMode::Train(dropout_rng) } else { LoraMode::On };
+            let scale = 1.0 / micro_batches.len() as f64;
+            let reference = match cache.as_deref_mut() {
+                Some(c) => Some(c.reference(self.model, &pairs, &batch)?),
+                None => None,
+            };
+            scores.extend(micro_step(self.model, &batch, self.loss, self.vars, &mut mode, reference.as_ref(), scale, &mut grads)?);
+            tokens += batch.tokens;
+        }
+        Ok((scores, grads.into_grads()?, tokens))
+    }
 }
 
 /// Every adapter on the model belongs to this run (a previous run of a sweep with other

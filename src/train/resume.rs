@@ -7,7 +7,10 @@
 //! dpo::train::resume::check_compatible(&args, &ckpt)?;
 //! # Ok(()) }
 //! ```
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, PRE_STEP_FILE};
+use crate::lora::adapter::NamedParam;
+use crate::loss::RewardMetrics;
+use crate::rng::{SeededRng, Stream};
 use crate::checkpoint::atomic;
 use crate::config::TrainArgs;
 use anyhow::{Context, Result, bail};
@@ -61,4 +64,41 @@ pub fn trim_metrics(path: &Path, step: usize) -> Result<()> {
         }
     }
     atomic::write_bytes(path, kept.as_bytes())
+}
+
+/// `--verify-resume`: recomputes the checkpoint step's logged metrics from what the checkpoint
+/// holds (the adapter before that step, the data position, the RNG position) and refuses to go
+/// on if any differs from the logged value by more than 1e-6. Leaves `params` at the pre-step
+/// values; the caller restores the checkpoint afterwards.
+pub fn verify(ckpt: &Checkpoint, params: &[NamedParam], work: &super::StepWork, dropout: f64, device: &candle_core::Device) -> Result<()> {
+    let path = ckpt.dir.join(PRE_STEP_FILE);
+    let pre = candle_core::safetensors::load(&path, device).with_context(|| format!("--verify-resume needs {}", path.display()))?;
+    for p in params {
+        p.var.set(pre.get(&p.name).with_context(|| format!("{} lacks {}", path.display(), p.name))?)?;
+    }
+    let step = ckpt.state.step;
+    let seed_pos: u128 = ckpt.state.dropout_rng_position_before_step.parse().context("corrupt RNG position")?;
+    let seed: u64 = {
+        let cfg: toml::Table = ckpt.config_toml.parse()?;
+        cfg.get("seed").and_then(|v| v.as_integer()).context("checkpoint config has no seed")? as u64
+    };
+    let mut rng = SeededRng::new(seed, Stream::Dropout);
+    rng.set_word_pos(seed_pos);
+    let (scores, grads, _) = work.forward_backward(step, dropout, &mut rng, None)?;
+    let rewards = RewardMetrics::mean(&scores, work.loss.beta);
+    let mut now = serde_json::to_value(rewards)?;
+    now["grad_norm"] = super::step::global_norm(&grads)?.into();
+    let logged = &ckpt.manifest.metrics;
+    for (key, value) in now.as_object().unwrap() {
+        let (a, b) = (value.as_f64().unwrap_or(f64::NAN), logged.get(key).and_then(|v| v.as_f64()).unwrap_or(f64::NAN));
+        if !((a - b).abs() <= 1e-6 * b.abs().max(1.0)) {
+            bail!(
+                "--verify-resume: step {step} recomputed from {} gives {key} = {a}, but {b} was logged; \
+                 the model, data or checkpoint differ from the original run",
+                ckpt.dir.display()
+            );
+        }
+    }
+    eprintln!("verified: step {step}'s metrics recomputed from the checkpoint match the log");
+    Ok(())
 }
