@@ -40,8 +40,12 @@ pub fn model_dir(common: &CommonArgs) -> Result<PathBuf> {
     Ok(common.model.clone())
 }
 
-/// `--dataset` as local files: itself, or the files of `--split` of a Hub dataset repo.
+/// `--dataset` as local files: a file itself; the files of `--split` of a local folder or of a
+/// Hub dataset repo.
 pub fn dataset_files(common: &CommonArgs) -> Result<Vec<PathBuf>> {
+    if common.dataset.is_dir() {
+        return hub::dataset::resolve_local(&common.dataset, common.dataset_config.as_deref(), &common.split);
+    }
     if hub::is_repo_id(&common.dataset) {
         let hub = Hub::new(common.offline)?;
         let repo = common.dataset.to_string_lossy();

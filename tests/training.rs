@@ -252,3 +252,40 @@ fn eval_without_adapter_scores_policy_as_reference() {
         assert_eq!(l["policy_chosen_logp"], l["reference_chosen_logp"]);
     }
 }
+
+#[test]
+fn a_local_dataset_folder_resolves_splits_and_eval_split_scores_held_out_pairs() {
+    let folder = fixtures().join("data/orca_dpo_pairs");
+    let by_split = scratch("eval_split");
+    let o = Command::new(bin())
+        .args(["train", "--model"])
+        .arg(model_dir("tiny-llama"))
+        .arg("--dataset")
+        .arg(&folder)
+        .args(["--eval-split", "test", "--max-steps", "3", "--output-dir"])
+        .arg(&by_split)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("split test: test.jsonl"));
+    let by_file = scratch("eval_file");
+    let o = Command::new(bin())
+        .args(["train", "--model"])
+        .arg(model_dir("tiny-llama"))
+        .arg("--dataset")
+        .arg(orca("train"))
+        .arg("--eval-dataset")
+        .arg(orca("test"))
+        .args(["--max-steps", "3", "--output-dir"])
+        .arg(&by_file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let eval = |d: &Path| read_json(&d.join("eval_metrics.json"));
+    assert_eq!(eval(&by_split), eval(&by_file), "the folder's test split is test.jsonl");
+    assert_eq!(
+        std::fs::read(by_split.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(by_file.join("adapter_model.safetensors")).unwrap(),
+        "the folder's train split is train.jsonl"
+    );
+}

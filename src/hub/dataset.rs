@@ -28,6 +28,48 @@ pub fn resolve(hub: &Hub, repo: &str, revision: Option<&str>, config: Option<&st
             conventional_splits(&files)
         }
     };
+    let picked = pick_split(repo, &files, &splits, split, offline_note(hub))?;
+    picked.into_iter().map(|f| hub.fetch(Kind::Dataset, repo, revision, f)).collect()
+}
+
+/// A local dataset folder resolved like a Hub repo: its README.md `configs:`, else the
+/// conventional file names (`train.jsonl`, `data/test-*.parquet`, ...).
+pub fn resolve_local(dir: &std::path::Path, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
+    let label = dir.display().to_string();
+    let mut files = Vec::new();
+    list_relative(dir, dir, &mut files)?;
+    files.sort();
+    let readme = dir.join("README.md");
+    let configs = match std::fs::read_to_string(&readme).ok().as_deref().and_then(front_matter) {
+        Some(yaml) => {
+            let meta: serde_yaml::Value =
+                serde_yaml::from_str(yaml).with_context(|| format!("{}: front matter is not valid YAML", readme.display()))?;
+            meta.get("configs").and_then(|c| c.as_sequence()).cloned()
+        }
+        None => None,
+    };
+    let splits = match configs {
+        Some(c) => configured_splits(&label, &c, config)?,
+        None => conventional_splits(&files),
+    };
+    let picked = pick_split(&label, &files, &splits, split, "")?;
+    Ok(picked.into_iter().map(|f| dir.join(f)).collect())
+}
+
+fn list_relative(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            list_relative(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            out.push(rel.to_string_lossy().replace('\\', "/"));
+        }
+    }
+    Ok(())
+}
+
+/// The files of `split` among `files`, given each split's glob patterns.
+fn pick_split<'f>(repo: &str, files: &'f [String], splits: &BTreeMap<String, Vec<String>>, split: &str, note: &str) -> Result<Vec<&'f String>> {
     let patterns = splits.get(split).with_context(|| {
         format!(
             "dataset {repo} has no split {split:?}: its splits are {}; pass one with --split",
@@ -36,10 +78,10 @@ pub fn resolve(hub: &Hub, repo: &str, revision: Option<&str>, config: Option<&st
     })?;
     let picked: Vec<&String> = files.iter().filter(|f| patterns.iter().any(|p| matches(p.trim_start_matches("./"), f))).collect();
     if picked.is_empty() {
-        bail!("dataset {repo}: split {split:?} names {} but no file matches{}", patterns.join(", "), offline_note(hub));
+        bail!("dataset {repo}: split {split:?} names {} but no file matches{note}", patterns.join(", "));
     }
     eprintln!("dataset {repo} split {split}: {}", picked.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
-    picked.into_iter().map(|f| hub.fetch(Kind::Dataset, repo, revision, f)).collect()
+    Ok(picked)
 }
 
 fn offline_note(hub: &Hub) -> &'static str {
