@@ -5,7 +5,9 @@
 //! 256 response tokens (4 sequences × 512 = 2048 tokens a step), f32. A step = reference forward
 //! + policy forward + backward + AdamW. Median of `DPO_BENCH_STEPS` (5) after
 //! `DPO_BENCH_WARMUP` (2). Knobs: DPO_BENCH_{HIDDEN,LAYERS,HEADS,KV_HEADS,INTERMEDIATE,VOCAB,
-//! PROMPT_LEN,RESPONSE_LEN,PAIRS,STEPS,WARMUP,OUT}. Threads: RAYON_NUM_THREADS (default 2 here).
+//! PROMPT_LEN,RESPONSE_LEN,PAIRS,STEPS,WARMUP,OUT,LR}; lever switches DPO_BENCH_UNSHARED=1 (no
+//! prompt sharing) and DPO_BENCH_COMPOSITE=1 (no fused kernels). Threads: RAYON_NUM_THREADS
+//! (default 2 here).
 //!
 //! `cargo bench --bench dpo_step` — the last line printed is one JSON object.
 use candle_core::{DType, Device, Tensor, Var};
@@ -95,7 +97,17 @@ fn main() {
     let batch_pairs: Vec<TokenizedPair> = (0..pairs)
         .map(|_| TokenizedPair { prompt: ids(prompt_len), chosen: ids(response_len), rejected: ids(response_len) })
         .collect();
-    let batch = PairBatch::new(&batch_pairs, 0, &Device::Cpu).unwrap();
+    // Lever switches, for measuring what each gives: DPO_BENCH_UNSHARED=1 (one row per
+    // sequence, no prompt sharing), DPO_BENCH_COMPOSITE=1 (candle compositions, dense mask).
+    let unshared = std::env::var("DPO_BENCH_UNSHARED").is_ok_and(|v| v == "1");
+    let batch = if unshared {
+        PairBatch::unshared(&batch_pairs, 0, &Device::Cpu).unwrap()
+    } else {
+        PairBatch::new(&batch_pairs, 0, &Device::Cpu).unwrap()
+    };
+    if std::env::var("DPO_BENCH_COMPOSITE").is_ok_and(|v| v == "1") {
+        model.set_fused(false);
+    }
     let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
     let mut opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
     let tokens = 2 * pairs * (prompt_len + response_len);
@@ -152,6 +164,8 @@ fn main() {
         "reference_forward_seconds": reference_seconds,
         "policy_forward_backward_seconds": policy_seconds,
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
+        "prompt_sharing": !unshared,
+        "fused_kernels": std::env::var("DPO_BENCH_COMPOSITE").map_or(true, |v| v != "1"),
         "shape": {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "intermediate": inter,
                   "vocab": vocab, "prompt_len": prompt_len, "response_len": response_len, "pairs": pairs, "lora_r": 16},
     });
