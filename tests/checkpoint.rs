@@ -31,18 +31,6 @@ fn ok(o: &Output) {
     assert!(o.status.success(), "dpo failed: {}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// metrics.jsonl without the timing field, which no two runs share.
-fn metrics_without_timing(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_sec");
-            v
-        })
-        .collect()
-}
 
 fn assert_same_run(a: &Path, b: &Path) {
     assert_eq!(

@@ -51,18 +51,7 @@ fn offline_hub_run_trains_and_matches_the_local_run() {
     args.push(local_out.to_str().unwrap());
     let o = dpo_with_home(&hf_home(), &args);
     assert!(o.status.success(), "{}", stderr(&o));
-    let strip = |p: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut().unwrap().remove("tokens_per_sec");
-                v
-            })
-            .collect()
-    };
-    assert_eq!(strip(&hub_out), strip(&local_out));
+    assert_eq!(metrics_without_timing(&hub_out), metrics_without_timing(&local_out));
     let adapter = read_json(&hub_out.join("adapter_config.json"));
     assert_eq!(adapter["base_model_name_or_path"], "tiny/llama");
 }

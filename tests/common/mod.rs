@@ -97,6 +97,19 @@ pub fn assert_fixture_close(what: &str, got: f64, want: f64, tol: f64) {
     assert!(err <= tol * want.abs().max(1.0), "{what}: got {got}, want {want} (|Δ| {err:e} > {tol:e}·max(1,|want|))");
 }
 
+/// `OUTPUT/metrics.jsonl` without `tokens_per_sec`, the one field no two runs share.
+pub fn metrics_without_timing(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_sec");
+            v
+        })
+        .collect()
+}
+
 /// A fresh scratch folder under target/ (removed first if a previous run left it).
 pub fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
