@@ -17,16 +17,16 @@
 pub mod heldout;
 pub mod interrupt;
 pub mod optimizer;
+pub mod plan;
 pub mod progress;
 pub mod resume;
 pub mod schedule;
 pub mod step;
 
 use crate::config::TrainArgs;
-use crate::data::PairBatch;
 use crate::data::order::PairOrder;
-use crate::lora::{LoraConfig, LoraMode, adapter};
-use crate::loss::{PairScore, RewardMetrics};
+use crate::lora::{LoraConfig, adapter};
+use crate::loss::RewardMetrics;
 use crate::rng::{SeededRng, Stream};
 use crate::checkpoint::{self, atomic};
 use crate::refcache::{Fingerprint, RefCache};
@@ -34,13 +34,14 @@ use crate::setup::{Dataset, Loaded};
 use anyhow::{Context, Result, bail};
 use candle_core::Var;
 use optimizer::AdamW;
+pub use plan::{StepPlan, StepWork};
 use progress::Progress;
 use schedule::{LrSchedule, Schedule};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use step::{GradAccumulator, clip, global_norm, micro_step};
+use step::{clip, global_norm};
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const CONFIG_FILE: &str = checkpoint::CONFIG_FILE;
@@ -158,40 +159,6 @@ fn neutral_as_saved(args: &TrainArgs, ckpt: &checkpoint::Checkpoint) -> Result<T
     view.eval_dataset = path("eval_dataset");
     view.eval_split = saved.get("eval_split").and_then(|v| v.as_str()).map(str::to_string);
     Ok(view)
-}
-
-/// Which pairs each optimizer step takes from the seeded order.
-#[derive(Debug, Clone, Copy)]
-pub struct StepPlan {
-    pub pairs: usize,
-    pub per_step: usize,
-    pub batch_size: usize,
-    /// Pairs in the whole stream (`usize::MAX` when --max-steps sets the length).
-    pub stream_end: usize,
-    pub total_steps: usize,
-}
-
-impl StepPlan {
-    pub fn new(args: &TrainArgs, pairs: usize) -> Self {
-        let per_step = args.batch_size * args.grad_accum;
-        let stream_end = match args.max_steps {
-            Some(_) => usize::MAX,
-            None => pairs * args.epochs,
-        };
-        let total_steps = args.max_steps.unwrap_or_else(|| stream_end.div_ceil(per_step));
-        Self { pairs, per_step, batch_size: args.batch_size, stream_end, total_steps }
-    }
-
-    /// Stream positions of step `step` (1-based); map them with [`PairOrder::pair_at`].
-    pub fn positions(&self, step: usize) -> Vec<usize> {
-        let first = (step - 1) * self.per_step;
-        (first..(first + self.per_step).min(self.stream_end)).collect()
-    }
-
-    /// Warmup steps: --warmup-steps, else ceil(--warmup-ratio × total steps) as transformers does.
-    pub fn warmup(&self, args: &TrainArgs) -> usize {
-        if args.warmup_steps > 0 { args.warmup_steps } else { (args.warmup_ratio * self.total_steps as f64).ceil() as usize }
-    }
 }
 
 fn train_prepared(args: &TrainArgs, prepared: Prepared, inputs: Inputs, started: Instant) -> Result<TrainSummary> {
@@ -374,47 +341,6 @@ fn train_loop(
         output_dir: args.output_dir.clone(),
         eval,
     })
-}
-
-/// Everything one optimizer step's forward/backward reads.
-pub struct StepWork<'a> {
-    pub model: &'a crate::model::Llama,
-    pub pad_id: u32,
-    pub data: &'a Dataset,
-    pub order: &'a PairOrder,
-    pub plan: &'a StepPlan,
-    pub loss: &'a crate::loss::DpoLoss,
-    pub vars: &'a [Var],
-}
-
-impl StepWork<'_> {
-    /// Runs step `step`'s micro-batches (forward both models, backward), summing gradients.
-    /// Returns the pairs' scores, the summed gradients and the step's token count.
-    pub fn forward_backward(
-        &self,
-        step: usize,
-        dropout: f64,
-        dropout_rng: &mut SeededRng,
-        mut cache: Option<&mut RefCache>,
-    ) -> Result<(Vec<PairScore>, Vec<candle_core::Tensor>, usize)> {
-        let positions = self.plan.positions(step);
-        let micro_batches: Vec<&[usize]> = positions.chunks(self.plan.batch_size).collect();
-        let mut grads = GradAccumulator::new(self.vars.len());
-        let (mut scores, mut tokens): (Vec<PairScore>, usize) = (Vec::new(), 0);
-        for chunk in &micro_batches {
-            let pairs = chunk.iter().map(|&pos| self.data.get(self.order.pair_at(pos))).collect::<Result<Vec<_>>>()?;
-            let batch = PairBatch::new(&pairs, self.pad_id, self.model.device())?;
-            let mut mode = if dropout > 0.0 { LoraMode::Train(dropout_rng) } else { LoraMode::On };
-            let scale = 1.0 / micro_batches.len() as f64;
-            let reference = match cache.as_deref_mut() {
-                Some(c) => Some(c.reference(self.model, &pairs, &batch)?),
-                None => None,
-            };
-            scores.extend(micro_step(self.model, &batch, self.loss, self.vars, &mut mode, reference.as_ref(), scale, &mut grads)?);
-            tokens += batch.tokens;
-        }
-        Ok((scores, grads.into_grads()?, tokens))
-    }
 }
 
 /// Every adapter on the model belongs to this run (a previous run of a sweep with other
