@@ -5,8 +5,9 @@
 //!   attention matrix that are not fully masked (a shared prompt's chosen × rejected block, and
 //!   padding, are skipped); backward recomputes the probabilities from q and k instead of
 //!   storing the `[b, heads, t, t]` scores, their mask sum, exp and softmax.
-//! - [`log_softmax_gather`]: `log_softmax(logits)[target]` per row; backward derives the
-//!   log-sum-exp from the output, so the `[rows, vocab]` softmax is never stored.
+//! - [`lm_head_logps`]: `log_softmax(h·Wᵀ)[target]` per row; backward derives the log-sum-exp
+//!   from the output and turns the logits into dH chunk by chunk, so neither the `[rows, vocab]`
+//!   softmax nor its gradient is ever stored whole.
 //! - [`rms_norm`], [`rope`]: one stored input instead of five or six intermediates.
 //!
 //! They compute the same functions as the compositions in [`super::ops`] (tested against them,
@@ -14,13 +15,14 @@
 //!
 //! ```
 //! # use candle_core::{Device, Tensor};
-//! let logits = Tensor::new(&[[0.0f32, 1.0, 2.0]], &Device::Cpu).unwrap();
-//! let lp = dpo::model::fused::log_softmax_gather(&logits, &[2]).unwrap();
+//! let w = Tensor::new(&[[0.0f32], [1.0], [2.0]], &Device::Cpu).unwrap(); // lm_head [vocab 3, hidden 1]
+//! let h = Tensor::new(&[[1.0f32]], &Device::Cpu).unwrap();
+//! let lp = dpo::model::fused::lm_head_logps(&h, &w, &[2]).unwrap();
 //! let want = 2.0 - (1f32 + 1f32.exp() + 2f32.exp()).ln();
 //! assert!((lp.to_vec1::<f32>().unwrap()[0] - want).abs() < 1e-6);
 //! ```
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{Context, CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
 /// A graph-less tensor over a copy of a contiguous CPU storage.
@@ -189,19 +191,31 @@ impl CustomOp3 for BlockAttention {
     }
 }
 
-// ---------------------------------------------------------------- log-softmax + gather
+// ---------------------------------------------------------------- lm_head + log-softmax + gather
 
-/// `log_softmax(logits[i])[targets[i]]` for f32 `logits` `[rows, vocab]`; returns `[rows]`.
-pub fn log_softmax_gather(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    let (rows, vocab) = logits.dims2()?;
+/// `log_softmax(h·Wᵀ)[target]` per row, for f32 hidden rows `[rows, hidden]` and the frozen
+/// lm_head `W` `[vocab, hidden]`; returns `[rows]`. The `[rows, vocab]` logits are kept inside
+/// the op for backward, which turns them into dH chunk by chunk, so the `[rows, vocab]` logit
+/// gradient (and softmax) never exists whole.
+pub fn lm_head_logps(hidden: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let rows = hidden.dim(0)?;
+    let vocab = w.dim(0)?;
     if targets.len() != rows || targets.iter().any(|&t| t as usize >= vocab) {
-        bail!("log_softmax_gather: {} targets for {rows} rows of {vocab}", targets.len());
+        bail!("lm_head_logps: {} targets for {rows} rows of a {vocab}-token vocabulary", targets.len());
     }
-    logits.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(LogSoftmaxGather { targets: targets.to_vec() })))
+    let op = LmHeadLogps { w: w.clone(), targets: targets.to_vec(), logits: std::sync::Mutex::new(None) };
+    hidden.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)))
 }
 
-struct LogSoftmaxGather {
+/// Rows of logit gradient materialised at once in backward (`CHUNK × vocab` floats).
+const CHUNK: usize = 128;
+
+struct LmHeadLogps {
+    w: Tensor,
     targets: Vec<u32>,
+    /// The forward's logits, for backward (dropped with the graph; a reference pass keeps none
+    /// alive because nothing records it).
+    logits: std::sync::Mutex<Option<Tensor>>,
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -218,46 +232,63 @@ fn log_sum_exp(row: &[f32]) -> f32 {
     max + sum.ln()
 }
 
-impl CustomOp1 for LogSoftmaxGather {
+impl CustomOp1 for LmHeadLogps {
     fn name(&self) -> &'static str {
-        "log-softmax-gather"
+        "lm-head-logps"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (rows, vocab) = l.shape().dims2()?;
-        let x = f32_slice(s, l)?;
-        let out: Vec<f32> = (0..rows)
-            .into_par_iter()
-            .map(|i| {
-                let row = &x[i * vocab..(i + 1) * vocab];
-                row[self.targets[i] as usize] - log_sum_exp(row)
-            })
-            .collect();
+        let hidden = as_tensor(s, l)?;
+        let logits = hidden.matmul(&self.w.t()?)?.contiguous()?;
+        let (rows, vocab) = logits.dims2()?;
+        let out: Vec<f32> = {
+            let (st, ll) = logits.storage_and_layout();
+            let x = match &*st {
+                Storage::Cpu(c) => f32_slice(c, ll)?,
+                _ => bail!("lm_head_logps: CPU only"),
+            };
+            (0..rows)
+                .into_par_iter()
+                .map(|i| {
+                    let row = &x[i * vocab..(i + 1) * vocab];
+                    row[self.targets[i] as usize] - log_sum_exp(row)
+                })
+                .collect()
+        };
+        *self.logits.lock().expect("logits lock") = Some(logits);
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
 
-    fn bwd(&self, logits: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, hidden: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let logits = self.logits.lock().expect("logits lock").clone().context("lm_head_logps: backward ran twice")?;
         let (rows, vocab) = logits.dims2()?;
-        let logits = logits.contiguous()?;
         let (res, grad) = (res.to_vec1::<f32>()?, grad.to_vec1::<f32>()?);
-        let (s, l) = logits.storage_and_layout();
-        let x = match &*s {
-            Storage::Cpu(c) => f32_slice(c, l)?,
-            _ => bail!("log_softmax_gather: CPU only"),
+        let (st, ll) = logits.storage_and_layout();
+        let x = match &*st {
+            Storage::Cpu(c) => f32_slice(c, ll)?,
+            _ => bail!("lm_head_logps: CPU only"),
         };
-        let mut d = vec![0f32; rows * vocab];
-        d.par_chunks_mut(vocab).enumerate().for_each(|(i, out)| {
-            let row = &x[i * vocab..(i + 1) * vocab];
-            let t = self.targets[i] as usize;
-            // log-sum-exp recovered from the output: lse = logit[target] − logp[target].
-            let lse = row[t] - res[i];
-            for (o, &z) in out.iter_mut().zip(row) {
-                *o = -grad[i] * (z - lse).exp();
-            }
-            out[t] += grad[i];
-        });
-        drop(s);
-        Ok(Some(Tensor::from_vec(d, (rows, vocab), logits.device())?))
+        let mut dh = Vec::with_capacity(rows.div_ceil(CHUNK));
+        for start in (0..rows).step_by(CHUNK) {
+            let n = CHUNK.min(rows - start);
+            // d logp[t] / d logit[j] = δ(j, t) − softmax(logits)[j]; the log-sum-exp is
+            // recovered from the output: lse = logit[t] − logp[t].
+            let mut d = vec![0f32; n * vocab];
+            d.par_chunks_mut(vocab).enumerate().for_each(|(k, out)| {
+                let i = start + k;
+                let row = &x[i * vocab..(i + 1) * vocab];
+                let t = self.targets[i] as usize;
+                let lse = row[t] - res[i];
+                for (o, &z) in out.iter_mut().zip(row) {
+                    *o = -grad[i] * (z - lse).exp();
+                }
+                out[t] += grad[i];
+            });
+            let d = Tensor::from_vec(d, (n, vocab), hidden.device())?;
+            dh.push(d.matmul(&self.w)?);
+        }
+        drop(st);
+        Ok(Some(Tensor::cat(&dh, 0)?))
     }
 }
 

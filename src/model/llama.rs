@@ -172,10 +172,10 @@ impl Llama {
     /// `log p(target | position)` for selected hidden states `[n, hidden]` and targets `[n]`:
     /// lm_head and the log-softmax run on these rows only (in f32).
     pub fn token_logps(&self, hidden_rows: &Tensor, targets: &[u32]) -> Result<Tensor> {
-        let logits = frozen_matmul(hidden_rows, &self.lm_head)?.to_dtype(DType::F32)?;
         if self.fused {
-            return Ok(fused::log_softmax_gather(&logits, targets)?);
+            return Ok(fused::lm_head_logps(hidden_rows, &self.lm_head, targets)?);
         }
+        let logits = frozen_matmul(hidden_rows, &self.lm_head)?.to_dtype(DType::F32)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let targets = Tensor::new(targets, &self.device)?;
         Ok(logp.gather(&targets.unsqueeze(1)?.contiguous()?, 1)?.squeeze(1)?)
