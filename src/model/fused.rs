@@ -292,6 +292,59 @@ impl CustomOp1 for LmHeadLogps {
     }
 }
 
+// ---------------------------------------------------------------- SiLU(gate) · up
+
+/// `silu(gate) · up`, the SwiGLU product, in one pass each way (f32, same shapes).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.shape() != up.shape() {
+        bail!("silu_mul: gate {:?} and up {:?} differ", gate.shape(), up.shape());
+    }
+    gate.contiguous()?.apply_op2_arc(&up.contiguous()?, std::sync::Arc::new(Box::new(SiluMul)))
+}
+
+struct SiluMul;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Applies `f` elementwise over three equal-length slices in parallel chunks, into a new vector.
+fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(4096).enumerate().for_each(|(c, o)| {
+        let base = c * 4096;
+        for (k, v) in o.iter_mut().enumerate() {
+            *v = f(a[base + k], b[base + k]);
+        }
+    });
+    out
+}
+
+fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        Ok((CpuStorage::F32(zip_map(g, u, |g, u| g * sigmoid(g) * u)), l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u, d) = (cpu_f32(gate)?, cpu_f32(up)?, cpu_f32(&dy.contiguous()?)?);
+        // d/dg [g·σ(g)] = σ(g)·(1 + g·(1 − σ(g)))
+        let dg_du: Vec<f32> = zip_map(&g, &d, |g, d| d * sigmoid(g) * (1.0 + g * (1.0 - sigmoid(g))));
+        let dg: Vec<f32> = dg_du.iter().zip(&u).map(|(a, u)| a * u).collect();
+        let du = zip_map(&g, &d, |g, d| d * g * sigmoid(g));
+        let shape = gate.shape();
+        Ok((Some(Tensor::from_vec(dg, shape, gate.device())?), Some(Tensor::from_vec(du, shape, gate.device())?)))
+    }
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 /// HF RMSNorm `x / √(mean(x²) + eps) · w` over the last dim, f32 `x`.

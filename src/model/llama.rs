@@ -240,7 +240,7 @@ impl DecoderLayer {
         let mask = ctx.masks.iter().find(|(w, _)| *w == self.window).map(|(_, m)| m.clone()).expect("mask per window");
         let attn_out = self.attn.forward(&ctx.norm(x, &self.input_norm)?, &mask, ctx)?;
         let x = (x + attn_out)?;
-        let mlp_out = self.mlp.forward(&ctx.norm(&x, &self.post_attn_norm)?, ctx.mode)?;
+        let mlp_out = self.mlp.forward(&ctx.norm(&x, &self.post_attn_norm)?, ctx.fused, ctx.mode)?;
         x + mlp_out
     }
 }
@@ -282,9 +282,10 @@ impl PassContext<'_, '_> {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, mode: &mut LoraMode) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x, mode)?.silu()?;
+    fn forward(&self, x: &Tensor, fused: bool, mode: &mut LoraMode) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x, mode)?;
         let up = self.up_proj.forward(x, mode)?;
-        self.down_proj.forward(&(gate * up)?, mode)
+        let act = if fused { fused::silu_mul(&gate, &up)? } else { (gate.silu()? * up)? };
+        self.down_proj.forward(&act, mode)
     }
 }
