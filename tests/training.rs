@@ -289,3 +289,40 @@ fn a_local_dataset_folder_resolves_splits_and_eval_split_scores_held_out_pairs()
         "the folder's train split is train.jsonl"
     );
 }
+
+#[test]
+fn eval_steps_log_a_held_out_curve_without_changing_the_run() {
+    let folder = fixtures().join("data/orca_dpo_pairs");
+    let run = |out: &Path, extra: &[&str]| {
+        let o = Command::new(bin())
+            .args(["train", "--model"])
+            .arg(model_dir("tiny-llama"))
+            .arg("--dataset")
+            .arg(&folder)
+            .args(["--eval-split", "test", "--max-steps", "12", "--lr", "5e-3", "--lora-dropout", "0.1", "--output-dir"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let plain = scratch("eval_steps_plain");
+    run(&plain, &[]);
+    let curve = scratch("eval_steps_curve");
+    run(&curve, &["--eval-steps", "5"]);
+    assert_eq!(metrics_without_timing(&plain), metrics_without_timing(&curve), "evaluating never changes training");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(curve.join("eval_metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![5, 10, 12]);
+    let last = read_json(&curve.join("eval_metrics.json"));
+    assert_eq!(lines[2]["loss"], last["loss"]);
+    assert_eq!(read_json(&plain.join("eval_metrics.json"))["loss"], last["loss"]);
+    assert!(lines[0]["loss"].as_f64().unwrap() > lines[2]["loss"].as_f64().unwrap(), "held-out loss falls");
+    let o = Command::new(bin()).arg("plot").arg(&curve).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(curve.join("curves.png").is_file());
+}

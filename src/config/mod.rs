@@ -118,6 +118,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_split: Option<String>,
+    /// Score the held-out pairs every N optimizer steps too (OUTPUT/eval_metrics.jsonl), not
+    /// only at the end.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_steps: Option<usize>,
     /// Reference log-prob cache folder: cached pairs skip the reference forward (bit-identical
     /// results); `auto` = OUTPUT's parent/.dpo-ref-cache, shared by runs.
     #[arg(long)]

@@ -44,7 +44,7 @@ fn check(a: &TrainArgs) -> Result<(), String> {
     for (key, v) in [("logging_steps", a.logging_steps), ("max_length", a.max_length), ("max_prompt_length", a.max_prompt_length)] {
         at_least_one(key, v)?;
     }
-    for (key, v) in [("max_steps", a.max_steps), ("save_steps", a.save_steps), ("save_total_limit", a.save_total_limit)] {
+    for (key, v) in [("max_steps", a.max_steps), ("save_steps", a.save_steps), ("save_total_limit", a.save_total_limit), ("eval_steps", a.eval_steps)] {
         if let Some(v) = v {
             at_least_one(key, v)?;
         }

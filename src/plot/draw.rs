@@ -56,7 +56,7 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 pub fn figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, runs: &[RunSeries]) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let heading = if runs.len() == 1 { format!("dpo run {}", runs[0].name) } else { format!("dpo sweep: {} runs", runs.len()) };
-    let body = root.titled(&format!("{heading}   (lines: train, per step; ×: eval after the last step)"), ("sans-serif", 26)).map_err(err)?;
+    let body = root.titled(&format!("{heading}   (thick lines: train, per step; ×: held-out eval)"), ("sans-serif", 26)).map_err(err)?;
     let (plots, legend) = body.split_horizontally(body.dim_in_pixel().0.saturating_sub(LEGEND_WIDTH));
     legend_panel(&legend, runs)?;
     let panels = plots.split_evenly((2, 3));
@@ -74,6 +74,7 @@ pub fn figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, runs: &[RunSeri
 fn line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunSeries], metric: &str) -> Result<()> {
     let mut values: Vec<f64> = runs.iter().flat_map(|r| r.train[metric].iter().copied()).collect();
     values.extend(runs.iter().filter_map(|r| r.eval.as_ref().and_then(|e| e.get(metric).copied())));
+    values.extend(runs.iter().flat_map(|r| r.eval_curve.get(metric).into_iter().flatten().copied()));
     values.retain(|v| v.is_finite());
     let (mut lo, mut hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
     if !lo.is_finite() {
@@ -101,7 +102,12 @@ fn line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunSeri
         let c = color(i);
         let points = r.steps.iter().copied().zip(r.train[metric].iter().copied());
         chart.draw_series(LineSeries::new(points, c.stroke_width(2))).map_err(err)?;
-        if let (Some(v), Some(&last)) = (r.eval.as_ref().and_then(|e| e.get(metric)), r.steps.last()) {
+        if let Some(curve) = r.eval_curve.get(metric).filter(|c| !c.is_empty()) {
+            // Held-out curve: thin line with a cross at each evaluation.
+            let points: Vec<(f64, f64)> = r.eval_steps.iter().copied().zip(curve.iter().copied()).collect();
+            chart.draw_series(LineSeries::new(points.clone(), c.mix(0.6).stroke_width(1))).map_err(err)?;
+            chart.draw_series(points.into_iter().map(|p| Cross::new(p, 6, c.stroke_width(2)))).map_err(err)?;
+        } else if let (Some(v), Some(&last)) = (r.eval.as_ref().and_then(|e| e.get(metric)), r.steps.last()) {
             chart.draw_series(std::iter::once(Cross::new((last, *v), 9, c.stroke_width(3)))).map_err(err)?;
         }
     }

@@ -1,5 +1,6 @@
 //! What a plot shows, read from a run or sweep folder: each run's `metrics.jsonl` (train
-//! curves), its `eval_metrics.json` (held-out point at the last step) and its swept parameters.
+//! curves), its `eval_metrics.jsonl` / `eval_metrics.json` (held-out curve, or the point at the
+//! last step) and its swept parameters.
 //!
 //! ```no_run
 //! let runs = dpo::plot::series::read_runs(std::path::Path::new("runs/sweep")).unwrap();
@@ -19,6 +20,10 @@ pub struct RunSeries {
     /// Per metric of [`METRICS`], one value per step.
     pub train: BTreeMap<&'static str, Vec<f64>>,
     pub eval: Option<BTreeMap<&'static str, f64>>,
+    /// Held-out metrics over training (`eval_metrics.jsonl`, from --eval-steps): steps and,
+    /// per metric, one value per evaluation. Empty when the run evaluated only at the end.
+    pub eval_steps: Vec<f64>,
+    pub eval_curve: BTreeMap<&'static str, Vec<f64>>,
     /// Swept parameters parsed from the folder name (`beta=0.1_lr=5e-6`).
     pub params: BTreeMap<String, String>,
 }
@@ -44,19 +49,26 @@ pub fn read_runs(dir: &Path) -> Result<Vec<RunSeries>> {
     Ok(runs)
 }
 
-fn read_run(dir: &Path, name: String, params: BTreeMap<String, String>) -> Result<RunSeries> {
-    let path = dir.join(crate::train::METRICS_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+/// `(steps, per-metric values)` of a JSON-lines metrics file.
+fn read_curve(path: &Path) -> Result<(Vec<f64>, BTreeMap<&'static str, Vec<f64>>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut steps = Vec::new();
-    let mut train: BTreeMap<&'static str, Vec<f64>> = METRICS.iter().map(|m| (*m, Vec::new())).collect();
+    let mut values: BTreeMap<&'static str, Vec<f64>> = METRICS.iter().map(|m| (*m, Vec::new())).collect();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
         let get = |key: &str| v[key].as_f64().with_context(|| format!("{}:{}: missing number {key:?}", path.display(), i + 1));
         steps.push(get("step")?);
         for m in METRICS {
-            train.get_mut(m).unwrap().push(get(m)?);
+            values.get_mut(m).unwrap().push(get(m)?);
         }
     }
+    Ok((steps, values))
+}
+
+fn read_run(dir: &Path, name: String, params: BTreeMap<String, String>) -> Result<RunSeries> {
+    let (steps, train) = read_curve(&dir.join(crate::train::METRICS_FILE))?;
+    let curve_path = dir.join(crate::train::EVAL_CURVE_FILE);
+    let (eval_steps, eval_curve) = if curve_path.is_file() { read_curve(&curve_path)? } else { (Vec::new(), BTreeMap::new()) };
     let eval_path = dir.join(crate::train::EVAL_FILE);
     let eval = match std::fs::read_to_string(&eval_path) {
         Ok(t) => {
@@ -65,5 +77,5 @@ fn read_run(dir: &Path, name: String, params: BTreeMap<String, String>) -> Resul
         }
         Err(_) => None,
     };
-    Ok(RunSeries { name, steps, train, eval, params })
+    Ok(RunSeries { name, steps, train, eval, eval_steps, eval_curve, params })
 }

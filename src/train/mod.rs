@@ -46,6 +46,8 @@ use step::{clip, global_norm};
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const CONFIG_FILE: &str = checkpoint::CONFIG_FILE;
 pub const EVAL_FILE: &str = "eval_metrics.json";
+/// Held-out metrics over training (`--eval-steps`), one JSON object per evaluation with its step.
+pub const EVAL_CURVE_FILE: &str = "eval_metrics.jsonl";
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize)]
@@ -215,10 +217,18 @@ fn train_loop(
         ckpt.restore(&params, &mut optimizer, &loaded.device)?;
         dropout_rng.set_word_pos(ckpt.state.dropout_rng_position.parse().context("corrupt RNG position")?);
         resume::trim_metrics(&metrics_path, ckpt.state.step)?;
+        let curve = args.output_dir.join(EVAL_CURVE_FILE);
+        if curve.exists() {
+            resume::trim_metrics(&curve, ckpt.state.step)?;
+        }
         first_step = ckpt.state.step + 1;
         eprintln!("resuming from {} (step {})", ckpt.dir.display(), ckpt.state.step);
     } else {
         std::fs::write(&metrics_path, b"").with_context(|| format!("creating {}", metrics_path.display()))?;
+        let curve = args.output_dir.join(EVAL_CURVE_FILE);
+        if curve.exists() {
+            std::fs::remove_file(&curve).with_context(|| format!("removing the old {}", curve.display()))?;
+        }
     }
     let mut metrics_file = std::fs::OpenOptions::new()
         .append(true)
@@ -237,6 +247,7 @@ fn train_loop(
 
     let mut progress = Progress::new(total_steps, args.logging_steps);
     let (mut last, mut all_tokens) = (None, 0usize);
+    let mut last_eval: Option<(usize, RewardMetrics)> = None;
     for step in first_step..=total_steps {
         let step_start = Instant::now();
         let rng_before_step = dropout_rng.word_pos();
@@ -271,6 +282,14 @@ fn train_loop(
         progress.step(step, metrics.rewards.loss, metrics.rewards.rewards_accuracies, metrics.tokens_per_sec);
         all_tokens += tokens;
         last = Some(metrics);
+        // Evaluation reads the adapter and draws no random numbers: it never changes the run.
+        if let (Some(every), Some(d)) = (args.eval_steps, eval_data)
+            && (step % every == 0 || step == total_steps)
+        {
+            let m = heldout::evaluate(loaded, d, &loss, args.batch_size, cache.as_deref_mut())?;
+            append_eval_line(&args.output_dir, step, &m)?;
+            last_eval = Some((step, m));
+        }
 
         let signal = stop.received();
         let due = args.save_steps.is_some_and(|every| step % every == 0 && step < total_steps);
@@ -323,7 +342,10 @@ fn train_loop(
     };
     let eval = match eval_data {
         Some(d) => {
-            let m = heldout::evaluate(loaded, d, &loss, args.batch_size, cache)?;
+            let m = match last_eval {
+                Some((step, m)) if step == total_steps => m,
+                _ => heldout::evaluate(loaded, d, &loss, args.batch_size, cache)?,
+            };
             atomic::write_bytes(&args.output_dir.join(EVAL_FILE), serde_json::to_string_pretty(&m)?.as_bytes())?;
             Some(m)
         }
@@ -341,6 +363,15 @@ fn train_loop(
         output_dir: args.output_dir.clone(),
         eval,
     })
+}
+
+fn append_eval_line(output_dir: &Path, step: usize, m: &RewardMetrics) -> Result<()> {
+    let mut line = serde_json::to_value(m)?;
+    line["step"] = step.into();
+    let path = output_dir.join(EVAL_CURVE_FILE);
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{line}")?;
+    Ok(())
 }
 
 /// Every adapter on the model belongs to this run (a previous run of a sweep with other
