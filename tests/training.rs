@@ -326,3 +326,29 @@ fn eval_steps_log_a_held_out_curve_without_changing_the_run() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(curve.join("curves.png").is_file());
 }
+
+#[test]
+fn bf16_compute_path_runs_and_stays_close_to_f32() {
+    // The dtype CUDA defaults to, exercised on CPU: base weights and activations in bf16,
+    // adapters, log-softmax and loss in f32 (the composite ops, not the fused f32 kernels).
+    let eval = |dtype: &str| -> serde_json::Value {
+        let o = Command::new(bin())
+            .args(["eval", "--model"])
+            .arg(model_dir("tiny-llama"))
+            .arg("--dataset")
+            .arg(orca("test"))
+            .arg("--adapter")
+            .arg(golden_dir("tiny-llama").join("adapter"))
+            .args(["--dtype", dtype, "--json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let (f32_metrics, bf16_metrics) = (eval("f32"), eval("bf16"));
+    for key in ["loss", "logps/chosen", "logps/rejected"] {
+        let (a, b) = (f32_metrics[key].as_f64().unwrap(), bf16_metrics[key].as_f64().unwrap());
+        assert!((a - b).abs() <= 0.01 * a.abs(), "{key}: f32 {a} vs bf16 {b}");
+        assert_ne!(a, b, "{key}: bf16 should not silently run in f32");
+    }
+}
