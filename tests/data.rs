@@ -130,3 +130,19 @@ fn bad_inputs_fail_naming_file_line_and_field() {
     let e = err(&[orca("test"), data("ultrafeedback_binarized/test_prefs.parquet")]);
     assert_ne!(e, "no error");
 }
+
+#[test]
+fn a_split_whose_parquet_files_differ_in_schema_is_refused_naming_both() {
+    // A dataset folder whose train split is two parquet shards with different columns.
+    let o = std::process::Command::new(bin())
+        .args(["data", "inspect", "--model"])
+        .arg(model_dir("tiny-llama"))
+        .arg("--dataset")
+        .arg(data("mixed_schema"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("train-00001-of-00002.parquet") && e.contains("train-00000-of-00002.parquet"), "{e}");
+    assert!(e.contains("share one schema") && e.contains("question") && e.contains("messages"), "{e}");
+}
