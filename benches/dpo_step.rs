@@ -33,7 +33,7 @@ fn random_tensor(rng: &mut SeededRng, shape: &[usize], mean: f32, std: f32) -> T
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn random_model(cfg_json: &str, cfg: &ModelConfig) -> Llama {
+fn random_model(cfg: &ModelConfig) -> Llama {
     let mut rng = SeededRng::new(0, Stream::LoraInit);
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (q, kv) = (cfg.num_heads * cfg.head_dim(), cfg.num_kv_heads * cfg.head_dim());
@@ -59,7 +59,6 @@ fn random_model(cfg_json: &str, cfg: &ModelConfig) -> Llama {
         }
     }
     let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
-    let _ = cfg_json;
     Llama::from_weights(cfg.clone(), vb, DType::F32, &Device::Cpu).unwrap()
 }
 
@@ -88,7 +87,7 @@ fn main() {
         "rope_theta":10000.0,"max_position_embeddings":4096,"tie_word_embeddings":false}}"#
     );
     let cfg = ModelConfig::from_json(&cfg_json).unwrap();
-    let mut model = random_model(&cfg_json, &cfg);
+    let mut model = random_model(&cfg);
     let lora = LoraConfig::new(16, 32.0, 0.0, "all").unwrap();
     let params = adapter::attach_fresh(&mut model, &lora, 1).unwrap();
     let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();

@@ -62,14 +62,23 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     let mut names: Vec<String> = base.tensors().into_iter().map(|(n, _)| n).collect();
     names.sort();
 
-    let mut merged_modules = 0;
-    let mut merge_one = |name: &str| -> Result<Tensor> {
+    // Every adapter tensor must land on a base weight: check before writing anything.
+    for key in deltas_src.keys() {
+        let module = key
+            .strip_prefix("base_model.model.")
+            .and_then(|k| k.strip_suffix(".lora_A.weight").or_else(|| k.strip_suffix(".lora_B.weight")))
+            .with_context(|| format!("{}: {key} is not a peft LoRA tensor name", adapter_path.display()))?;
+        if names.binary_search(&format!("{module}.weight")).is_err() {
+            bail!("{}: {key} adapts {module}, which the base model in {} does not have", adapter_path.display(), args.model.display());
+        }
+    }
+    let merged_modules = deltas_src.len() / 2;
+    let merge_one = |name: &str| -> Result<Tensor> {
         let w = base.load(name, &Device::Cpu)?.to_dtype(DType::F32)?;
         let Some(module) = name.strip_suffix(".weight") else { return Ok(w.to_dtype(dtype)?) };
         let key = |which: &str| format!("base_model.model.{module}.{which}.weight");
         match (deltas_src.get(&key("lora_A")), deltas_src.get(&key("lora_B"))) {
             (Some(a), Some(b)) => {
-                merged_modules += 1;
                 let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * lora.scale())?;
                 Ok((w + delta)?.to_dtype(dtype)?)
             }
@@ -105,11 +114,6 @@ pub fn run(args: &MergeArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    let expected = deltas_src.len() / 2;
-    if merged_modules != expected {
-        let _ = std::fs::remove_dir_all(&args.output);
-        bail!("{}: {expected} adapted modules, but only {merged_modules} matched the base model's tensors", adapter_path.display());
-    }
     eprintln!("merged {merged_modules} LoRA modules into {}", args.output.display());
     Ok(())
 }

@@ -55,3 +55,31 @@ fn merged_model_equals_base_plus_adapter() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "refuses to write over an existing folder");
 }
+
+#[test]
+fn an_adapter_for_another_model_is_refused_before_anything_is_written() {
+    let dir = scratch("merge_mismatch");
+    let adapter = dir.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    let golden = golden_dir("tiny-llama").join("adapter");
+    std::fs::copy(golden.join("adapter_config.json"), adapter.join("adapter_config.json")).unwrap();
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> = load_safetensors(&golden.join("adapter_model.safetensors"))
+        .into_iter()
+        .map(|(k, v)| (k.replace("layers.1.", "layers.9."), v))
+        .collect();
+    candle_core::safetensors::save(&tensors, adapter.join("adapter_model.safetensors")).unwrap();
+    let out = dir.join("merged");
+    let o = Command::new(bin())
+        .args(["merge", "--model"])
+        .arg(model_dir("tiny-llama"))
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("layers.9") && e.contains("does not have"), "{e}");
+    assert!(!out.exists());
+}

@@ -95,10 +95,7 @@ fn expand(args: Vec<String>) -> anyhow::Result<Vec<String>> {
             expand_nested::<crate::data::inspect::InspectArgs>(args)
         }
         Some("ref-cache") if args.get(2).map(String::as_str) == Some("build") => expand_nested::<TrainArgs>(args),
-        _ => {
-            let _ = Cli::command();
-            Ok(args)
-        }
+        _ => Ok(args),
     }
 }
 

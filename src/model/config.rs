@@ -35,9 +35,6 @@ struct RawConfig {
     layer_types: Option<Vec<String>>,
     max_position_embeddings: Option<usize>,
     hidden_act: Option<String>,
-    torch_dtype: Option<String>,
-    dtype: Option<String>,
-    eos_token_id: Option<serde_json::Value>,
     pad_token_id: Option<serde_json::Value>,
 }
 
@@ -66,9 +63,6 @@ pub struct ModelConfig {
     /// Sliding attention window per layer (`None` = full causal attention).
     pub layer_windows: Vec<Option<usize>>,
     pub max_position_embeddings: usize,
-    /// The dtype the checkpoint says it was saved in (`torch_dtype` or `dtype`).
-    pub stored_dtype: Option<String>,
-    pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
 }
 
@@ -139,8 +133,6 @@ impl ModelConfig {
             rope_theta,
             layer_windows,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
-            stored_dtype: raw.dtype.or(raw.torch_dtype),
-            eos_token_id: first_id(&raw.eos_token_id),
             pad_token_id: first_id(&raw.pad_token_id),
         })
     }

@@ -47,23 +47,18 @@ fn s_len(s: &CpuStorage) -> usize {
     }
 }
 
-/// The storage of a result tensor, for returning from `cpu_fwd`.
+/// The storage of a result tensor, for returning from `cpu_fwd`: its own buffer when it has
+/// one, else a fresh copy of just its elements (a view into a larger buffer).
 fn into_storage(t: Tensor) -> Result<(CpuStorage, Shape)> {
-    let t = t.contiguous()?;
     let shape = t.shape().clone();
-    let (s, l) = t.storage_and_layout();
-    match (&*s, l.contiguous_offsets()) {
-        (Storage::Cpu(c), Some((0, end))) if end == s_len(c) => Ok((c.clone(), shape)),
-        (Storage::Cpu(_), _) => {
-            drop(s);
-            // A view into a larger buffer: copy out just this tensor.
-            let copy = Tensor::zeros(t.shape(), t.dtype(), t.device())?.add(&t)?;
-            let (s, _) = copy.storage_and_layout();
-            match &*s {
-                Storage::Cpu(c) => Ok((c.clone(), shape)),
-                _ => unreachable!(),
-            }
-        }
+    let owns_buffer = {
+        let (s, l) = t.storage_and_layout();
+        matches!((&*s, l.contiguous_offsets()), (Storage::Cpu(c), Some((0, end))) if end == s_len(c))
+    };
+    let t = if owns_buffer { t } else { t.force_contiguous()? };
+    let (s, _) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => Ok((c.clone(), shape)),
         _ => bail!("fused op: expected a CPU result"),
     }
 }
@@ -260,7 +255,7 @@ impl CustomOp1 for LmHeadLogps {
     }
 
     fn bwd(&self, hidden: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let logits = self.logits.lock().expect("logits lock").clone().context("lm_head_logps: backward ran twice")?;
+        let logits = self.logits.lock().expect("logits lock").clone().context("lm_head_logps: backward without a forward")?;
         let (rows, vocab) = logits.dims2()?;
         let (res, grad) = (res.to_vec1::<f32>()?, grad.to_vec1::<f32>()?);
         let (st, ll) = logits.storage_and_layout();
