@@ -49,6 +49,15 @@ impl LoraLinear {
         self.lora = Some(lora);
     }
 
+    /// The frozen weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     pub fn lora(&self) -> Option<&LoraWeights> {
         self.lora.as_ref()
     }

@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 use super::config::ModelConfig;
+use super::cpu_layer;
 use super::fused;
 use super::layout::TokenLayout;
 use super::ops::{RopeTable, frozen_matmul, repeat_kv, rms_norm, rope};
@@ -40,21 +41,13 @@ pub struct Llama {
     fused: bool,
 }
 
-/// How a layer's attention is computed: dense with an additive mask, or block-sparse (fused).
-#[derive(Clone)]
-enum AttentionPlan {
-    Dense(Tensor),
-    Blocks(std::sync::Arc<Vec<Vec<fused::BlockTensors>>>),
-}
-
-/// What one forward pass shares across layers: masks per attention window, RoPE tables.
+/// What one composite forward pass shares across layers: masks per attention window, RoPE tables.
 struct PassContext<'a, 'm> {
-    /// Per attention window: the dense mask (composite path) or the blocks (fused path).
-    masks: Vec<(Option<usize>, AttentionPlan)>,
+    /// Per attention window: the dense additive mask.
+    masks: Vec<(Option<usize>, Tensor)>,
     cos: Tensor,
     sin: Tensor,
     eps: f64,
-    fused: bool,
     mode: &'a mut LoraMode<'m>,
 }
 
@@ -138,24 +131,43 @@ impl Llama {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         let (cos, sin) = self.rope.tables(&layout.positions_tensor(&self.device)?)?;
-        let mut masks: Vec<(Option<usize>, AttentionPlan)> = Vec::new();
+        let eps = self.cfg.rms_norm_eps;
+        if self.fused {
+            x = self.cpu_layers(x, layout, &cos, &sin, mode)?;
+            return Ok(fused::rms_norm(&x, &self.norm, eps)?);
+        }
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         for layer in &self.layers {
             if !masks.iter().any(|(w, _)| *w == layer.window) {
-                let plan = if self.fused {
-                    AttentionPlan::Blocks(std::sync::Arc::new(fused::block_tensors(layout, layer.window, &self.device)?))
-                } else {
-                    AttentionPlan::Dense(layout.mask(layer.window, self.dtype, &self.device)?)
-                };
-                masks.push((layer.window, plan));
+                masks.push((layer.window, layout.mask(layer.window, self.dtype, &self.device)?));
             }
         }
-        let eps = self.cfg.rms_norm_eps;
-        let mut ctx = PassContext { masks, cos, sin, eps, fused: self.fused, mode };
+        let mut ctx = PassContext { masks, cos, sin, eps, mode };
         for layer in &self.layers {
             x = layer.forward(&x, &mut ctx)?;
         }
-        Ok(ctx.norm(&x, &self.norm)?)
+        Ok(rms_norm(&x, &self.norm, eps)?)
     }
+
+    /// The layers as [`cpu_layer`] ops (CPU, f32): one op per layer, hand-written backward.
+    fn cpu_layers(&self, mut x: Tensor, layout: &TokenLayout, cos: &Tensor, sin: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
+        let cos = std::sync::Arc::new(cos.flatten_all()?.to_vec1::<f32>()?);
+        let sin = std::sync::Arc::new(sin.flatten_all()?.to_vec1::<f32>()?);
+        let mut geometries: Vec<(Option<usize>, std::sync::Arc<cpu_layer::Geometry>)> = Vec::new();
+        for layer in &self.layers {
+            let geo = match geometries.iter().find(|(w, _)| *w == layer.window) {
+                Some((_, g)) => g.clone(),
+                None => {
+                    let g = std::sync::Arc::new(cpu_layer::Geometry::new(layout, layer.window, cos.clone(), sin.clone()));
+                    geometries.push((layer.window, g.clone()));
+                    g
+                }
+            };
+            x = cpu_layer::forward(&layer.cpu_params(self.cfg.rms_norm_eps), &geo, &x, mode)?;
+        }
+        Ok(x)
+    }
+
 
     /// Final-norm hidden states of plain causal rows (no padding).
     pub fn forward(&self, ids: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
@@ -238,54 +250,55 @@ impl DecoderLayer {
 
     fn forward(&self, x: &Tensor, ctx: &mut PassContext) -> candle_core::Result<Tensor> {
         let mask = ctx.masks.iter().find(|(w, _)| *w == self.window).map(|(_, m)| m.clone()).expect("mask per window");
-        let attn_out = self.attn.forward(&ctx.norm(x, &self.input_norm)?, &mask, ctx)?;
+        let attn_out = self.attn.forward(&rms_norm(x, &self.input_norm, ctx.eps)?, &mask, ctx)?;
         let x = (x + attn_out)?;
-        let mlp_out = self.mlp.forward(&ctx.norm(&x, &self.post_attn_norm)?, ctx.fused, ctx.mode)?;
+        let mlp_out = self.mlp.forward(&rms_norm(&x, &self.post_attn_norm, ctx.eps)?, ctx.mode)?;
         x + mlp_out
+    }
+
+    fn cpu_params(&self, eps: f64) -> cpu_layer::LayerParams {
+        let (a, m) = (&self.attn, &self.mlp);
+        let linears = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
+        cpu_layer::LayerParams {
+            input_norm: self.input_norm.clone(),
+            post_norm: self.post_attn_norm.clone(),
+            weights: linears.map(|l| l.weight().clone()),
+            biases: [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| l.bias().cloned()),
+            lora: linears.map(|l| l.lora().cloned()),
+            num_heads: a.num_heads,
+            num_kv_heads: a.num_kv_heads,
+            head_dim: a.head_dim,
+            eps,
+        }
     }
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, mask: &AttentionPlan, ctx: &mut PassContext) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Tensor, ctx: &mut PassContext) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous();
         let q = heads(self.q_proj.forward(x, ctx.mode)?, self.num_heads)?;
-        let q = ctx.rope(&q)?;
+        let q = rope(&q, &ctx.cos, &ctx.sin)?;
         let k = heads(self.k_proj.forward(x, ctx.mode)?, self.num_kv_heads)?;
-        let k = ctx.rope(&k)?;
+        let k = rope(&k, &ctx.cos, &ctx.sin)?;
         let v = heads(self.v_proj.forward(x, ctx.mode)?, self.num_kv_heads)?;
         let n_rep = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(k, n_rep)?;
         let v = repeat_kv(v, n_rep)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = match mask {
-            AttentionPlan::Blocks(blocks) => fused::block_attention(&q, &k, &v, blocks.clone(), scale)?,
-            AttentionPlan::Dense(mask) => {
-                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-                // The composite softmax: candle's fused softmax_last_dim has no backward.
-                candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?
-            }
-        };
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        // The composite softmax: candle's fused softmax_last_dim has no backward.
+        let out = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
         let out = out.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out, ctx.mode)
     }
 }
 
-impl PassContext<'_, '_> {
-    fn norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-        if self.fused { fused::rms_norm(x, weight, self.eps) } else { rms_norm(x, weight, self.eps) }
-    }
-
-    fn rope(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.fused { fused::rope(x, &self.cos, &self.sin) } else { rope(x, &self.cos, &self.sin) }
-    }
-}
-
 impl Mlp {
-    fn forward(&self, x: &Tensor, fused: bool, mode: &mut LoraMode) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, mode: &mut LoraMode) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x, mode)?;
         let up = self.up_proj.forward(x, mode)?;
-        let act = if fused { fused::silu_mul(&gate, &up)? } else { (gate.silu()? * up)? };
+        let act = (gate.silu()? * up)?;
         self.down_proj.forward(&act, mode)
     }
 }

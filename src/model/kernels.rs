@@ -1,0 +1,353 @@
+//! Plain f32 slice kernels for the CPU decoder layer ([`super::cpu_layer`]): strided GEMMs that
+//! accumulate in place (so a residual add or a LoRA delta costs no extra pass), and the
+//! vectorised elementwise loops (exp, softmax rows, SiLU, RMSNorm, RoPE) that candle runs as
+//! many separate, allocating, scalar passes.
+//!
+//! The elementwise loops are written so LLVM vectorises them, and compiled three times (AVX-512,
+//! AVX2+FMA, baseline) with the widest one the CPU has picked at run time.
+//!
+//! ```
+//! use dpo::model::kernels::{Gemm, exp_shift_sum};
+//! // C[2×2] = A[2×3] · B[2×3]ᵀ
+//! let a = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+//! let b = [1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0];
+//! let mut c = [0f32; 4];
+//! Gemm::a_bt(2, 2, 3).run(&mut c, 2, &a, 3, &b, 3, false, 1.0);
+//! assert_eq!(c, [1.0, 2.0, 4.0, 5.0]);
+//! let mut row = [0.0f32, 1.0f32.ln()];
+//! assert!((exp_shift_sum(&mut row, 0.0) - 2.0).abs() < 1e-6);
+//! ```
+use gemm::Parallelism;
+
+/// The shape and operand orientation of one `C (+)= β · op(A) · op(B)`, C `[m, n]` row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    a_t: bool,
+    b_t: bool,
+    threads: usize,
+}
+
+impl Gemm {
+    /// `C = A · Bᵀ`: A `[m, k]`, B `[n, k]` (a linear layer: x · Wᵀ).
+    pub fn a_bt(m: usize, n: usize, k: usize) -> Self {
+        Self { m, n, k, a_t: false, b_t: true, threads: rayon::current_num_threads() }
+    }
+
+    /// `C = A · B`: A `[m, k]`, B `[k, n]` (a linear layer's dX = dY · W).
+    pub fn a_b(m: usize, n: usize, k: usize) -> Self {
+        Self { m, n, k, a_t: false, b_t: false, threads: rayon::current_num_threads() }
+    }
+
+    /// `C = Aᵀ · B`: A `[k, m]`, B `[k, n]` (a weight gradient dYᵀ · X).
+    pub fn at_b(m: usize, n: usize, k: usize) -> Self {
+        Self { m, n, k, a_t: true, b_t: false, threads: rayon::current_num_threads() }
+    }
+
+    /// Single-threaded: for GEMMs run inside an already parallel loop.
+    pub fn serial(mut self) -> Self {
+        self.threads = 1;
+        self
+    }
+
+    /// `C = β·op(A)·op(B)`, or `C += β·op(A)·op(B)` when `accumulate`; `ldX` are row strides.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(&self, c: &mut [f32], ldc: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, accumulate: bool, beta: f32) {
+        let (a_rows, a_cols) = if self.a_t { (self.k, self.m) } else { (self.m, self.k) };
+        let (b_rows, b_cols) = if self.b_t { (self.n, self.k) } else { (self.k, self.n) };
+        assert!(needs(c.len(), self.m, self.n, ldc) && needs(a.len(), a_rows, a_cols, lda) && needs(b.len(), b_rows, b_cols, ldb), "gemm operand too small");
+        // SAFETY: the asserts above keep every access inside the three slices.
+        unsafe { self.run_raw(c.as_mut_ptr(), ldc, a.as_ptr(), lda, b.as_ptr(), ldb, accumulate, beta) }
+    }
+
+    /// As [`Gemm::run`] on raw pointers, for disjoint blocks of one buffer written in parallel.
+    ///
+    /// # Safety
+    /// Every element the GEMM reads or writes must be in bounds, and no other thread may write
+    /// the `C` block (or read it) while this runs.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_raw(&self, c: *mut f32, ldc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, accumulate: bool, beta: f32) {
+        if self.m == 0 || self.n == 0 {
+            return;
+        }
+        // (row stride, column stride) of op(A) [m, k] and op(B) [k, n].
+        let (a_rs, a_cs) = if self.a_t { (1, lda as isize) } else { (lda as isize, 1) };
+        let (b_rs, b_cs) = if self.b_t { (1, ldb as isize) } else { (ldb as isize, 1) };
+        let par = if self.threads > 1 && self.m * self.n * self.k >= 1 << 18 { Parallelism::Rayon(self.threads) } else { Parallelism::None };
+        // SAFETY: the caller's contract.
+        unsafe {
+            gemm::gemm(self.m, self.n, self.k, c, 1, ldc as isize, accumulate && self.k > 0, a, a_cs, a_rs, b, b_cs, b_rs, 1.0, beta, false, false, false, par);
+        }
+        if self.k == 0 && !accumulate {
+            for i in 0..self.m {
+                // SAFETY: as above.
+                unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, self.n) };
+            }
+        }
+    }
+}
+
+fn needs(len: usize, rows: usize, cols: usize, ld: usize) -> bool {
+    rows == 0 || cols == 0 || (ld >= cols && len >= (rows - 1) * ld + cols)
+}
+
+/// A pointer that may cross into rayon tasks that write disjoint parts of its buffer.
+#[derive(Clone, Copy)]
+pub struct SharedMut(pub *mut f32);
+// SAFETY: users only write disjoint ranges from different tasks (stated at each use).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    pub fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+// ---------------------------------------------------------------- vectorised elementwise loops
+
+/// Compiles `$body` (a generic `#[inline(always)]` fn call) for AVX-512, AVX2+FMA and the
+/// baseline, and calls the widest the CPU supports.
+macro_rules! dispatch {
+    ($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $generic:ident) => {
+        pub fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) -> $ret { $generic($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn mid($($arg: $ty),*) -> $ret { $generic($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512dq") && std::arch::is_x86_feature_detected!("avx512vl") {
+                    // SAFETY: the features were detected.
+                    return unsafe { wide($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the features were detected.
+                    return unsafe { mid($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
+const LANES: usize = 16;
+
+/// `eˣ` to about 1 ulp (Cephes' polynomial after range reduction by ln 2), branch-free so it
+/// vectorises; `x` below −87.3 (including −∞) gives 0.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer in the low bits
+    let xc = x.clamp(-87.3, 88.7);
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // ln 2 split in two so n·C1 is exact (Cephes).
+    let r = xc - n * 0.693_359_4;
+    let r = r + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    let n_int = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let scale = f32::from_bits((n_int.wrapping_add(127) << 23) as u32);
+    if x < -87.3 { 0.0 } else { e * scale }
+}
+
+#[inline(always)]
+fn max_generic(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    tail.iter().chain(acc.iter()).copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[inline(always)]
+fn exp_shift_sum_generic(xs: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = exp_f32(c[i] - shift);
+            acc[i] += c[i];
+        }
+    }
+    let mut sum: f32 = 0.0;
+    for v in chunks.into_remainder() {
+        *v = exp_f32(*v - shift);
+        sum += *v;
+    }
+    sum + acc.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn sum_exp_shift_generic(xs: &[f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += exp_f32(c[i] - shift);
+        }
+    }
+    tail.iter().map(|&v| exp_f32(v - shift)).sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn scaled_exp_into_generic(out: &mut [f32], xs: &[f32], shift: f32, factor: f32) {
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = factor * exp_f32(x - shift);
+    }
+}
+
+#[inline(always)]
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    tail + acc.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp_f32(-x))
+}
+
+#[inline(always)]
+fn silu_mul_generic(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+#[inline(always)]
+fn silu_mul_bwd_generic(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) {
+    for i in 0..d_out.len() {
+        let (g, u, d) = (gate[i], up[i], d_out[i]);
+        let s = sigmoid(g);
+        // d/dg [g·σ(g)] = σ(g)·(1 + g·(1 − σ(g)))
+        d_gate[i] = d * u * s * (1.0 + g * (1.0 - s));
+        d_up[i] = d * g * s;
+    }
+}
+
+#[inline(always)]
+fn softmax_bwd_generic(ds: &mut [f32], p: &[f32], d_row: f32) {
+    // ds holds dP on entry: dS = P ∘ (dP − D)
+    for (d, &pv) in ds.iter_mut().zip(p) {
+        *d = pv * (*d - d_row);
+    }
+}
+
+#[inline(always)]
+fn add_mask_scaled_generic(s: &mut [f32], mask: &[f32]) {
+    for (v, &m) in s.iter_mut().zip(mask) {
+        *v += m;
+    }
+}
+
+dispatch!(row_max(xs: &[f32]) -> f32 = max_generic);
+dispatch!(exp_shift_sum(xs: &mut [f32], shift: f32) -> f32 = exp_shift_sum_generic);
+dispatch!(sum_exp_shift(xs: &[f32], shift: f32) -> f32 = sum_exp_shift_generic);
+dispatch!(scaled_exp_into(out: &mut [f32], xs: &[f32], shift: f32, factor: f32) -> () = scaled_exp_into_generic);
+dispatch!(dot(a: &[f32], b: &[f32]) -> f32 = dot_generic);
+dispatch!(silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) -> () = silu_mul_generic);
+dispatch!(silu_mul_bwd(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) -> () = silu_mul_bwd_generic);
+dispatch!(softmax_bwd(ds: &mut [f32], p: &[f32], d_row: f32) -> () = softmax_bwd_generic);
+dispatch!(add_mask(s: &mut [f32], mask: &[f32]) -> () = add_mask_scaled_generic);
+
+/// `ln Σ exp(row)`, stable.
+pub fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row_max(row);
+    max + sum_exp_shift(row, max).ln()
+}
+
+/// Softmax of a row in place; returns its log-sum-exp (kept for the backward recompute).
+pub fn softmax_in_place(row: &mut [f32]) -> f32 {
+    let max = row_max(row);
+    let sum = exp_shift_sum(row, max);
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+    max + sum.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_range() {
+        let mut worst = 0f32;
+        for i in 0..200_000 {
+            let x = -87.0 + i as f32 * (175.0 / 200_000.0);
+            let want = x.exp();
+            worst = worst.max(((exp_f32(x) - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "max relative error {worst:e}");
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-100.0), 0.0);
+    }
+
+    #[test]
+    fn dispatched_loops_match_scalar_definitions() {
+        let xs: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        let want_lse = xs.iter().map(|x| x.exp()).sum::<f32>().ln();
+        assert!((log_sum_exp(&xs) - want_lse).abs() < 1e-5);
+        assert_eq!(row_max(&xs), xs.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        let mut p = xs.clone();
+        let lse = softmax_in_place(&mut p);
+        assert!((lse - want_lse).abs() < 1e-5);
+        for (pi, x) in p.iter().zip(&xs) {
+            assert!((pi - (x - want_lse).exp()).abs() < 1e-6);
+        }
+        let d: f32 = xs.iter().zip(&p).map(|(a, b)| a * b).sum();
+        assert!((dot(&xs, &p) - d).abs() < 1e-5);
+        let (mut out, mut dg, mut du) = (vec![0f32; 37], vec![0f32; 37], vec![0f32; 37]);
+        silu_mul(&mut out, &xs, &p);
+        silu_mul_bwd(&mut dg, &mut du, &xs, &p, &xs);
+        for i in 0..37 {
+            let (g, u) = (xs[i] as f64, p[i] as f64);
+            let s = 1.0 / (1.0 + (-g).exp());
+            assert!((out[i] as f64 - g * s * u).abs() < 1e-5);
+            assert!((dg[i] as f64 - g * u * s * (1.0 + g * (1.0 - s))).abs() < 1e-4);
+            assert!((du[i] as f64 - g * g * s).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn gemm_orientations_and_accumulation() {
+        // A [2, 3], B [3, 2]
+        let a = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let mut c = [1f32; 4];
+        Gemm::a_b(2, 2, 3).run(&mut c, 2, &a, 3, &b, 2, true, 2.0);
+        assert_eq!(c, [1.0 + 2.0 * 22.0, 1.0 + 2.0 * 28.0, 1.0 + 2.0 * 49.0, 1.0 + 2.0 * 64.0]);
+        // Aᵀ · A with A [2, 3] → [3, 3]
+        let mut c = [0f32; 9];
+        Gemm::at_b(3, 3, 2).run(&mut c, 3, &a, 3, &a, 3, false, 1.0);
+        assert_eq!(c[..3], [17.0, 22.0, 27.0]);
+        // k = 0 writes zeros.
+        let mut c = [5f32; 4];
+        Gemm::a_bt(2, 2, 0).run(&mut c, 2, &[], 0, &[], 0, false, 1.0);
+        assert_eq!(c, [0.0; 4]);
+    }
+}
