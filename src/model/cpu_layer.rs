@@ -17,7 +17,7 @@
 //! let y = dpo::model::cpu_layer::forward(&layer, &geometry, &x, &mut dpo::lora::LoraMode::On)?;
 //! # Ok(()) }
 //! ```
-use super::kernels::{self, Gemm, SharedMut};
+use super::kernels::{self, Gemm, SharedMut, rms_norm, rms_norm_backward};
 use super::layout::TokenLayout;
 use crate::lora::LoraMode;
 use crate::lora::linear::LoraWeights;
@@ -470,31 +470,6 @@ fn gather_kv(qkv: &[f32], width: usize, base: usize, keys: &[u32], k_col: usize,
         vb.extend_from_slice(&qkv[row + v_col..row + v_col + d]);
     }
     (kb, vb)
-}
-
-/// HF RMSNorm of each row: `(x·r·w, r)` with `r = 1/√(mean(x²) + eps)`.
-fn rms_norm(x: &[f32], w: &[f32], h: usize, eps: f64) -> (Vec<f32>, Vec<f32>) {
-    let mut y = vec![0f32; x.len()];
-    let mut inv = vec![0f32; x.len() / h];
-    y.par_chunks_mut(h).zip(x.par_chunks(h)).zip(inv.par_iter_mut()).for_each(|((y, x), r)| {
-        let ms = kernels::dot(x, x) / h as f32;
-        *r = 1.0 / (ms + eps as f32).sqrt();
-        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-            *y = x * *r * w;
-        }
-    });
-    (y, inv)
-}
-
-/// `dx += RMSNorm backward` of `dy` (the norm weight is frozen: no gradient for it).
-fn rms_norm_backward(dx: &mut [f32], dy: &[f32], x: &[f32], inv: &[f32], w: &[f32], h: usize) {
-    dx.par_chunks_mut(h).zip(dy.par_chunks(h)).zip(x.par_chunks(h)).zip(inv.par_iter()).for_each(|(((dx, dy), x), &r)| {
-        // x̂ = x·r, d̂ = dy·w: dx = (d̂ − x̂·mean(d̂·x̂))·r
-        let proj: f32 = dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x * r).sum::<f32>() / h as f32;
-        for (((dx, &d), &w), &x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
-            *dx += (d * w - x * r * proj) * r;
-        }
-    });
 }
 
 /// `y (+)= x·Wᵀ + s·((x∘mask)·Aᵀ)·Bᵀ` for `x` `[n, in]` into `y`'s first `out` columns (row stride

@@ -18,6 +18,7 @@
 //! assert!((exp_shift_sum(&mut row, 0.0) - 2.0).abs() < 1e-6);
 //! ```
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// The shape and operand orientation of one `C (+)= β · op(A) · op(B)`, C `[m, n]` row-major.
 #[derive(Debug, Clone, Copy)]
@@ -206,9 +207,9 @@ fn sum_exp_shift_generic(xs: &[f32], shift: f32) -> f32 {
 }
 
 #[inline(always)]
-fn scaled_exp_into_generic(out: &mut [f32], xs: &[f32], shift: f32, factor: f32) {
-    for (o, &x) in out.iter_mut().zip(xs) {
-        *o = factor * exp_f32(x - shift);
+fn exp_shift_scale_generic(xs: &mut [f32], shift: f32, factor: f32) {
+    for x in xs.iter_mut() {
+        *x = factor * exp_f32(*x - shift);
     }
 }
 
@@ -266,7 +267,7 @@ fn add_mask_scaled_generic(s: &mut [f32], mask: &[f32]) {
 dispatch!(row_max(xs: &[f32]) -> f32 = max_generic);
 dispatch!(exp_shift_sum(xs: &mut [f32], shift: f32) -> f32 = exp_shift_sum_generic);
 dispatch!(sum_exp_shift(xs: &[f32], shift: f32) -> f32 = sum_exp_shift_generic);
-dispatch!(scaled_exp_into(out: &mut [f32], xs: &[f32], shift: f32, factor: f32) -> () = scaled_exp_into_generic);
+dispatch!(exp_shift_scale(xs: &mut [f32], shift: f32, factor: f32) -> () = exp_shift_scale_generic);
 dispatch!(dot(a: &[f32], b: &[f32]) -> f32 = dot_generic);
 dispatch!(silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) -> () = silu_mul_generic);
 dispatch!(silu_mul_bwd(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) -> () = silu_mul_bwd_generic);
@@ -288,6 +289,31 @@ pub fn softmax_in_place(row: &mut [f32]) -> f32 {
         *v *= inv;
     }
     max + sum.ln()
+}
+
+/// HF RMSNorm of each row: `(x·r·w, r)` with `r = 1/√(mean(x²) + eps)`.
+pub fn rms_norm(x: &[f32], w: &[f32], h: usize, eps: f64) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0f32; x.len()];
+    let mut inv = vec![0f32; x.len() / h];
+    y.par_chunks_mut(h).zip(x.par_chunks(h)).zip(inv.par_iter_mut()).for_each(|((y, x), r)| {
+        let ms = dot(x, x) / h as f32;
+        *r = 1.0 / (ms + eps as f32).sqrt();
+        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+            *y = x * *r * w;
+        }
+    });
+    (y, inv)
+}
+
+/// `dx += RMSNorm backward` of `dy` (the norm weight is frozen: no gradient for it).
+pub fn rms_norm_backward(dx: &mut [f32], dy: &[f32], x: &[f32], inv: &[f32], w: &[f32], h: usize) {
+    dx.par_chunks_mut(h).zip(dy.par_chunks(h)).zip(x.par_chunks(h)).zip(inv.par_iter()).for_each(|(((dx, dy), x), &r)| {
+        // x̂ = x·r, d̂ = dy·w: dx = (d̂ − x̂·mean(d̂·x̂))·r
+        let proj: f32 = dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x * r).sum::<f32>() / h as f32;
+        for (((dx, &d), &w), &x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+            *dx += (d * w - x * r * proj) * r;
+        }
+    });
 }
 
 #[cfg(test)]
