@@ -5,7 +5,7 @@
 //! 256 response tokens (4 sequences × 512 = 2048 tokens a step), f32. A step = reference forward
 //! + policy forward + backward + AdamW. Median of `DPO_BENCH_STEPS` (5) after
 //! `DPO_BENCH_WARMUP` (2). Knobs: DPO_BENCH_{HIDDEN,LAYERS,HEADS,KV_HEADS,INTERMEDIATE,VOCAB,
-//! PROMPT_LEN,RESPONSE_LEN,PAIRS,STEPS,WARMUP,OUT,LR}; lever switches DPO_BENCH_UNSHARED=1 (no
+//! PROMPT_LEN,RESPONSE_LEN,PAIRS,STEPS,WARMUP,OUT,LR,TARGETS (LoRA targets, `all`)}; lever switches DPO_BENCH_UNSHARED=1 (no
 //! prompt sharing) and DPO_BENCH_COMPOSITE=1 (no fused kernels). Threads: RAYON_NUM_THREADS
 //! (default 2 here).
 //!
@@ -88,7 +88,8 @@ fn main() {
     );
     let cfg = ModelConfig::from_json(&cfg_json).unwrap();
     let mut model = random_model(&cfg);
-    let lora = LoraConfig::new(16, 32.0, 0.0, "all").unwrap();
+    let targets = std::env::var("DPO_BENCH_TARGETS").unwrap_or_else(|_| "all".into());
+    let lora = LoraConfig::new(16, 32.0, 0.0, &targets).unwrap();
     let params = adapter::attach_fresh(&mut model, &lora, 1).unwrap();
     let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
     let mut rng = SeededRng::new(7, Stream::DataOrder);
@@ -113,13 +114,16 @@ fn main() {
 
     let lr = std::env::var("DPO_BENCH_LR").ok().and_then(|v| v.parse().ok()).unwrap_or(5e-3);
     let mut times = Vec::new();
+    let mut optimizer_seconds = 0.0;
     for step in 0..warmup + steps {
         let t = Instant::now();
         let mut grads = GradAccumulator::new(vars.len());
         micro_step(&model, &batch, &loss, &vars, &mut LoraMode::On, None, 1.0, &mut grads).unwrap();
         let grads = grads.into_grads().unwrap();
+        let t_opt = Instant::now();
         let _ = global_norm(&grads).unwrap();
         opt.step(&vars, &grads, lr).unwrap();
+        optimizer_seconds = t_opt.elapsed().as_secs_f64();
         let s = t.elapsed().as_secs_f64();
         eprintln!("step {} {}: {s:.3} s", step + 1, if step < warmup { "(warm-up)" } else { "" });
         if step >= warmup {
@@ -135,7 +139,7 @@ fn main() {
     let mut grads = GradAccumulator::new(vars.len());
     micro_step(&model, &batch, &loss, &vars, &mut LoraMode::On, Some(&reference), 1.0, &mut grads).unwrap();
     let policy_seconds = t.elapsed().as_secs_f64();
-    eprintln!("reference forward {reference_seconds:.3} s, policy forward+backward {policy_seconds:.3} s");
+    eprintln!("reference forward {reference_seconds:.3} s, policy forward+backward {policy_seconds:.3} s, grad norm + AdamW {optimizer_seconds:.3} s");
     if std::env::var("DPO_BENCH_PROFILE").is_ok() {
         for _ in 0..2 {
             let t = Instant::now();
@@ -162,6 +166,7 @@ fn main() {
         "peak_rss_mib": peak_rss_mib(),
         "reference_forward_seconds": reference_seconds,
         "policy_forward_backward_seconds": policy_seconds,
+        "optimizer_seconds": optimizer_seconds,
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
         "prompt_sharing": !unshared,
         "fused_kernels": std::env::var("DPO_BENCH_COMPOSITE").map_or(true, |v| v != "1"),

@@ -25,9 +25,10 @@ fn write_model(dir: &Path, hidden: usize, layers: usize) {
         std::fs::copy(tiny.join(f), dir.join(f)).unwrap();
     }
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
-    let (heads, inter, vocab) = (hidden / 32, hidden * 11 / 4, 512);
+    let (heads, inter, vocab) = (hidden / 32, hidden * 11 / 4, knob("VOCAB", 512));
     cfg["hidden_size"] = hidden.into();
     cfg["intermediate_size"] = inter.into();
+    cfg["vocab_size"] = vocab.into();
     cfg["num_hidden_layers"] = layers.into();
     cfg["num_attention_heads"] = heads.into();
     cfg["num_key_value_heads"] = heads.into();
@@ -107,7 +108,9 @@ fn main() {
     let t = Instant::now();
     dpo(&["sweep".into(), "--config".into(), s(&config), "--beta".into(), betas.join(","), "--lr".into(), lrs.join(","), "--output-dir".into(), s(&root.join("sweep"))]);
     let sweep = t.elapsed().as_secs_f64();
-    let _ = std::fs::remove_dir_all(&root);
+    if std::env::var_os("DPO_SWEEP_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
     println!("9 separate `dpo train` runs: {separate:.2} s; one 3x3 `dpo sweep`: {sweep:.2} s; ratio {:.3}", sweep / separate);
     println!(
         "{}",

@@ -111,7 +111,7 @@ pub fn forward(p: &LayerParams, geo: &Arc<Geometry>, x: &Tensor, mode: &mut Lora
     let x = x.contiguous()?;
     let with_lora = !matches!(mode, LoraMode::Off) && p.lora.iter().any(Option::is_some);
     let slots = if with_lora { lora_slots(p, n, mode)? } else { vec![None; 7] };
-    let op = LayerOp { p: p.clone(), geo: geo.clone(), slots, saved: Mutex::new(None) };
+    let op = LayerOp { p: p.clone(), geo: geo.clone(), slots, need_dx: x.track_op(), saved: Mutex::new(None) };
     if !with_lora && !x.track_op() {
         // The reference pass: no graph, nothing saved.
         let (storage, _) = x.storage_and_layout();
@@ -203,6 +203,9 @@ struct LayerOp {
     p: LayerParams,
     geo: Arc<Geometry>,
     slots: Vec<Option<LoraSlot>>,
+    /// Whether the input needs a gradient (not for the first layer, whose input is the
+    /// frozen embedding): without it, backward stops at the adapters' gradients.
+    need_dx: bool,
     saved: Mutex<Option<Saved>>,
 }
 
@@ -313,7 +316,7 @@ impl LayerOp {
         // MLP: out = h + down(silu(gate)·up)
         let mut d_act = vec![0f32; n * inter];
         let g6 = lora_grad(6, &mut da, &mut db);
-        linear_backward(d_out, h, n, inter, w.w[6], &s.act, &mut d_act, false, self.adapter(6, a, b), s.lora_u[6].as_deref(), g6);
+        linear_backward(d_out, h, n, inter, w.w[6], &s.act, Some(&mut d_act), false, self.adapter(6, a, b), s.lora_u[6].as_deref(), g6);
         let mut d_gate_up = vec![0f32; n * 2 * inter];
         d_gate_up.par_chunks_mut(2 * inter).zip(s.gate_up.par_chunks(2 * inter)).zip(d_act.par_chunks(inter)).for_each(|((dgu, gu), d)| {
             let (dg, du) = dgu.split_at_mut(inter);
@@ -322,23 +325,27 @@ impl LayerOp {
         drop(d_act);
         let mut d_xn2 = vec![0f32; n * h];
         let g4 = lora_grad(4, &mut da, &mut db);
-        linear_backward(&d_gate_up, 2 * inter, n, h, w.w[4], &s.xn2, &mut d_xn2, false, self.adapter(4, a, b), s.lora_u[4].as_deref(), g4);
+        linear_backward(&d_gate_up, 2 * inter, n, h, w.w[4], &s.xn2, Some(&mut d_xn2), false, self.adapter(4, a, b), s.lora_u[4].as_deref(), g4);
         let g5 = lora_grad(5, &mut da, &mut db);
-        linear_backward(&d_gate_up[inter..], 2 * inter, n, h, w.w[5], &s.xn2, &mut d_xn2, true, self.adapter(5, a, b), s.lora_u[5].as_deref(), g5);
+        linear_backward(&d_gate_up[inter..], 2 * inter, n, h, w.w[5], &s.xn2, Some(&mut d_xn2), true, self.adapter(5, a, b), s.lora_u[5].as_deref(), g5);
         drop(d_gate_up);
         let mut dh = d_out.to_vec();
         rms_norm_backward(&mut dh, &d_xn2, &s.h, &s.inv_rms2, w.norm2, h);
         // Attention: h = x + o_proj(attn(rope(q), rope(k), v))
         let mut d_o = vec![0f32; n * qw];
         let g3 = lora_grad(3, &mut da, &mut db);
-        linear_backward(&dh, h, n, qw, w.w[3], &s.o, &mut d_o, false, self.adapter(3, a, b), s.lora_u[3].as_deref(), g3);
+        linear_backward(&dh, h, n, qw, w.w[3], &s.o, Some(&mut d_o), false, self.adapter(3, a, b), s.lora_u[3].as_deref(), g3);
         let mut d_qkv = self.attention_backward(&s.qkv, &s.o, &s.lse, &d_o);
         drop(d_o);
         self.rope(&mut d_qkv, width, qw + kw, true);
-        let mut d_xn1 = vec![0f32; n * h];
+        let mut d_xn1 = if self.need_dx { vec![0f32; n * h] } else { Vec::new() };
         for (i, col) in [0, qw, qw + kw].into_iter().enumerate() {
             let g = lora_grad(i, &mut da, &mut db);
-            linear_backward(&d_qkv[col..], width, n, h, w.w[i], &s.xn1, &mut d_xn1, i > 0, self.adapter(i, a, b), s.lora_u[i].as_deref(), g);
+            let dx = self.need_dx.then_some(&mut d_xn1[..]);
+            linear_backward(&d_qkv[col..], width, n, h, w.w[i], &s.xn1, dx, i > 0, self.adapter(i, a, b), s.lora_u[i].as_deref(), g);
+        }
+        if !self.need_dx {
+            return (Vec::new(), da, db);
         }
         let mut dx = dh;
         rms_norm_backward(&mut dx, &d_xn1, x, &s.inv_rms1, w.norm1, h);
@@ -498,12 +505,14 @@ struct LoraGrad {
     db: SharedMut,
 }
 
-/// Backward of [`linear`]: `dx (+)= dy·W + ((s·dy·B)·A)∘mask`, and the adapter's
+/// Backward of [`linear`] (`dx` when the input needs a gradient): `dx (+)= dy·W + ((s·dy·B)·A)∘mask`, and the adapter's
 /// `dA = (s·dy·B)ᵀ·(x∘mask)`, `dB = s·dyᵀ·u`. `dy` is `[n, out]` with row stride `ldy`.
 #[allow(clippy::too_many_arguments)]
-fn linear_backward(dy: &[f32], ldy: usize, n: usize, in_dim: usize, w: &[f32], x: &[f32], dx: &mut [f32], accumulate: bool, ad: Option<Adapter>, u: Option<&[f32]>, grad: Option<LoraGrad>) {
+fn linear_backward(dy: &[f32], ldy: usize, n: usize, in_dim: usize, w: &[f32], x: &[f32], mut dx: Option<&mut [f32]>, accumulate: bool, ad: Option<Adapter>, u: Option<&[f32]>, grad: Option<LoraGrad>) {
     let out_dim = w.len() / in_dim;
-    Gemm::a_b(n, in_dim, out_dim).run(dx, in_dim, dy, ldy, w, in_dim, accumulate, 1.0);
+    if let Some(dx) = dx.as_deref_mut() {
+        Gemm::a_b(n, in_dim, out_dim).run(dx, in_dim, dy, ldy, w, in_dim, accumulate, 1.0);
+    }
     let (Some(ad), Some(u), Some(grad)) = (ad, u, grad) else { return };
     let r = ad.rank;
     let mut du = vec![0f32; n * r];
@@ -513,6 +522,7 @@ fn linear_backward(dy: &[f32], ldy: usize, n: usize, in_dim: usize, w: &[f32], x
     Gemm::at_b(out_dim, r, n).run(db, r, dy, ldy, u, r, false, ad.scale);
     let xm = masked(x, ad.mask);
     Gemm::at_b(r, in_dim, n).run(da, in_dim, &du, r, &xm, in_dim, false, 1.0);
+    let Some(dx) = dx else { return };
     match ad.mask {
         None => Gemm::a_b(n, in_dim, r).run(dx, in_dim, &du, r, ad.a, in_dim, true, 1.0),
         Some(mask) => {
@@ -535,7 +545,7 @@ impl CustomOp1 for LayerOp {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let (dx, _, _) = self.backward_tensors(x, None, dy)?;
-        Ok(Some(dx))
+        Ok(dx)
     }
 }
 
@@ -550,13 +560,12 @@ impl CustomOp3 for LayerOp {
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, da, db) = self.backward_tensors(x, Some((a, b)), dy)?;
-        Ok((Some(dx), da, db))
+        self.backward_tensors(x, Some((a, b)), dy)
     }
 }
 
 impl LayerOp {
-    fn backward_tensors(&self, x: &Tensor, ab: Option<(&Tensor, &Tensor)>, dy: &Tensor) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    fn backward_tensors(&self, x: &Tensor, ab: Option<(&Tensor, &Tensor)>, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let (xs, xl) = x.storage_and_layout();
         let (ds, dl) = dy.storage_and_layout();
@@ -574,7 +583,7 @@ impl LayerOp {
         };
         let (dx, da, db) = self.run_backward(cpu_f32(&xs, xl)?, a_slice, b_slice, cpu_f32(&ds, dl)?)?;
         let dev = x.device();
-        let dx = Tensor::from_vec(dx, x.shape(), dev)?;
+        let dx = if self.need_dx { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
         let grads = match ab {
             Some((a, b)) => (Some(Tensor::from_vec(da, a.shape(), dev)?), Some(Tensor::from_vec(db, b.shape(), dev)?)),
             None => (None, None),
