@@ -64,3 +64,41 @@ fn sliding_window_is_counted_in_positions_when_prompts_are_shared() {
     let b = to_vec(&dpo::model::scoring::response_logps(&windowed, &batch, &mut LoraMode::Off).unwrap());
     assert!(a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3));
 }
+
+/// The CPU layer op draws LoRA dropout masks in the same order as the composite layer, so with
+/// the same seed both paths give the same log-probs and gradients (same packed batch), with
+/// adapters on all seven linears (B randomised so every path carries signal).
+#[test]
+fn lora_dropout_on_all_targets_is_the_same_on_the_cpu_layer_op_and_the_composite_layer() {
+    use dpo::rng::{SeededRng, Stream};
+    let pairs = golden_pairs();
+    let batch = batch(&pairs[..4]);
+    let mut model = load("tiny-qwen2");
+    let cfg = dpo::lora::LoraConfig::new(4, 8.0, 0.3, "all").unwrap();
+    let params = dpo::lora::adapter::attach_fresh(&mut model, &cfg, 3).unwrap();
+    assert_eq!(params.len(), 2 * 7 * 2, "A and B on 7 linears of 2 layers");
+    for p in params.iter().filter(|p| p.name.contains("lora_B")) {
+        let t = p.var.as_tensor();
+        p.var.set(&Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu).unwrap()).unwrap();
+    }
+    let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
+    let mut run = |model: &Llama| {
+        let mut rng = SeededRng::new(11, Stream::Dropout);
+        let (logps, losses) = score(model, &batch, &loss, &mut LoraMode::Train(&mut rng)).unwrap();
+        let grads = losses.mean_all().unwrap().backward().unwrap();
+        let g: Vec<Vec<f64>> = params.iter().map(|p| to_vec(grads.get(&p.var).unwrap())).collect();
+        (to_vec(&logps.policy_chosen), g)
+    };
+    let fast = run(&model);
+    model.set_fused(false);
+    let plain = run(&model);
+    assert_close("dropout logps", &fast.0, &plain.0, 1e-4);
+    for ((a, b), p) in fast.1.iter().zip(&plain.1).zip(&params) {
+        let norm = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+        assert!(diff <= 1e-4 * norm.max(1e-6), "{}: |Δ| {diff:e} vs |g| {norm:e}", p.name);
+    }
+    // Dropout really acted: without it the log-probs differ.
+    let no_dropout = to_vec(&score(&model, &batch, &loss, &mut LoraMode::On).unwrap().0.policy_chosen);
+    assert!(no_dropout.iter().zip(&plain.0).any(|(a, b)| (a - b).abs() > 1e-4));
+}
