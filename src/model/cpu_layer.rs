@@ -195,8 +195,8 @@ struct Saved {
     inv_rms2: Vec<f32>,
     gate_up: Vec<f32>,
     act: Vec<f32>,
-    /// Per linear with an adapter: `(x∘mask)·Aᵀ` `[n, r]`.
-    lora_u: Vec<Option<Vec<f32>>>,
+    /// Per input group (q·k·v, o, gate·up, down): the adapters' `(x∘mask)·Aᵀ` side by side.
+    lora_u: [Vec<f32>; 4],
 }
 
 struct LayerOp {
@@ -217,13 +217,19 @@ struct Weights<'a> {
     bias: [Option<&'a [f32]>; 3],
 }
 
-/// One linear's adapter as slices: `A` `[r, in]`, `B` `[out, r]`.
+/// One linear's adapter as slices: `A` `[r, in]`, `B` `[out, r]`, where they sit in the
+/// flattened inputs, and the output columns the linear writes.
 struct Adapter<'a> {
     a: &'a [f32],
     b: &'a [f32],
+    a_off: usize,
+    b_off: usize,
     rank: usize,
     scale: f32,
     mask: Option<&'a [f32]>,
+    /// First output column and width in the group's output buffer.
+    col: usize,
+    out: usize,
 }
 
 impl LayerOp {
@@ -244,16 +250,25 @@ impl LayerOp {
         f(&w)
     }
 
-    fn adapter<'a>(&'a self, i: usize, a: &'a [f32], b: &'a [f32]) -> Option<Adapter<'a>> {
+    fn adapter<'a>(&'a self, i: usize, col: usize, a: &'a [f32], b: &'a [f32]) -> Option<Adapter<'a>> {
         let s = self.slots[i].as_ref()?;
         let (out_dim, in_dim) = (self.p.weights[i].dims()[0], self.p.weights[i].dims()[1]);
         Some(Adapter {
             a: &a[s.a_off..s.a_off + s.rank * in_dim],
             b: &b[s.b_off..s.b_off + out_dim * s.rank],
+            a_off: s.a_off,
+            b_off: s.b_off,
             rank: s.rank,
             scale: s.scale,
             mask: s.mask.as_deref().map(|m| m.as_slice()),
+            col,
+            out: out_dim,
         })
+    }
+
+    /// The adapters of linears `ids` (which read the same input), with their output columns.
+    fn group<'a>(&'a self, ids: &[(usize, usize)], a: &'a [f32], b: &'a [f32]) -> Vec<Adapter<'a>> {
+        ids.iter().filter_map(|&(i, col)| self.adapter(i, col, a, b)).collect()
     }
 
     fn run_forward(&self, x: &[f32], a: &[f32], b: &[f32], save: bool) -> Result<Vec<f32>> {
@@ -271,25 +286,29 @@ impl LayerOp {
         let width = qw + 2 * kw;
         let (xn1, inv_rms1) = rms_norm(x, w.norm1, h, self.p.eps);
         let mut qkv = vec![0f32; n * width];
-        let mut lora_u = vec![None, None, None, None, None, None, None];
         for (i, (col, out_dim)) in [(0, qw), (qw, kw), (qw + kw, kw)].into_iter().enumerate() {
-            lora_u[i] = linear(&xn1, n, h, w.w[i], out_dim, &mut qkv[col..], width, false, self.adapter(i, a, b));
+            frozen(&xn1, n, h, w.w[i], out_dim, &mut qkv[col..], width, false);
             if let Some(bias) = w.bias[i] {
                 qkv.par_chunks_mut(width).for_each(|row| row[col..col + out_dim].iter_mut().zip(bias).for_each(|(y, b)| *y += b));
             }
         }
+        let u_qkv = lora_forward(&xn1, n, h, &self.group(&QKV.map(|i| (i, [0, qw, qw + kw][i])), a, b), a, &mut qkv, width);
         self.rope(&mut qkv, width, qw + kw, false);
         let (o, lse) = self.attention(&qkv);
         let mut hbuf = x.to_vec();
-        lora_u[3] = linear(&o, n, qw, w.w[3], h, &mut hbuf, h, true, self.adapter(3, a, b));
+        frozen(&o, n, qw, w.w[3], h, &mut hbuf, h, true);
+        let u_o = lora_forward(&o, n, qw, &self.group(&[(3, 0)], a, b), a, &mut hbuf, h);
         let (xn2, inv_rms2) = rms_norm(&hbuf, w.norm2, h, self.p.eps);
         let mut gate_up = vec![0f32; n * 2 * inter];
-        lora_u[4] = linear(&xn2, n, h, w.w[4], inter, &mut gate_up, 2 * inter, false, self.adapter(4, a, b));
-        lora_u[5] = linear(&xn2, n, h, w.w[5], inter, &mut gate_up[inter..], 2 * inter, false, self.adapter(5, a, b));
+        frozen(&xn2, n, h, w.w[4], inter, &mut gate_up, 2 * inter, false);
+        frozen(&xn2, n, h, w.w[5], inter, &mut gate_up[inter..], 2 * inter, false);
+        let u_gu = lora_forward(&xn2, n, h, &self.group(&[(4, 0), (5, inter)], a, b), a, &mut gate_up, 2 * inter);
         let mut act = vec![0f32; n * inter];
         act.par_chunks_mut(inter).zip(gate_up.par_chunks(2 * inter)).for_each(|(o, gu)| kernels::silu_mul(o, &gu[..inter], &gu[inter..]));
         let mut out = hbuf.clone();
-        lora_u[6] = linear(&act, n, inter, w.w[6], h, &mut out, h, true, self.adapter(6, a, b));
+        frozen(&act, n, inter, w.w[6], h, &mut out, h, true);
+        let u_down = lora_forward(&act, n, inter, &self.group(&[(6, 0)], a, b), a, &mut out, h);
+        let lora_u = [u_qkv, u_o, u_gu, u_down];
         let saved = Saved { xn1, inv_rms1, qkv, lse, o, h: hbuf, xn2, inv_rms2, gate_up, act, lora_u };
         (out, saved)
     }
@@ -304,19 +323,11 @@ impl LayerOp {
     fn backward_impl(&self, w: &Weights, s: &Saved, x: &[f32], a: &[f32], b: &[f32], d_out: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (h, qw, kw, inter, n) = self.dims();
         let width = qw + 2 * kw;
-        let (mut da, mut db) = (vec![0f32; a.len()], vec![0f32; b.len()]);
-        let lora_grad = |i: usize, da: &mut Vec<f32>, db: &mut Vec<f32>| -> Option<LoraGrad> {
-            let slot = self.slots[i].as_ref()?;
-            let (out_dim, in_dim) = (self.p.weights[i].dims()[0], self.p.weights[i].dims()[1]);
-            Some(LoraGrad {
-                da: SharedMut(da[slot.a_off..slot.a_off + slot.rank * in_dim].as_mut_ptr()),
-                db: SharedMut(db[slot.b_off..slot.b_off + out_dim * slot.rank].as_mut_ptr()),
-            })
-        };
+        let mut g = LoraGrads { da: vec![0f32; a.len()], db: vec![0f32; b.len()] };
         // MLP: out = h + down(silu(gate)·up)
         let mut d_act = vec![0f32; n * inter];
-        let g6 = lora_grad(6, &mut da, &mut db);
-        linear_backward(d_out, h, n, inter, w.w[6], &s.act, Some(&mut d_act), false, self.adapter(6, a, b), s.lora_u[6].as_deref(), g6);
+        frozen_backward(d_out, h, n, inter, w.w[6], &mut d_act, false);
+        lora_backward(d_out, h, n, inter, &self.group(&[(6, 0)], a, b), a, &s.lora_u[3], &s.act, Some(&mut d_act), &mut g);
         let mut d_gate_up = vec![0f32; n * 2 * inter];
         d_gate_up.par_chunks_mut(2 * inter).zip(s.gate_up.par_chunks(2 * inter)).zip(d_act.par_chunks(inter)).for_each(|((dgu, gu), d)| {
             let (dg, du) = dgu.split_at_mut(inter);
@@ -324,32 +335,33 @@ impl LayerOp {
         });
         drop(d_act);
         let mut d_xn2 = vec![0f32; n * h];
-        let g4 = lora_grad(4, &mut da, &mut db);
-        linear_backward(&d_gate_up, 2 * inter, n, h, w.w[4], &s.xn2, Some(&mut d_xn2), false, self.adapter(4, a, b), s.lora_u[4].as_deref(), g4);
-        let g5 = lora_grad(5, &mut da, &mut db);
-        linear_backward(&d_gate_up[inter..], 2 * inter, n, h, w.w[5], &s.xn2, Some(&mut d_xn2), true, self.adapter(5, a, b), s.lora_u[5].as_deref(), g5);
+        frozen_backward(&d_gate_up, 2 * inter, n, h, w.w[4], &mut d_xn2, false);
+        frozen_backward(&d_gate_up[inter..], 2 * inter, n, h, w.w[5], &mut d_xn2, true);
+        lora_backward(&d_gate_up, 2 * inter, n, h, &self.group(&[(4, 0), (5, inter)], a, b), a, &s.lora_u[2], &s.xn2, Some(&mut d_xn2), &mut g);
         drop(d_gate_up);
         let mut dh = d_out.to_vec();
         rms_norm_backward(&mut dh, &d_xn2, &s.h, &s.inv_rms2, w.norm2, h);
         // Attention: h = x + o_proj(attn(rope(q), rope(k), v))
         let mut d_o = vec![0f32; n * qw];
-        let g3 = lora_grad(3, &mut da, &mut db);
-        linear_backward(&dh, h, n, qw, w.w[3], &s.o, Some(&mut d_o), false, self.adapter(3, a, b), s.lora_u[3].as_deref(), g3);
+        frozen_backward(&dh, h, n, qw, w.w[3], &mut d_o, false);
+        lora_backward(&dh, h, n, qw, &self.group(&[(3, 0)], a, b), a, &s.lora_u[1], &s.o, Some(&mut d_o), &mut g);
         let mut d_qkv = self.attention_backward(&s.qkv, &s.o, &s.lse, &d_o);
         drop(d_o);
         self.rope(&mut d_qkv, width, qw + kw, true);
         let mut d_xn1 = if self.need_dx { vec![0f32; n * h] } else { Vec::new() };
-        for (i, col) in [0, qw, qw + kw].into_iter().enumerate() {
-            let g = lora_grad(i, &mut da, &mut db);
-            let dx = self.need_dx.then_some(&mut d_xn1[..]);
-            linear_backward(&d_qkv[col..], width, n, h, w.w[i], &s.xn1, dx, i > 0, self.adapter(i, a, b), s.lora_u[i].as_deref(), g);
+        if self.need_dx {
+            for (i, col) in [0, qw, qw + kw].into_iter().enumerate() {
+                frozen_backward(&d_qkv[col..], width, n, h, w.w[i], &mut d_xn1, i > 0);
+            }
         }
+        let qkv_group = self.group(&QKV.map(|i| (i, [0, qw, qw + kw][i])), a, b);
+        lora_backward(&d_qkv, width, n, h, &qkv_group, a, &s.lora_u[0], &s.xn1, self.need_dx.then_some(&mut d_xn1[..]), &mut g);
         if !self.need_dx {
-            return (Vec::new(), da, db);
+            return (Vec::new(), g.da, g.db);
         }
         let mut dx = dh;
         rms_norm_backward(&mut dx, &d_xn1, x, &s.inv_rms1, w.norm1, h);
-        (dx, da, db)
+        (dx, g.da, g.db)
     }
 
     /// HF `rotate_half` RoPE in place on the first `cols` columns (q and k heads) of each row;
@@ -479,17 +491,25 @@ fn gather_kv(qkv: &[f32], width: usize, base: usize, keys: &[u32], k_col: usize,
     (kb, vb)
 }
 
-/// `y (+)= x·Wᵀ + s·((x∘mask)·Aᵀ)·Bᵀ` for `x` `[n, in]` into `y`'s first `out` columns (row stride
-/// `ldy`); returns `(x∘mask)·Aᵀ` for backward when there is an adapter.
+/// The q, k, v linears: they read the same input.
+const QKV: [usize; 3] = [0, 1, 2];
+
+/// `y[:, ..out] (+)= x·Wᵀ` for `x` `[n, in]`, `W` `[out, in]`, `y` with row stride `ldy`.
 #[allow(clippy::too_many_arguments)]
-fn linear(x: &[f32], n: usize, in_dim: usize, w: &[f32], out_dim: usize, y: &mut [f32], ldy: usize, accumulate: bool, ad: Option<Adapter>) -> Option<Vec<f32>> {
+fn frozen(x: &[f32], n: usize, in_dim: usize, w: &[f32], out_dim: usize, y: &mut [f32], ldy: usize, accumulate: bool) {
     Gemm::a_bt(n, out_dim, in_dim).run(y, ldy, x, in_dim, w, in_dim, accumulate, 1.0);
-    let ad = ad?;
-    let xm = masked(x, ad.mask);
-    let mut u = vec![0f32; n * ad.rank];
-    Gemm::a_bt(n, ad.rank, in_dim).run(&mut u, ad.rank, &xm, in_dim, ad.a, in_dim, false, 1.0);
-    Gemm::a_bt(n, out_dim, ad.rank).run(y, ldy, &u, ad.rank, ad.b, ad.rank, true, ad.scale);
-    Some(u)
+}
+
+/// `dx (+)= dy·W` (no dW: the weight is frozen). `dy` is `[n, out]` with row stride `ldy`.
+fn frozen_backward(dy: &[f32], ldy: usize, n: usize, in_dim: usize, w: &[f32], dx: &mut [f32], accumulate: bool) {
+    Gemm::a_b(n, in_dim, w.len() / in_dim).run(dx, in_dim, dy, ldy, w, in_dim, accumulate, 1.0);
+}
+
+/// Adapters whose `A`s can be applied as one `[Σr, in]` matrix: no dropout masks, and their
+/// `A`s adjacent in the flattened input (always so for one layer's group: only linears with an
+/// adapter are flattened, in order).
+fn stacked(group: &[Adapter]) -> bool {
+    group.iter().all(|g| g.mask.is_none()) && group.windows(2).all(|p| p[0].a_off + p[0].a.len() == p[1].a_off)
 }
 
 fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
@@ -499,37 +519,82 @@ fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]>
     }
 }
 
-/// Where a linear's adapter gradients go (ranges of the op's dA / dB outputs).
-struct LoraGrad {
-    da: SharedMut,
-    db: SharedMut,
+/// LoRA deltas of a group of linears that read the same `x` `[n, in]`: `u_i = (x∘mask_i)·A_iᵀ`
+/// (one GEMM for the whole group when [`stacked`]), then `y[:, col_i..] += s_i·u_i·B_iᵀ`.
+/// Returns the `u`s side by side, `[n, Σr]`, for backward.
+fn lora_forward(x: &[f32], n: usize, in_dim: usize, group: &[Adapter], a: &[f32], y: &mut [f32], ldy: usize) -> Vec<f32> {
+    let ranks: usize = group.iter().map(|g| g.rank).sum();
+    let mut u = vec![0f32; n * ranks];
+    if group.is_empty() {
+        return u;
+    }
+    if stacked(group) {
+        let a_all = &a[group[0].a_off..group[0].a_off + ranks * in_dim];
+        Gemm::a_bt(n, ranks, in_dim).run(&mut u, ranks, x, in_dim, a_all, in_dim, false, 1.0);
+    } else {
+        let mut col = 0;
+        for g in group {
+            Gemm::a_bt(n, g.rank, in_dim).run(&mut u[col..], ranks, &masked(x, g.mask), in_dim, g.a, in_dim, false, 1.0);
+            col += g.rank;
+        }
+    }
+    let mut col = 0;
+    for g in group {
+        Gemm::a_bt(n, g.out, g.rank).run(&mut y[g.col..], ldy, &u[col..], ranks, g.b, g.rank, true, g.scale);
+        col += g.rank;
+    }
+    u
 }
 
-/// Backward of [`linear`] (`dx` when the input needs a gradient): `dx (+)= dy·W + ((s·dy·B)·A)∘mask`, and the adapter's
-/// `dA = (s·dy·B)ᵀ·(x∘mask)`, `dB = s·dyᵀ·u`. `dy` is `[n, out]` with row stride `ldy`.
+/// The op's adapter gradients, `dA` and `dB` laid out as its flattened inputs.
+struct LoraGrads {
+    da: Vec<f32>,
+    db: Vec<f32>,
+}
+
+/// Backward of [`lora_forward`]: `dB_i = s·dy_iᵀ·u_i`, `du_i = s·dy_i·B_i`,
+/// `dA_i = du_iᵀ·(x∘mask_i)`, and `dx += Σ (du_i·A_i)∘mask_i` when the input needs a gradient
+/// (one GEMM each for a [`stacked`] group). `dy` is the group's output gradient, row stride `ldy`.
 #[allow(clippy::too_many_arguments)]
-fn linear_backward(dy: &[f32], ldy: usize, n: usize, in_dim: usize, w: &[f32], x: &[f32], mut dx: Option<&mut [f32]>, accumulate: bool, ad: Option<Adapter>, u: Option<&[f32]>, grad: Option<LoraGrad>) {
-    let out_dim = w.len() / in_dim;
-    if let Some(dx) = dx.as_deref_mut() {
-        Gemm::a_b(n, in_dim, out_dim).run(dx, in_dim, dy, ldy, w, in_dim, accumulate, 1.0);
+fn lora_backward(dy: &[f32], ldy: usize, n: usize, in_dim: usize, group: &[Adapter], a: &[f32], u: &[f32], x: &[f32], dx: Option<&mut [f32]>, g: &mut LoraGrads) {
+    if group.is_empty() {
+        return;
     }
-    let (Some(ad), Some(u), Some(grad)) = (ad, u, grad) else { return };
-    let r = ad.rank;
-    let mut du = vec![0f32; n * r];
-    Gemm::a_b(n, r, out_dim).run(&mut du, r, dy, ldy, ad.b, r, false, ad.scale);
-    // SAFETY: dA / dB point at this linear's own ranges of the op's gradient buffers.
-    let (da, db) = unsafe { (std::slice::from_raw_parts_mut(grad.da.0, r * in_dim), std::slice::from_raw_parts_mut(grad.db.0, out_dim * r)) };
-    Gemm::at_b(out_dim, r, n).run(db, r, dy, ldy, u, r, false, ad.scale);
-    let xm = masked(x, ad.mask);
-    Gemm::at_b(r, in_dim, n).run(da, in_dim, &du, r, &xm, in_dim, false, 1.0);
-    let Some(dx) = dx else { return };
-    match ad.mask {
-        None => Gemm::a_b(n, in_dim, r).run(dx, in_dim, &du, r, ad.a, in_dim, true, 1.0),
-        Some(mask) => {
-            let mut t = vec![0f32; n * in_dim];
-            Gemm::a_b(n, in_dim, r).run(&mut t, in_dim, &du, r, ad.a, in_dim, false, 1.0);
-            dx.par_iter_mut().zip(t.par_iter()).zip(mask.par_iter()).for_each(|((d, t), m)| *d += t * m);
+    let ranks: usize = group.iter().map(|ad| ad.rank).sum();
+    let mut du = vec![0f32; n * ranks];
+    let mut col = 0;
+    for ad in group {
+        let dyi = &dy[ad.col..];
+        Gemm::a_b(n, ad.rank, ad.out).run(&mut du[col..], ranks, dyi, ldy, ad.b, ad.rank, false, ad.scale);
+        let db = &mut g.db[ad.b_off..ad.b_off + ad.out * ad.rank];
+        Gemm::at_b(ad.out, ad.rank, n).run(db, ad.rank, dyi, ldy, &u[col..], ranks, false, ad.scale);
+        col += ad.rank;
+    }
+    if stacked(group) {
+        let (off, len) = (group[0].a_off, ranks * in_dim);
+        Gemm::at_b(ranks, in_dim, n).run(&mut g.da[off..off + len], in_dim, &du, ranks, x, in_dim, false, 1.0);
+        if let Some(dx) = dx {
+            Gemm::a_b(n, in_dim, ranks).run(dx, in_dim, &du, ranks, &a[off..off + len], in_dim, true, 1.0);
         }
+        return;
+    }
+    let mut dx = dx;
+    let mut col = 0;
+    for ad in group {
+        let xm = masked(x, ad.mask);
+        let da = &mut g.da[ad.a_off..ad.a_off + ad.a.len()];
+        Gemm::at_b(ad.rank, in_dim, n).run(da, in_dim, &du[col..], ranks, &xm, in_dim, false, 1.0);
+        if let Some(dx) = dx.as_deref_mut() {
+            match ad.mask {
+                None => Gemm::a_b(n, in_dim, ad.rank).run(dx, in_dim, &du[col..], ranks, ad.a, in_dim, true, 1.0),
+                Some(mask) => {
+                    let mut t = vec![0f32; n * in_dim];
+                    Gemm::a_b(n, in_dim, ad.rank).run(&mut t, in_dim, &du[col..], ranks, ad.a, in_dim, false, 1.0);
+                    dx.par_iter_mut().zip(t.par_iter()).zip(mask.par_iter()).for_each(|((d, t), m)| *d += t * m);
+                }
+            }
+        }
+        col += ad.rank;
     }
 }
 
