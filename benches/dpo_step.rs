@@ -6,7 +6,7 @@
 //! + policy forward + backward + AdamW. Median of `DPO_BENCH_STEPS` (5) after
 //! `DPO_BENCH_WARMUP` (2). Knobs: DPO_BENCH_{HIDDEN,LAYERS,HEADS,KV_HEADS,INTERMEDIATE,VOCAB,
 //! PROMPT_LEN,RESPONSE_LEN,PAIRS,STEPS,WARMUP,OUT,LR,TARGETS (LoRA targets, `all`)}; lever switches DPO_BENCH_UNSHARED=1 (no
-//! prompt sharing) and DPO_BENCH_COMPOSITE=1 (no fused kernels). Threads: RAYON_NUM_THREADS
+//! prompt sharing) and DPO_BENCH_COMPOSITE=1 (candle compositions instead of the CPU layer op and fused head). Threads: RAYON_NUM_THREADS
 //! (default 2 here).
 //!
 //! `cargo bench --bench dpo_step` — the last line printed is one JSON object.

@@ -7,6 +7,7 @@
 //! std::fs::create_dir_all(&dir).unwrap();
 //! dpo::checkpoint::atomic::write_bytes(&dir.join("a.txt"), b"hello").unwrap();
 //! assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"hello");
+//! std::fs::remove_dir_all(&dir).unwrap();
 //! ```
 use anyhow::{Context, Result};
 use std::fs::File;

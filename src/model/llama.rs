@@ -37,7 +37,8 @@ pub struct Llama {
     /// Forward passes run with adapters off / on (observability: tests check a cache hit
     /// really skips the reference forward).
     forwards: [AtomicUsize; 2],
-    /// Use the fused CPU kernels of [`fused`] (f32 on CPU) instead of the compositions.
+    /// Run each layer as one [`cpu_layer`] op and the head with the [`fused`] ops (f32 on CPU)
+    /// instead of candle compositions.
     fused: bool,
 }
 
@@ -118,7 +119,7 @@ impl Llama {
         &self.device
     }
 
-    /// Chooses the fused CPU kernels (default for f32 on CPU) or the plain compositions.
+    /// Chooses the CPU layer op and fused head (default for f32 on CPU) or the plain compositions.
     pub fn set_fused(&mut self, fused: bool) {
         self.fused = fused && self.device.is_cpu() && self.dtype == DType::F32;
     }
