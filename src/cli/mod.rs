@@ -162,9 +162,10 @@ fn sweep(args: &crate::sweep::SweepArgs) -> anyhow::Result<()> {
         let plan = crate::sweep::plan(args)?;
         let runs: Vec<crate::sweep::PlannedRun> = crate::sweep::planned_runs(&plan)?.into_iter().map(|(r, _)| r).collect();
         if args.json {
-            println!("{}", serde_json::json!({ "output_dir": plan.output_dir, "runs": runs }));
+            println!("{}", serde_json::json!({ "output_dir": plan.output_dir, "early_stop": plan.early_stop, "runs": runs }));
         } else {
-            println!("sweep in {}: {} runs", plan.output_dir.display(), runs.len());
+            let early = if plan.early_stop.is_some() { " (successive halving on eval reward accuracy)" } else { "" };
+            println!("sweep in {}: {} runs{early}", plan.output_dir.display(), runs.len());
             for r in &runs {
                 println!("  {} ({}) -> {}", r.name, r.state, r.output_dir.display());
             }
@@ -180,7 +181,7 @@ fn sweep(args: &crate::sweep::SweepArgs) -> anyhow::Result<()> {
     if summary.all_finished() {
         Ok(())
     } else {
-        eprintln!("error: {} of {} sweep runs did not finish (see sweep_summary.md)", summary.rows.len() - summary.finished, summary.rows.len());
+        eprintln!("error: {} of {} sweep runs did not finish (see sweep_summary.md)", summary.rows.len() - summary.finished - summary.stopped, summary.rows.len());
         Err(SweepIncomplete.into())
     }
 }

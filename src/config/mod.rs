@@ -136,6 +136,11 @@ pub struct TrainArgs {
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub stop_after_steps: Option<usize>,
+    /// Sweep hook (successive halving): after this step, score the held-out pairs, write a
+    /// checkpoint and return [`crate::train::interrupt::Paused`]. Set by `dpo sweep` only.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub pause_after_steps: Option<usize>,
 }
 
 impl std::ops::Deref for TrainArgs {

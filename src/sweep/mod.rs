@@ -11,6 +11,7 @@
 //! let summary = dpo::sweep::run(&args).unwrap();
 //! assert!(summary.all_finished());
 //! ```
+pub mod halving;
 pub mod plan;
 pub mod summary;
 
@@ -54,8 +55,14 @@ pub struct SweepArgs {
     pub output_dir: Option<PathBuf>,
     /// Continue the sweep in OUTPUT: finished runs are skipped, an interrupted one resumes
     /// from its newest checkpoint.
-    #[arg(long, value_name = "OUTPUT", conflicts_with_all = ["config", "beta", "lr", "loss", "sets", "eval_dataset", "output_dir"])]
+    #[arg(long, value_name = "OUTPUT", conflicts_with_all = ["config", "beta", "lr", "loss", "sets", "eval_dataset", "output_dir", "early_stop"])]
     pub resume: Option<PathBuf>,
+    /// `halving`: successive halving on eval reward accuracy. All runs train to max_steps/2^k,
+    /// the better half (by eval reward accuracy, then eval loss) continues to twice the steps,
+    /// and so on until one run reaches max_steps; dropped runs are reported as stopped, with
+    /// their metrics at the step they stopped. Needs held-out pairs.
+    #[arg(long, value_name = "halving", value_parser = ["halving"])]
+    pub early_stop: Option<String>,
     /// Print the runs (and their state) without training.
     #[arg(long)]
     pub dry_run: bool,
@@ -84,7 +91,7 @@ pub fn plan(args: &SweepArgs) -> Result<Plan> {
     if grid.points().len() < 2 && grid == Grid::default() {
         bail!(UsageError("give at least one of --beta, --lr, --loss to sweep over".into()));
     }
-    let mut plan = Plan { config, sets: args.sets.clone(), grid, output_dir: PathBuf::new(), eval_dataset: args.eval_dataset.clone() };
+    let mut plan = Plan { config, sets: args.sets.clone(), grid, output_dir: PathBuf::new(), eval_dataset: args.eval_dataset.clone(), early_stop: args.early_stop.clone() };
     plan.output_dir = match &args.output_dir {
         Some(d) => d.clone(),
         None => plan.train_args(&Point(Vec::new()))?.output_dir,
@@ -106,7 +113,7 @@ pub fn planned_runs(plan: &Plan) -> Result<Vec<(PlannedRun, crate::config::Train
         .collect()
 }
 
-fn run_state(dir: &Path) -> &'static str {
+pub(crate) fn run_state(dir: &Path) -> &'static str {
     if dir.join(RUN_FILE).is_file() {
         "finished"
     } else if crate::checkpoint::list(dir).is_ok_and(|c| !c.is_empty()) {
@@ -137,46 +144,93 @@ pub fn run(args: &SweepArgs) -> Result<Summary> {
     let stop = crate::train::interrupt::StopSignal::install()?;
 
     let mut rows: Vec<Row> = runs.iter().map(|(r, _)| pending_row(r)).collect();
-    for (i, (planned, train_args)) in runs.iter().enumerate() {
-        if stop.received().is_some() {
-            break;
+    let mut shared = Shared { loaded: &mut loaded, data: &data, eval_data: eval_data.as_ref(), cache: cache.as_mut(), stop: &stop };
+    if plan.early_stop.is_some() {
+        if eval_data.is_none() {
+            bail!(UsageError("--early-stop halving ranks runs by eval reward accuracy: give --eval-dataset (or eval_dataset / eval_split in the config)".into()));
         }
-        eprintln!("sweep run {}/{}: {} ({})", i + 1, runs.len(), planned.name, planned.state);
-        rows[i] = match planned.state {
-            "finished" => finished_row(planned, &read_run(&planned.output_dir)?),
-            state => {
-                let mut a = train_args.clone();
-                match state {
-                    "resume" => a.resume = Some(planned.output_dir.display().to_string()),
-                    _ => a.overwrite_output_dir = true,
-                }
-                let started = Instant::now();
-                let inputs = Inputs { loaded: &mut loaded, data: &data, eval_data: eval_data.as_ref(), cache: cache.as_mut() };
-                match crate::train::run_loaded(&a, inputs) {
-                    Ok(s) => {
-                        atomic::write_bytes(&planned.output_dir.join(RUN_FILE), serde_json::to_string_pretty(&s)?.as_bytes())?;
-                        finished_row(planned, &serde_json::to_value(&s)?)
-                    }
-                    Err(e) => {
-                        eprintln!("sweep run {} failed: {e:#}", planned.name);
-                        if e.downcast_ref::<crate::train::interrupt::Interrupted>().is_some() {
-                            rows[i].error = Some(format!("{e:#}"));
-                            Summary::new(rows).write(&plan.output_dir)?;
-                            return Err(e);
-                        }
-                        Row { status: Status::Failed, error: Some(format!("{e:#}")), seconds: started.elapsed().as_secs_f64(), ..pending_row(planned) }
-                    }
-                }
+        halving::run(&plan, &runs, &mut rows, &mut shared)?;
+    } else {
+        for (i, (planned, train_args)) in runs.iter().enumerate() {
+            if shared.stop.received().is_some() {
+                break;
             }
-        };
-        Summary::new(rows.clone()).write(&plan.output_dir)?;
+            eprintln!("sweep run {}/{}: {} ({})", i + 1, runs.len(), planned.name, planned.state);
+            rows[i] = match planned.state {
+                "finished" => finished_row(planned, &read_run(&planned.output_dir)?),
+                _ => match train_segment(planned, train_args.clone(), &mut shared) {
+                    Segment::Finished(row) | Segment::Failed(row) => row,
+                    Segment::Paused => bail!("run {} paused without --early-stop", planned.name),
+                    Segment::Interrupted(e) => {
+                        rows[i].error = Some(format!("{e:#}"));
+                        Summary::new(rows).write(&plan.output_dir)?;
+                        return Err(e);
+                    }
+                },
+            };
+            Summary::new(rows.clone()).write(&plan.output_dir)?;
+        }
     }
     let summary = Summary::new(rows);
     summary.write(&plan.output_dir)?;
     Ok(summary)
 }
 
-fn pending_row(r: &PlannedRun) -> Row {
+/// What the runs of one sweep share: the loaded model, the data and the reference cache.
+pub(crate) struct Shared<'a> {
+    loaded: &'a mut crate::setup::Loaded,
+    data: &'a crate::setup::Dataset,
+    eval_data: Option<&'a crate::setup::Dataset>,
+    cache: Option<&'a mut crate::refcache::RefCache>,
+    stop: &'a crate::train::interrupt::StopSignal,
+}
+
+/// How one stretch of a run's training ended.
+pub(crate) enum Segment {
+    Finished(Row),
+    Failed(Row),
+    /// Paused at its rung (successive halving).
+    Paused,
+    /// Stopped by a signal: the sweep stops too.
+    Interrupted(anyhow::Error),
+}
+
+/// Trains (or resumes) one run with `args`, in the sweep's loaded model; a finished run gets
+/// its `run_summary.json`.
+pub(crate) fn train_segment(planned: &PlannedRun, mut args: crate::config::TrainArgs, shared: &mut Shared) -> Segment {
+    match run_state(&planned.output_dir) {
+        "resume" => args.resume = Some(planned.output_dir.display().to_string()),
+        _ => args.overwrite_output_dir = true,
+    }
+    let started = Instant::now();
+    let inputs = Inputs { loaded: shared.loaded, data: shared.data, eval_data: shared.eval_data, cache: shared.cache.as_deref_mut() };
+    let failed = |e: &anyhow::Error| Row { status: Status::Failed, error: Some(format!("{e:#}")), seconds: started.elapsed().as_secs_f64(), ..pending_row(planned) };
+    match crate::train::run_loaded(&args, inputs) {
+        Ok(s) => {
+            let written = serde_json::to_string_pretty(&s)
+                .map_err(anyhow::Error::from)
+                .and_then(|json| atomic::write_bytes(&planned.output_dir.join(RUN_FILE), json.as_bytes()))
+                .and_then(|_| Ok(serde_json::to_value(&s)?));
+            match written {
+                Ok(v) => Segment::Finished(finished_row(planned, &v)),
+                Err(e) => Segment::Failed(failed(&e)),
+            }
+        }
+        Err(e) => {
+            if let Some(p) = e.downcast_ref::<crate::train::interrupt::Paused>() {
+                eprintln!("sweep run {}: {p}", planned.name);
+                return Segment::Paused;
+            }
+            eprintln!("sweep run {} failed: {e:#}", planned.name);
+            if e.downcast_ref::<crate::train::interrupt::Interrupted>().is_some() {
+                return Segment::Interrupted(e);
+            }
+            Segment::Failed(failed(&e))
+        }
+    }
+}
+
+pub(crate) fn pending_row(r: &PlannedRun) -> Row {
     Row {
         name: r.name.clone(),
         params: r.params.clone(),
@@ -188,16 +242,17 @@ fn pending_row(r: &PlannedRun) -> Row {
         seconds: 0.0,
         error: None,
         best: false,
+        stopped_at_step: None,
     }
 }
 
-fn read_run(dir: &Path) -> Result<serde_json::Value> {
+pub(crate) fn read_run(dir: &Path) -> Result<serde_json::Value> {
     let path = dir.join(RUN_FILE);
     serde_json::from_str(&std::fs::read_to_string(&path)?).with_context(|| format!("{} is corrupt", path.display()))
 }
 
 /// A row from a run's [`TrainSummary`] (as JSON, so rows of earlier processes read the same).
-fn finished_row(r: &PlannedRun, s: &serde_json::Value) -> Row {
+pub(crate) fn finished_row(r: &PlannedRun, s: &serde_json::Value) -> Row {
     let f = |v: &serde_json::Value| v.as_f64();
     let eval = &s["eval"];
     Row {

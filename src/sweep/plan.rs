@@ -90,6 +90,9 @@ pub struct Plan {
     pub grid: Grid,
     pub output_dir: PathBuf,
     pub eval_dataset: Option<PathBuf>,
+    /// `halving`: successive halving on eval reward accuracy (see [`super::halving`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stop: Option<String>,
 }
 
 pub const PLAN_FILE: &str = "sweep_plan.json";

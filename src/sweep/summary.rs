@@ -4,7 +4,7 @@
 //!
 //! ```
 //! use dpo::sweep::summary::{Row, Status, Summary};
-//! let row = |name: &str, loss| Row { name: name.into(), params: vec![], status: Status::Finished, final_train_loss: Some(loss), eval_loss: None, eval_reward_accuracy: None, eval_reward_margin: None, seconds: 1.0, error: None, best: false };
+//! let row = |name: &str, loss| Row { name: name.into(), params: vec![], status: Status::Finished, final_train_loss: Some(loss), eval_loss: None, eval_reward_accuracy: None, eval_reward_margin: None, seconds: 1.0, error: None, best: false, stopped_at_step: None };
 //! let s = Summary::new(vec![row("a", 0.6), row("b", 0.4)]);
 //! assert!(s.rows[1].best && s.all_finished());
 //! ```
@@ -23,6 +23,8 @@ pub enum Status {
     Failed,
     /// Not run (the sweep was stopped before it).
     Pending,
+    /// Dropped by `--early-stop halving` at `stopped_at_step` (its metrics are from that step).
+    Stopped,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +40,8 @@ pub struct Row {
     pub seconds: f64,
     pub error: Option<String>,
     pub best: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at_step: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +51,8 @@ pub struct Summary {
     pub best: Option<String>,
     pub finished: usize,
     pub failed: usize,
+    #[serde(default)]
+    pub stopped: usize,
 }
 
 impl Summary {
@@ -56,11 +62,13 @@ impl Summary {
             r.best = Some(i) == best;
         }
         let count = |s| rows.iter().filter(|r| r.status == s).count();
-        Self { best: best.map(|i| rows[i].name.clone()), finished: count(Status::Finished), failed: count(Status::Failed), rows }
+        let (finished, failed, stopped) = (count(Status::Finished), count(Status::Failed), count(Status::Stopped));
+        Self { best: best.map(|i| rows[i].name.clone()), finished, failed, stopped, rows }
     }
 
+    /// Every run finished, or was dropped by early stopping as planned.
     pub fn all_finished(&self) -> bool {
-        self.finished == self.rows.len()
+        self.finished + self.stopped == self.rows.len()
     }
 
     /// Writes both files atomically.
@@ -75,6 +83,7 @@ impl Summary {
         for r in &self.rows {
             let status = match (&r.status, &r.error) {
                 (Status::Failed, Some(e)) => format!("failed: {}", e.replace('|', "/").replace('\n', " ")),
+                (Status::Stopped, _) => format!("stopped at step {} (halving)", r.stopped_at_step.unwrap_or(0)),
                 (s, _) => format!("{s:?}").to_lowercase(),
             };
             md.push_str(&format!(
@@ -89,6 +98,9 @@ impl Summary {
             ));
         }
         md.push_str(&format!("\n{} of {} runs finished, {} failed.", self.finished, self.rows.len(), self.failed));
+        if self.stopped > 0 {
+            md.push_str(&format!(" {} stopped early by successive halving (their metrics are from the step they stopped at).", self.stopped));
+        }
         if let Some(b) = &self.best {
             md.push_str(&format!(" Best: {b} (highest eval reward accuracy, then lowest eval loss; lowest train loss without eval)."));
         }

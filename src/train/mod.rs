@@ -282,17 +282,20 @@ fn train_loop(
         progress.step(step, metrics.rewards.loss, metrics.rewards.rewards_accuracies, metrics.tokens_per_sec);
         all_tokens += tokens;
         last = Some(metrics);
+        let paused = args.pause_after_steps == Some(step) && step < total_steps;
         // Evaluation reads the adapter and draws no random numbers: it never changes the run.
-        if let (Some(every), Some(d)) = (args.eval_steps, eval_data)
-            && (step % every == 0 || step == total_steps)
-        {
+        let eval_due = paused || args.eval_steps.is_some_and(|every| step % every == 0 || step == total_steps);
+        if let (true, Some(d)) = (eval_due, eval_data) {
             let m = heldout::evaluate(loaded, d, &loss, args.batch_size, cache.as_deref_mut())?;
             append_eval_line(&args.output_dir, step, &m)?;
             last_eval = Some((step, m));
         }
 
         let signal = stop.received();
-        let due = args.save_steps.is_some_and(|every| step % every == 0 && step < total_steps);
+        let due = paused || args.save_steps.is_some_and(|every| step % every == 0 && step < total_steps);
+        if paused && provenance.is_none() {
+            bail!("pausing after step {step} needs checkpoints (--save-steps)");
+        }
         if let Some(provenance) = provenance.as_ref().filter(|_| due || signal.is_some()) {
             let stream_position = positions.last().map_or(first, |p| p + 1);
             let state = crate::checkpoint::TrainerState {
@@ -322,6 +325,11 @@ fn train_loop(
                 progress.finish();
                 metrics_file.sync_all()?;
                 return Err(interrupt::Interrupted { signal, checkpoint: dir, output_dir: args.output_dir.clone() }.into());
+            }
+            if paused {
+                progress.finish();
+                metrics_file.sync_all()?;
+                return Err(interrupt::Paused { step }.into());
             }
         }
         if let Some(signal) = signal {
@@ -365,7 +373,7 @@ fn train_loop(
     })
 }
 
-fn append_eval_line(output_dir: &Path, step: usize, m: &RewardMetrics) -> Result<()> {
+pub(crate) fn append_eval_line(output_dir: &Path, step: usize, m: &RewardMetrics) -> Result<()> {
     let mut line = serde_json::to_value(m)?;
     line["step"] = step.into();
     let path = output_dir.join(EVAL_CURVE_FILE);
