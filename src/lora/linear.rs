@@ -92,10 +92,13 @@ fn dropout(x: &Tensor, p: f32, rng: &mut SeededRng) -> Result<Tensor> {
     if p == 0.0 {
         return Ok(x.clone());
     }
-    let keep = 1.0 - p;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.uniform() < keep { 1.0 / keep } else { 0.0 })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    let mask = Tensor::from_vec(dropout_mask(x.elem_count(), p, rng), x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
+}
+
+/// `n` inverted-dropout factors (`1/(1−p)` kept, 0 dropped), one uniform draw each in order:
+/// the CPU layer op draws the same masks as the composite layer from the same stream.
+pub fn dropout_mask(n: usize, p: f32, rng: &mut SeededRng) -> Vec<f32> {
+    let keep = 1.0 - p;
+    (0..n).map(|_| if rng.uniform() < keep { 1.0 / keep } else { 0.0 }).collect()
 }

@@ -17,11 +17,11 @@
 //! let y = dpo::model::cpu_layer::forward(&layer, &geometry, &x, &mut dpo::lora::LoraMode::On)?;
 //! # Ok(()) }
 //! ```
-use super::kernels::{self, Gemm, SharedMut, rms_norm, rms_norm_backward};
+use super::kernels::{self, Gemm, SharedMut, cpu_storage_f32, rms_norm, rms_norm_backward, storage_f32};
 use super::layout::TokenLayout;
 use crate::lora::LoraMode;
-use crate::lora::linear::LoraWeights;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
+use crate::lora::linear::{LoraWeights, dropout_mask};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -115,7 +115,7 @@ pub fn forward(p: &LayerParams, geo: &Arc<Geometry>, x: &Tensor, mode: &mut Lora
     if !with_lora && !x.track_op() {
         // The reference pass: no graph, nothing saved.
         let (storage, _) = x.storage_and_layout();
-        let out = op.run_forward(cpu_f32(&storage, x.layout())?, &[], &[], false)?;
+        let out = op.run_forward(storage_f32(&storage, x.layout())?, &[], &[], false)?;
         drop(storage);
         return Tensor::from_vec(out, shape, x.device());
     }
@@ -153,10 +153,7 @@ fn lora_slots(p: &LayerParams, n: usize, mode: &mut LoraMode) -> Result<Vec<Opti
         let (out_dim, in_dim) = w.dims2()?;
         let rank = l.a.dim(0)?;
         let mask = match mode {
-            LoraMode::Train(rng) if l.dropout > 0.0 => {
-                let keep = 1.0 - l.dropout;
-                Some(Arc::new((0..n * in_dim).map(|_| if rng.uniform() < keep { 1.0 / keep } else { 0.0 }).collect()))
-            }
+            LoraMode::Train(rng) if l.dropout > 0.0 => Some(Arc::new(dropout_mask(n * in_dim, l.dropout, rng))),
             _ => None,
         };
         slots.push(Some(LoraSlot { rank, scale: l.scale as f32, a_off, b_off, mask }));
@@ -164,21 +161,6 @@ fn lora_slots(p: &LayerParams, n: usize, mode: &mut LoraMode) -> Result<Vec<Opti
         b_off += out_dim * rank;
     }
     Ok(slots)
-}
-
-fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
-        (Storage::Cpu(CpuStorage::F32(_)), None) => bail!("cpu layer: tensor must be contiguous"),
-        _ => bail!("cpu layer: f32 CPU tensors only"),
-    }
-}
-
-fn storage_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("cpu layer: contiguous f32 input expected"),
-    }
 }
 
 /// Activations kept from forward for backward.
@@ -244,8 +226,8 @@ impl LayerOp {
         let p = &self.p;
         let guards: Vec<_> = [&p.input_norm, &p.post_norm].into_iter().chain(p.weights.iter()).map(|t| t.storage_and_layout()).collect();
         let bias_guards: Vec<_> = p.biases.iter().map(|b| b.as_ref().map(|t| t.storage_and_layout())).collect();
-        let s: Vec<&[f32]> = guards.iter().map(|(s, l)| cpu_f32(s, l)).collect::<Result<_>>()?;
-        let bias = |i: usize| -> Result<Option<&[f32]>> { bias_guards[i].as_ref().map(|(s, l)| cpu_f32(s, l)).transpose() };
+        let s: Vec<&[f32]> = guards.iter().map(|(s, l)| storage_f32(s, l)).collect::<Result<_>>()?;
+        let bias = |i: usize| -> Result<Option<&[f32]>> { bias_guards[i].as_ref().map(|(s, l)| storage_f32(s, l)).transpose() };
         let w = Weights { norm1: s[0], norm2: s[1], w: [s[2], s[3], s[4], s[5], s[6], s[7], s[8]], bias: [bias(0)?, bias(1)?, bias(2)?] };
         f(&w)
     }
@@ -604,7 +586,7 @@ impl CustomOp1 for LayerOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.run_forward(storage_f32(s, l)?, &[], &[], true)?;
+        let out = self.run_forward(cpu_storage_f32(s, l)?, &[], &[], true)?;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -620,7 +602,7 @@ impl CustomOp3 for LayerOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.run_forward(storage_f32(s1, l1)?, storage_f32(s2, l2)?, storage_f32(s3, l3)?, true)?;
+        let out = self.run_forward(cpu_storage_f32(s1, l1)?, cpu_storage_f32(s2, l2)?, cpu_storage_f32(s3, l3)?, true)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -639,14 +621,14 @@ impl LayerOp {
             None => (None, None),
         };
         let a_slice = match &ga {
-            Some((s, l)) => cpu_f32(s, l)?,
+            Some((s, l)) => storage_f32(s, l)?,
             None => &[],
         };
         let b_slice = match &gb {
-            Some((s, l)) => cpu_f32(s, l)?,
+            Some((s, l)) => storage_f32(s, l)?,
             None => &[],
         };
-        let (dx, da, db) = self.run_backward(cpu_f32(&xs, xl)?, a_slice, b_slice, cpu_f32(&ds, dl)?)?;
+        let (dx, da, db) = self.run_backward(storage_f32(&xs, xl)?, a_slice, b_slice, storage_f32(&ds, dl)?)?;
         let dev = x.device();
         let dx = if self.need_dx { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
         let grads = match ab {

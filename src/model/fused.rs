@@ -17,7 +17,7 @@
 //! let want = 2.0 - (1f32 + 1f32.exp() + 2f32.exp()).ln();
 //! assert!((lp.to_vec1::<f32>().unwrap()[0] - want).abs() < 1e-6);
 //! ```
-use super::kernels::{self, Gemm};
+use super::kernels::{self, Gemm, cpu_storage_f32};
 use candle_core::{Context, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
@@ -43,19 +43,11 @@ struct LmHeadLogps {
     logits: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        (CpuStorage::F32(_), None) => bail!("fused op: input must be contiguous"),
-        _ => bail!("fused op: f32 input expected"),
-    }
-}
-
 impl LmHeadLogps {
     fn with_w<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
         let (st, l) = self.w.storage_and_layout();
         match &*st {
-            Storage::Cpu(c) => f(f32_slice(c, l)?),
+            Storage::Cpu(c) => f(cpu_storage_f32(c, l)?),
             _ => bail!("lm_head_logps: CPU only"),
         }
     }
@@ -67,7 +59,7 @@ impl CustomOp1 for LmHeadLogps {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let hidden = f32_slice(s, l)?;
+        let hidden = cpu_storage_f32(s, l)?;
         let (vocab, h) = self.w.dims2()?;
         let rows = self.targets.len();
         let mut logits = vec![0f32; rows * vocab];
@@ -123,7 +115,7 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (x, w) = (cpu_storage_f32(s1, l1)?, cpu_storage_f32(s2, l2)?);
         let (y, _) = kernels::rms_norm(x, w, w.len(), self.eps);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }

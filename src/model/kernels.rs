@@ -1,7 +1,8 @@
 //! Plain f32 slice kernels for the CPU decoder layer ([`super::cpu_layer`]): strided GEMMs that
 //! accumulate in place (so a residual add or a LoRA delta costs no extra pass), and the
 //! vectorised elementwise loops (exp, softmax rows, SiLU, RMSNorm, RoPE) that candle runs as
-//! many separate, allocating, scalar passes.
+//! many separate, allocating, scalar passes; and the borrow of a candle CPU storage as an f32
+//! slice that the custom ops start from.
 //!
 //! The elementwise loops are written so LLVM vectorises them, and compiled three times (AVX-512,
 //! AVX2+FMA, baseline) with the widest one the CPU has picked at run time.
@@ -17,8 +18,26 @@
 //! let mut row = [0.0f32, 1.0f32.ln()];
 //! assert!((exp_shift_sum(&mut row, 0.0) - 2.0).abs() < 1e-6);
 //! ```
+use candle_core::{CpuStorage, Layout, Storage, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+/// The f32 elements of a contiguous CPU storage (what a custom op's `cpu_fwd` receives).
+pub fn cpu_storage_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => bail!("CPU kernel: input must be contiguous"),
+        _ => bail!("CPU kernel: f32 input expected"),
+    }
+}
+
+/// As [`cpu_storage_f32`], for a tensor's storage (`Tensor::storage_and_layout`).
+pub fn storage_f32<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => cpu_storage_f32(c, l),
+        _ => bail!("CPU kernel: CPU tensors only"),
+    }
+}
 
 /// The shape and operand orientation of one `C (+)= β · op(A) · op(B)`, C `[m, n]` row-major.
 #[derive(Debug, Clone, Copy)]
@@ -258,7 +277,7 @@ fn softmax_bwd_generic(ds: &mut [f32], p: &[f32], d_row: f32) {
 }
 
 #[inline(always)]
-fn add_mask_scaled_generic(s: &mut [f32], mask: &[f32]) {
+fn add_mask_generic(s: &mut [f32], mask: &[f32]) {
     for (v, &m) in s.iter_mut().zip(mask) {
         *v += m;
     }
@@ -272,7 +291,7 @@ dispatch!(dot(a: &[f32], b: &[f32]) -> f32 = dot_generic);
 dispatch!(silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) -> () = silu_mul_generic);
 dispatch!(silu_mul_bwd(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) -> () = silu_mul_bwd_generic);
 dispatch!(softmax_bwd(ds: &mut [f32], p: &[f32], d_row: f32) -> () = softmax_bwd_generic);
-dispatch!(add_mask(s: &mut [f32], mask: &[f32]) -> () = add_mask_scaled_generic);
+dispatch!(add_mask(s: &mut [f32], mask: &[f32]) -> () = add_mask_generic);
 
 /// `ln Σ exp(row)`, stable.
 pub fn log_sum_exp(row: &[f32]) -> f32 {

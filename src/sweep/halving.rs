@@ -53,9 +53,6 @@ pub(crate) fn run(plan: &super::plan::Plan, runs: &[(PlannedRun, TrainArgs)], ro
             eprintln!("sweep run {}: to step {rung}", planned.name);
             let mut a = args.clone();
             a.pause_after_steps = (!last).then_some(rung);
-            // Pausing writes a checkpoint, which needs the run's provenance: ask for checkpoints
-            // (at the end only, unless the config saves more often).
-            a.save_steps = a.save_steps.or(Some(total));
             let started = std::time::Instant::now();
             let segment = train_segment(planned, a, shared);
             spent[i] += started.elapsed().as_secs_f64();
@@ -89,31 +86,32 @@ pub(crate) fn run(plan: &super::plan::Plan, runs: &[(PlannedRun, TrainArgs)], ro
     Ok(())
 }
 
-/// `(eval reward accuracy, eval loss)` the run logged at `step`, if it did.
-fn eval_at(dir: &Path, step: usize) -> Result<Option<(f64, f64)>> {
-    let path = dir.join(EVAL_CURVE_FILE);
+/// The line of a run's JSONL log (`metrics.jsonl`, `eval_metrics.jsonl`) for `step`, if any.
+fn line_at_step(dir: &Path, file: &str, step: usize) -> Result<Option<serde_json::Value>> {
+    let path = dir.join(file);
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
     for (n, line) in text.lines().enumerate() {
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), n + 1))?;
         if v["step"].as_u64() == Some(step as u64) {
-            let (Some(acc), Some(loss)) = (v["rewards/accuracies"].as_f64(), v["loss"].as_f64()) else {
-                bail!("{}:{}: no rewards/accuracies or loss", path.display(), n + 1);
-            };
-            return Ok(Some((acc, loss)));
+            return Ok(Some(v));
         }
     }
     Ok(None)
 }
 
+/// `(eval reward accuracy, eval loss)` the run logged at `step`, if it did.
+fn eval_at(dir: &Path, step: usize) -> Result<Option<(f64, f64)>> {
+    let Some(v) = line_at_step(dir, EVAL_CURVE_FILE, step)? else { return Ok(None) };
+    match (v["rewards/accuracies"].as_f64(), v["loss"].as_f64()) {
+        (Some(acc), Some(loss)) => Ok(Some((acc, loss))),
+        _ => bail!("{}: the step {step} line has no rewards/accuracies or loss", dir.join(EVAL_CURVE_FILE).display()),
+    }
+}
+
 /// The row of a run dropped at `step`: its train loss and eval metrics at that step.
 fn stopped_row(r: &PlannedRun, step: usize) -> Result<Row> {
     let find = |file: &str| -> Result<serde_json::Value> {
-        let path = r.output_dir.join(file);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["step"].as_u64() == Some(step as u64))
-            .with_context(|| format!("{} has no line for step {step}", path.display()))
+        line_at_step(&r.output_dir, file, step)?.with_context(|| format!("{} has no line for step {step}", r.output_dir.join(file).display()))
     };
     let (train, eval) = (find(crate::train::METRICS_FILE)?, find(EVAL_CURVE_FILE)?);
     Ok(Row {

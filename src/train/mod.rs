@@ -242,7 +242,9 @@ fn train_loop(
         vars.len(),
         vars.iter().map(|v| v.elem_count()).sum::<usize>()
     );
-    let provenance = args.save_steps.map(|_| provenance(args)).transpose()?;
+    // Checkpoints (periodic, or the one a pause writes) carry the run's provenance.
+    let checkpoints = args.save_steps.is_some() || args.pause_after_steps.is_some();
+    let provenance = checkpoints.then(|| provenance(args)).transpose()?;
     let stop = interrupt::StopSignal::install()?;
 
     let mut progress = Progress::new(total_steps, args.logging_steps);
@@ -293,9 +295,6 @@ fn train_loop(
 
         let signal = stop.received();
         let due = paused || args.save_steps.is_some_and(|every| step % every == 0 && step < total_steps);
-        if paused && provenance.is_none() {
-            bail!("pausing after step {step} needs checkpoints (--save-steps)");
-        }
         if let Some(provenance) = provenance.as_ref().filter(|_| due || signal.is_some()) {
             let stream_position = positions.last().map_or(first, |p| p + 1);
             let state = crate::checkpoint::TrainerState {
