@@ -1,20 +1,25 @@
-//! One full LoRA-DPO optimizer step on a random Llama, timed: the CPU benchmark of issue 6.
+//! One full LoRA-DPO optimizer step on a random model, timed: the CPU benchmark.
 //!
 //! Default shape = ../shared/bench/bench_torch.py's: hidden 512, 8 layers, 8 heads (8 KV),
-//! intermediate 1408, vocab 32000, LoRA r16/α32 on q,k,v,o,gate,up,down, 2 pairs of 256 prompt +
-//! 256 response tokens (4 sequences × 512 = 2048 tokens a step), f32. A step = reference forward
-//! + policy forward + backward + AdamW. Median of `DPO_BENCH_STEPS` (5) after
-//! `DPO_BENCH_WARMUP` (2). Knobs: DPO_BENCH_{HIDDEN,LAYERS,HEADS,KV_HEADS,INTERMEDIATE,VOCAB,
-//! PROMPT_LEN,RESPONSE_LEN,PAIRS,STEPS,WARMUP,OUT,LR,TARGETS (LoRA targets, `all`)}; lever switches DPO_BENCH_UNSHARED=1 (no
-//! prompt sharing) and DPO_BENCH_COMPOSITE=1 (candle compositions instead of the CPU layer op and fused head). Threads: RAYON_NUM_THREADS
-//! (default 2 here).
+//! intermediate 1408, vocab 32000, LoRA r16/α32 on every linear, 2 pairs of 256 prompt and
+//! 256 response tokens (4 sequences × 512 = 2048 tokens a step), f32. A step is the reference
+//! forward, the policy forward and backward, and AdamW. Median of `DPO_BENCH_STEPS` (5) after
+//! `DPO_BENCH_WARMUP` (2).
+//!
+//! Knobs: `DPO_BENCH_{HIDDEN,LAYERS,HEADS,KV_HEADS,INTERMEDIATE,VOCAB,PROMPT_LEN,RESPONSE_LEN,
+//! PAIRS,STEPS,WARMUP,OUT,LR,TARGETS}` (`TARGETS`: LoRA targets, default `all`); the family
+//! `DPO_BENCH_ARCH`: `llama` (default) or a zoo fixture's name (llama3, mistral-hd, qwen3,
+//! qwen2-yarn, gemma, gemma2, gemma3, phi3, smollm3, olmo2), whose config is used at the bench
+//! shape; lever switches `DPO_BENCH_UNSHARED=1` (no prompt sharing) and `DPO_BENCH_COMPOSITE=1`
+//! (the generic candle layer instead of the CPU layer op and fused head). Threads:
+//! `RAYON_NUM_THREADS` (default 2 here).
 //!
 //! `cargo bench --bench dpo_step` — the last line printed is one JSON object.
 use candle_core::{DType, Device, Tensor, Var};
 use dpo::data::{PairBatch, TokenizedPair};
 use dpo::lora::{LoraConfig, LoraMode, adapter};
 use dpo::loss::{DpoLoss, LossKind};
-use dpo::model::{Llama, ModelConfig};
+use dpo::model::{Architecture, CausalLm, LayerPath};
 use dpo::rng::{SeededRng, Stream};
 use dpo::train::optimizer::AdamW;
 use dpo::train::step::{GradAccumulator, global_norm, micro_step};
@@ -33,33 +38,52 @@ fn random_tensor(rng: &mut SeededRng, shape: &[usize], mean: f32, std: f32) -> T
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn random_model(cfg: &ModelConfig) -> Llama {
+/// Random weights for every tensor the description lists (norm weights around 1).
+fn random_model(arch: &Architecture) -> CausalLm {
     let mut rng = SeededRng::new(0, Stream::LoraInit);
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (q, kv) = (cfg.num_heads * cfg.head_dim(), cfg.num_kv_heads * cfg.head_dim());
-    let mut w = HashMap::new();
-    w.insert("model.embed_tokens.weight".to_string(), random_tensor(&mut rng, &[v, h], 0.0, 0.02));
-    w.insert("lm_head.weight".to_string(), random_tensor(&mut rng, &[v, h], 0.0, 0.02));
-    w.insert("model.norm.weight".to_string(), random_tensor(&mut rng, &[h], 1.0, 0.0));
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj.weight", vec![q, h]),
-            ("self_attn.k_proj.weight", vec![kv, h]),
-            ("self_attn.v_proj.weight", vec![kv, h]),
-            ("self_attn.o_proj.weight", vec![h, q]),
-            ("mlp.gate_proj.weight", vec![i, h]),
-            ("mlp.up_proj.weight", vec![i, h]),
-            ("mlp.down_proj.weight", vec![h, i]),
-        ] {
-            w.insert(format!("{p}.{name}"), random_tensor(&mut rng, &shape, 0.0, 0.02));
-        }
-        for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            w.insert(format!("{p}.{norm}"), random_tensor(&mut rng, &[h], 1.0, 0.0));
-        }
-    }
+    let w: HashMap<String, Tensor> = arch
+        .weight_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let mean = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
+            let std = if shape.len() == 1 && mean == 1.0 { 0.0 } else { 0.02 };
+            let t = random_tensor(&mut rng, &shape, mean, std);
+            (name, t)
+        })
+        .collect();
     let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
-    Llama::from_weights(cfg.clone(), vb, DType::F32, &Device::Cpu).unwrap()
+    CausalLm::from_weights(arch.clone(), vb, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// The bench shape in the config.json of `family` (`DPO_BENCH_ARCH`): the zoo fixture's config
+/// of that family with the sizes replaced and its per-layer lists dropped, so each family's own
+/// features (norm placement, q/k norms, soft-capping, fused projections, GELU...) are timed.
+fn bench_config(family: &str, shape: &serde_json::Value) -> Architecture {
+    let mut cfg: serde_json::Value = if family == "llama" {
+        serde_json::json!({"model_type": "llama", "rope_theta": 10000.0, "tie_word_embeddings": false})
+    } else {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/zoo/{family}/model/config.json"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("DPO_BENCH_ARCH={family}: no {}", path.display()));
+        serde_json::from_str(&text).unwrap()
+    };
+    let obj = cfg.as_object_mut().unwrap();
+    for key in ["layer_types", "no_rope_layers", "_sliding_window_pattern"] {
+        obj.remove(key);
+    }
+    if obj.contains_key("sliding_window") && !obj["sliding_window"].is_null() {
+        obj.insert("sliding_window".into(), 4096.into());
+    }
+    if let Some(p) = obj.get_mut("rope_parameters").and_then(|p| p.as_object_mut())
+        && p.get("rope_type").and_then(|t| t.as_str()) == Some("longrope")
+    {
+        // The factor lists fit the fixture's head size: time plain partial RoPE instead.
+        p.retain(|k, _| k == "rope_theta" || k == "partial_rotary_factor");
+        p.insert("rope_type".into(), "default".into());
+    }
+    for (k, v) in shape.as_object().unwrap() {
+        obj.insert(k.clone(), v.clone());
+    }
+    Architecture::from_json(&cfg.to_string()).unwrap()
 }
 
 fn peak_rss_mib() -> f64 {
@@ -81,16 +105,18 @@ fn main() {
     let (kv_heads, inter, vocab) = (knob("KV_HEADS", 8), knob("INTERMEDIATE", 1408), knob("VOCAB", 32000));
     let (prompt_len, response_len, pairs) = (knob("PROMPT_LEN", 256), knob("RESPONSE_LEN", 256), knob("PAIRS", 2));
     let (steps, warmup) = (knob("STEPS", 5), knob("WARMUP", 2));
-    let cfg_json = format!(
-        r#"{{"model_type":"llama","hidden_size":{hidden},"intermediate_size":{inter},"num_hidden_layers":{layers},
-        "num_attention_heads":{heads},"num_key_value_heads":{kv_heads},"vocab_size":{vocab},"rms_norm_eps":1e-6,
-        "rope_theta":10000.0,"max_position_embeddings":4096,"tie_word_embeddings":false}}"#
-    );
-    let cfg = ModelConfig::from_json(&cfg_json).unwrap();
-    let mut model = random_model(&cfg);
+    let family = std::env::var("DPO_BENCH_ARCH").unwrap_or_else(|_| "llama".into());
+    let shape = serde_json::json!({
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": hidden / heads, "vocab_size": vocab, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096, "query_pre_attn_scalar": hidden / heads,
+    });
+    let arch = bench_config(&family, &shape);
+    eprintln!("{}", arch.summary());
+    let mut model = random_model(&arch);
     let targets = std::env::var("DPO_BENCH_TARGETS").unwrap_or_else(|_| "all".into());
     let lora = LoraConfig::new(16, 32.0, 0.0, &targets).unwrap();
-    let params = adapter::attach_fresh(&mut model, &lora, 1).unwrap();
+    let (_, params) = adapter::attach_fresh(&mut model, &lora, 1).unwrap();
     let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
     let mut rng = SeededRng::new(7, Stream::DataOrder);
     let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| 3 + rng.below(vocab as u64 - 3) as u32).collect() };
@@ -106,7 +132,7 @@ fn main() {
         PairBatch::new(&batch_pairs, 0, &Device::Cpu).unwrap()
     };
     if std::env::var("DPO_BENCH_COMPOSITE").is_ok_and(|v| v == "1") {
-        model.set_fused(false);
+        model.set_path(LayerPath::Generic);
     }
     let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
     let mut opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
@@ -169,7 +195,8 @@ fn main() {
         "optimizer_seconds": optimizer_seconds,
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
         "prompt_sharing": !unshared,
-        "fused_kernels": std::env::var("DPO_BENCH_COMPOSITE").map_or(true, |v| v != "1"),
+        "arch": family,
+        "layer_path": format!("{:?}", model.path()),
         "shape": {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "intermediate": inter,
                   "vocab": vocab, "prompt_len": prompt_len, "response_len": response_len, "pairs": pairs, "lora_r": 16},
     });

@@ -4,7 +4,7 @@
 //! Architecture, one concept per module:
 //! - [`cli`]: subcommands and exit codes; [`config`]: flags and TOML config files.
 //! - [`data`]: reading pairs, prompt templates, tokenization, batches.
-//! - [`model`]: the Llama-family decoder (llama, mistral, qwen2) and its differentiable ops.
+//! - [`model`]: the causal LM of every supported family (one architecture description) and its ops.
 //! - [`lora`]: adapters on the frozen linears, peft's format on disk.
 //! - [`loss`]: DPO losses and reward metrics.
 //! - [`train`]: the recipe, the DPO step, AdamW, LR schedules.

@@ -10,7 +10,8 @@
 //! dpo::merge::run(&args).unwrap();
 //! ```
 use crate::checkpoint::atomic;
-use crate::lora::adapter;
+use crate::lora::{LoraConfig, adapter};
+use crate::model::Architecture;
 use crate::model::weights::safetensors_files;
 use anyhow::{Context, Result, bail};
 use candle_core::safetensors::MmapedSafetensors;
@@ -52,7 +53,8 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     if args.output.exists() {
         bail!("{} already exists; choose a new --output folder", args.output.display());
     }
-    let lora = adapter::read_config(&args.adapter)?;
+    let arch = Architecture::from_file(&args.model.join("config.json"))?;
+    let lora = adapter::read_config(&args.adapter)?.resolve(&arch).with_context(|| format!("adapter {}", args.adapter.display()))?;
     let adapter_path = args.adapter.join(adapter::WEIGHTS_FILE);
     let deltas_src = candle_core::safetensors::load(&adapter_path, &Device::Cpu)
         .with_context(|| format!("reading {}", adapter_path.display()))?;
@@ -62,15 +64,28 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     let mut names: Vec<String> = base.tensors().into_iter().map(|(n, _)| n).collect();
     names.sort();
 
-    // Every adapter tensor must land on a base weight: check before writing anything.
-    for key in deltas_src.keys() {
+    // Every adapter tensor must be an adapter of one of this architecture's linears, with its
+    // shape, and every targeted linear must have both: check before writing anything.
+    let expected = adapter_shapes(&arch, &lora);
+    for (key, t) in &deltas_src {
         let module = key
             .strip_prefix("base_model.model.")
             .and_then(|k| k.strip_suffix(".lora_A.weight").or_else(|| k.strip_suffix(".lora_B.weight")))
             .with_context(|| format!("{}: {key} is not a peft LoRA tensor name", adapter_path.display()))?;
-        if names.binary_search(&format!("{module}.weight")).is_err() {
-            bail!("{}: {key} adapts {module}, which the base model in {} does not have", adapter_path.display(), args.model.display());
+        match expected.get(key) {
+            None => bail!(
+                "{}: {key} adapts {module}, which the base model in {} does not have (or its adapter_config.json does not target)",
+                adapter_path.display(),
+                args.model.display()
+            ),
+            Some(shape) if t.dims() != shape => {
+                bail!("{}: {key} has shape {:?}; this {} model needs {shape:?}", adapter_path.display(), t.dims(), arch.model_type)
+            }
+            Some(_) => {}
         }
+    }
+    if let Some(missing) = expected.keys().find(|k| !deltas_src.contains_key(*k)) {
+        bail!("{}: missing {missing}, which adapter_config.json targets", adapter_path.display());
     }
     let merged_modules = deltas_src.len() / 2;
     let merge_one = |name: &str| -> Result<Tensor> {
@@ -116,6 +131,22 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     })?;
     eprintln!("merged {merged_modules} LoRA modules into {}", args.output.display());
     Ok(())
+}
+
+/// The adapter tensors a LoRA config puts on an architecture: peft key → `[r, in]` / `[out, r]`.
+fn adapter_shapes(arch: &Architecture, lora: &LoraConfig) -> HashMap<String, Vec<usize>> {
+    let mut out = HashMap::new();
+    for i in 0..arch.num_layers {
+        for &p in &arch.projections {
+            let module = format!("model.layers.{i}.{}", p.path());
+            if lora.targets(&module) {
+                let ((o, inp), _) = arch.proj_geometry(p);
+                out.insert(format!("base_model.model.{module}.lora_A.weight"), vec![lora.r, inp]);
+                out.insert(format!("base_model.model.{module}.lora_B.weight"), vec![o, lora.r]);
+            }
+        }
+    }
+    out
 }
 
 /// Groups tensor names into shards of at most `max_bytes` (a larger tensor gets its own shard).

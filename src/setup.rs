@@ -16,13 +16,13 @@ use crate::data::{PairTokenizer, TokenizedPair};
 use crate::device::{parse_device, parse_dtype};
 use crate::hub::{self, Hub};
 use crate::loss::{DpoLoss, LossKind};
-use crate::model::Llama;
+use crate::model::CausalLm;
 use anyhow::Result;
 use candle_core::Device;
 use std::path::PathBuf;
 
 pub struct Loaded {
-    pub model: Llama,
+    pub model: CausalLm,
     pub tokenizer: PairTokenizer,
     pub device: Device,
     /// Fills right padding; never scored, so any valid id works.
@@ -58,9 +58,10 @@ pub fn load_model(common: &CommonArgs) -> Result<Loaded> {
     let device = parse_device(&common.device)?;
     let dtype = parse_dtype(&common.dtype, &device)?;
     let dir = model_dir(common)?;
-    let model = Llama::load(&dir, dtype, &device)?;
+    let model = CausalLm::load(&dir, dtype, &device)?;
+    eprintln!("model: {}; layers run on the {} path", model.arch().summary(), model.path());
     let tokenizer = PairTokenizer::from_model_dir(&dir)?;
-    let pad_id = model.config().pad_token_id.unwrap_or(tokenizer.eos_id());
+    let pad_id = model.arch().pad_token_id.unwrap_or(tokenizer.eos_id());
     Ok(Loaded { model, tokenizer, device, pad_id, model_dir: dir })
 }
 
@@ -93,7 +94,7 @@ impl Dataset {
 /// `--max-skip-ratio` unusable rows.
 pub fn load_pairs(common: &CommonArgs, loaded: &Loaded) -> Result<Dataset> {
     let files = dataset_files(common)?;
-    let settings = common.data_settings(Some(loaded.model.config().vocab_size));
+    let settings = common.data_settings(Some(loaded.model.arch().vocab_size));
     let (pipeline, audit) = Pipeline::build(&files, settings, loaded.tokenizer.clone(), &loaded.model_dir)?;
     audit.check_skip_ratio(common.max_skip_ratio)?;
     if audit.rows_skipped > 0 {

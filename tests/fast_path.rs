@@ -7,21 +7,21 @@ use candle_core::{DType, Device, Tensor};
 use dpo::data::{PairBatch, TokenizedPair};
 use dpo::lora::LoraMode;
 use dpo::loss::{DpoLoss, LossKind};
-use dpo::model::{Llama, ModelConfig};
+use dpo::model::{Architecture, CausalLm, LayerPath};
 use dpo::train::step::score;
 
-fn with_sliding_window(model: &str, window: usize) -> Llama {
+fn with_sliding_window(model: &str, window: usize) -> CausalLm {
     let dir = model_dir(model);
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
     cfg["sliding_window"] = window.into();
-    let cfg = ModelConfig::from_json(&cfg.to_string()).unwrap();
+    let cfg = Architecture::from_json(&cfg.to_string()).unwrap();
     let vb = dpo::model::weights::mmap_weights(&dir, DType::F32, &Device::Cpu).unwrap();
-    Llama::from_weights(cfg, vb, DType::F32, &Device::Cpu).unwrap()
+    CausalLm::from_weights(cfg, vb, DType::F32, &Device::Cpu).unwrap()
 }
 
 /// Log-probs and every LoRA gradient of the mean sigmoid loss.
-fn logps_and_grads(model: &Llama, params: &[dpo::lora::adapter::NamedParam], batch: &PairBatch) -> (Vec<f64>, Vec<Vec<f64>>) {
+fn logps_and_grads(model: &CausalLm, params: &[dpo::lora::adapter::NamedParam], batch: &PairBatch) -> (Vec<f64>, Vec<Vec<f64>>) {
     let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
     let (logps, losses) = score(model, batch, &loss, &mut LoraMode::On).unwrap();
     let grads = losses.mean_all().unwrap().backward().unwrap();
@@ -29,9 +29,9 @@ fn logps_and_grads(model: &Llama, params: &[dpo::lora::adapter::NamedParam], bat
     (to_vec(&all), params.iter().map(|p| to_vec(grads.get(&p.var).unwrap())).collect())
 }
 
-fn compare(what: &str, mut model: Llama, params: Vec<dpo::lora::adapter::NamedParam>, pairs: &[TokenizedPair]) {
+fn compare(what: &str, mut model: CausalLm, params: Vec<dpo::lora::adapter::NamedParam>, pairs: &[TokenizedPair]) {
     let fast = logps_and_grads(&model, &params, &PairBatch::new(pairs, 3, &Device::Cpu).unwrap());
-    model.set_fused(false);
+    model.set_path(LayerPath::Generic);
     let plain = logps_and_grads(&model, &params, &PairBatch::unshared(pairs, 3, &Device::Cpu).unwrap());
     assert_close(&format!("{what} logps"), &fast.0, &plain.0, 1e-4);
     for ((g_fast, g_plain), p) in fast.1.iter().zip(&plain.1).zip(&params) {
@@ -75,14 +75,14 @@ fn lora_dropout_on_all_targets_is_the_same_on_the_cpu_layer_op_and_the_composite
     let batch = batch(&pairs[..4]);
     let mut model = load("tiny-qwen2");
     let cfg = dpo::lora::LoraConfig::new(4, 8.0, 0.3, "all").unwrap();
-    let params = dpo::lora::adapter::attach_fresh(&mut model, &cfg, 3).unwrap();
+    let (_, params) = dpo::lora::adapter::attach_fresh(&mut model, &cfg, 3).unwrap();
     assert_eq!(params.len(), 2 * 7 * 2, "A and B on 7 linears of 2 layers");
     for p in params.iter().filter(|p| p.name.contains("lora_B")) {
         let t = p.var.as_tensor();
         p.var.set(&Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu).unwrap()).unwrap();
     }
     let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
-    let mut run = |model: &Llama| {
+    let run = |model: &CausalLm| {
         let mut rng = SeededRng::new(11, Stream::Dropout);
         let (logps, losses) = score(model, &batch, &loss, &mut LoraMode::Train(&mut rng)).unwrap();
         let grads = losses.mean_all().unwrap().backward().unwrap();
@@ -90,7 +90,7 @@ fn lora_dropout_on_all_targets_is_the_same_on_the_cpu_layer_op_and_the_composite
         (to_vec(&logps.policy_chosen), g)
     };
     let fast = run(&model);
-    model.set_fused(false);
+    model.set_path(LayerPath::Generic);
     let plain = run(&model);
     assert_close("dropout logps", &fast.0, &plain.0, 1e-4);
     for ((a, b), p) in fast.1.iter().zip(&plain.1).zip(&params) {

@@ -3,7 +3,7 @@ mod common;
 use common::*;
 use candle_core::{DType, Device};
 use dpo::lora::LoraMode;
-use dpo::model::Llama;
+use dpo::model::CausalLm;
 use dpo::model::scoring::response_logps;
 use std::process::Command;
 
@@ -30,7 +30,7 @@ fn merged_model_equals_base_plus_adapter() {
         assert!(shards.len() > 1, "small --max-shard-size gives several shards");
         assert!(out.join("tokenizer.json").is_file());
 
-        let merged = Llama::load(&out, DType::F32, &Device::Cpu).unwrap();
+        let merged = CausalLm::load(&out, DType::F32, &Device::Cpu).unwrap();
         let (with_adapter, _) = load_with_golden_adapter(model, golden_model);
         let b = batch(&golden_pairs());
         let got = to_vec(&response_logps(&merged, &b, &mut LoraMode::Off).unwrap());

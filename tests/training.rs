@@ -131,7 +131,7 @@ fn written_adapter_has_pefts_keys_and_shapes_and_round_trips() {
 fn every_lora_tensor_receives_a_gradient_on_every_target() {
     let mut model = load("tiny-qwen2");
     let cfg = LoraConfig::new(4, 8.0, 0.1, "all").unwrap();
-    let params = adapter::attach_fresh(&mut model, &cfg, 7).unwrap();
+    let (_, params) = adapter::attach_fresh(&mut model, &cfg, 7).unwrap();
     assert_eq!(params.len(), 2 * 7 * 2, "A and B on 7 linears in 2 layers");
     // B starts at zero, which makes A's gradient exactly zero: move B off zero first.
     for p in params.iter().filter(|p| p.name.contains("lora_B")) {
@@ -153,8 +153,8 @@ fn every_lora_tensor_receives_a_gradient_on_every_target() {
 fn fresh_adapter_is_seeded_and_leaves_the_model_unchanged() {
     let cfg = LoraConfig::new(8, 16.0, 0.0, "q,v").unwrap();
     let (mut a, mut b) = (load("tiny-llama"), load("tiny-llama"));
-    let pa = adapter::attach_fresh(&mut a, &cfg, 3).unwrap();
-    let pb = adapter::attach_fresh(&mut b, &cfg, 3).unwrap();
+    let (_, pa) = adapter::attach_fresh(&mut a, &cfg, 3).unwrap();
+    let (_, pb) = adapter::attach_fresh(&mut b, &cfg, 3).unwrap();
     for (x, y) in pa.iter().zip(&pb) {
         assert_eq!(to_vec(x.var.as_tensor()), to_vec(y.var.as_tensor()), "same seed, same init");
     }

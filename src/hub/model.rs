@@ -17,7 +17,7 @@ const OPTIONAL: &[&str] = &["tokenizer_config.json", "generation_config.json", "
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 
-/// Fetches what `Llama::load` and the tokenizer need; returns the snapshot folder.
+/// Fetches what `CausalLm::load` and the tokenizer need; returns the snapshot folder.
 pub fn resolve(hub: &Hub, repo: &str, revision: Option<&str>) -> Result<PathBuf> {
     let files = hub.list_files(Kind::Model, repo, revision)?;
     let has = |f: &str| files.iter().any(|x| x == f);

@@ -6,16 +6,17 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! # let mut model = dpo::model::Llama::load(std::path::Path::new("m"), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+//! # let mut model = dpo::model::CausalLm::load(std::path::Path::new("m"), candle_core::DType::F32, &candle_core::Device::Cpu)?;
 //! let cfg = dpo::lora::LoraConfig::new(8, 16.0, 0.0, "q,v")?;
-//! let params = dpo::lora::adapter::attach_fresh(&mut model, &cfg, 42)?;
+//! let (cfg, params) = dpo::lora::adapter::attach_fresh(&mut model, &cfg, 42)?;
 //! dpo::lora::adapter::save(std::path::Path::new("out"), &params, &cfg, "my/base")?;
 //! # Ok(()) }
 //! ```
 use super::linear::LoraWeights;
-use super::{LoraConfig, TARGETABLE};
+use super::{ALL_LINEAR, LoraConfig};
 use crate::checkpoint::atomic;
-use crate::model::Llama;
+use crate::model::CausalLm;
+use crate::model::arch::proj;
 use crate::rng::{SeededRng, Stream};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor, Var};
@@ -37,26 +38,25 @@ fn peft_key(module: &str, which: &str) -> String {
     format!("base_model.model.{module}.{which}.weight")
 }
 
-fn module_name(path: &str) -> &str {
-    path.rsplit('.').next().unwrap_or(path)
-}
-
 /// Attaches fresh adapters: A Kaiming-uniform (peft's `a = √5`, i.e. U(±1/√in)), B = 0.
-pub fn attach_fresh(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<Vec<NamedParam>> {
+/// Returns the config with its targets resolved for the model's family.
+pub fn attach_fresh(model: &mut CausalLm, cfg: &LoraConfig, seed: u64) -> Result<(LoraConfig, Vec<NamedParam>)> {
     let mut rng = SeededRng::new(seed, Stream::LoraInit);
     let device = model.device().clone();
-    attach(model, cfg, |_path, out_dim, in_dim| {
+    let cfg = cfg.resolve(model.arch())?;
+    let params = attach(model, &cfg, |_path, out_dim, in_dim| {
         let bound = 1.0 / (in_dim as f32).sqrt();
         let a: Vec<f32> = (0..cfg.r * in_dim).map(|_| (rng.uniform() * 2.0 - 1.0) * bound).collect();
         let a = Tensor::from_vec(a, (cfg.r, in_dim), &device)?;
         let b = Tensor::zeros((out_dim, cfg.r), DType::F32, &device)?;
         Ok((a, b))
-    })
+    })?;
+    Ok((cfg, params))
 }
 
 /// Attaches the adapter saved in `dir` (peft format). `dropout` overrides the saved rate when given.
-pub fn attach_from_dir(model: &mut Llama, dir: &Path, dropout: Option<f64>) -> Result<(LoraConfig, Vec<NamedParam>)> {
-    let mut cfg = read_config(dir)?;
+pub fn attach_from_dir(model: &mut CausalLm, dir: &Path, dropout: Option<f64>) -> Result<(LoraConfig, Vec<NamedParam>)> {
+    let mut cfg = read_config(dir)?.resolve(model.arch()).with_context(|| format!("adapter {}", dir.display()))?;
     if let Some(p) = dropout {
         cfg.dropout = p;
     }
@@ -92,13 +92,13 @@ pub fn attach_from_dir(model: &mut Llama, dir: &Path, dropout: Option<f64>) -> R
 
 /// Walks the model's linear layers and attaches an adapter to each targeted one.
 fn attach(
-    model: &mut Llama,
+    model: &mut CausalLm,
     cfg: &LoraConfig,
     mut make: impl FnMut(&str, usize, usize) -> Result<(Tensor, Tensor)>,
 ) -> Result<Vec<NamedParam>> {
     let mut params = Vec::new();
-    for (path, layer) in model.linear_layers_mut() {
-        if !cfg.targets(module_name(&path)) {
+    for (path, _, layer) in model.linear_layers_mut() {
+        if !cfg.targets(&path) {
             continue;
         }
         let (out_dim, in_dim) = layer.dims();
@@ -144,16 +144,18 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     let dropout = field("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0);
     let targets = match field("target_modules") {
         Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).map(str::to_string).collect::<Vec<_>>(),
-        Some(serde_json::Value::String(s)) if s == "all-linear" => TARGETABLE.iter().map(|s| s.to_string()).collect(),
+        Some(serde_json::Value::String(s)) if s == ALL_LINEAR => vec![ALL_LINEAR.to_string()],
         Some(other) => bail!("{}: target_modules {other} is not supported (give a list of module names)", path.display()),
         None => bail!("{}: missing field target_modules", path.display()),
     };
-    for t in &targets {
-        if !TARGETABLE.contains(&t.as_str()) {
-            bail!("{}: target module {t:?} is not one of {}", path.display(), TARGETABLE.join(", "));
+    // Module names or full module paths (peft matches either); each must end in a linear dpo knows.
+    let known: Vec<&str> = proj::ALL.iter().map(|p| p.module()).collect();
+    for t in targets.iter().filter(|t| *t != ALL_LINEAR) {
+        let name = t.rsplit('.').next().unwrap_or(t);
+        if !known.contains(&name) {
+            bail!("{}: target module {t:?} is not one of {}", path.display(), known.join(", "));
         }
     }
-    let targets = TARGETABLE.iter().filter(|t| targets.iter().any(|x| x == *t)).map(|s| s.to_string()).collect();
     let use_rslora = field("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
     LoraConfig::validated(r as usize, alpha, dropout, targets, use_rslora).with_context(|| format!("in {}", path.display()))
 }

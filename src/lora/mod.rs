@@ -5,8 +5,9 @@
 //! is the same layers with the adapter switched off ([`LoraMode::Off`]).
 //!
 //! ```
-//! let cfg = dpo::lora::LoraConfig::new(8, 16.0, 0.0, "q_proj,v_proj").unwrap();
+//! let cfg = dpo::lora::LoraConfig::new(8, 16.0, 0.0, "q_proj,v").unwrap();
 //! assert_eq!(cfg.scale(), 2.0);
+//! assert!(cfg.targets("model.layers.0.self_attn.v_proj"));
 //! ```
 pub mod adapter;
 pub mod linear;
@@ -15,22 +16,26 @@ pub use linear::{LoraLinear, LoraMode};
 
 use anyhow::{Result, bail};
 
-/// The linear layers LoRA can target, in peft's names.
-pub const TARGETABLE: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+use crate::model::arch::{Architecture, Proj, proj};
+
+/// `target_modules` meaning every linear layer of the family (peft's `all-linear`).
+pub const ALL_LINEAR: &str = "all-linear";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
     pub r: usize,
     pub alpha: f64,
     pub dropout: f64,
-    /// Targeted module names, in `TARGETABLE` order.
+    /// peft `target_modules`: module names (`q_proj`), full module paths, or [`ALL_LINEAR`]
+    /// until [`LoraConfig::resolve`] turns it into the family's module names.
     pub targets: Vec<String>,
     /// peft's rank-stabilised scaling `alpha / sqrt(r)`; only ever read from an adapter.
     pub use_rslora: bool,
 }
 
 impl LoraConfig {
-    /// `targets`: a comma list of `q,k,v,o,gate,up,down` (with or without `_proj`), or `all`.
+    /// `targets`: a comma list of linears (`q,k,v,o,gate,up,down`, `qkv,gate_up` for fused
+    /// families; with or without `_proj`), or `all`.
     pub fn new(r: usize, alpha: f64, dropout: f64, targets: &str) -> Result<Self> {
         Self::validated(r, alpha, dropout, parse_targets(targets)?, false)
     }
@@ -55,24 +60,50 @@ impl LoraConfig {
         if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
     }
 
-    pub fn targets(&self, module: &str) -> bool {
-        self.targets.iter().any(|t| t == module)
+    /// Whether the module at `path` (`model.layers.0.self_attn.q_proj`) is targeted, as peft
+    /// matches a `target_modules` list: the whole path, or its trailing `.name`.
+    pub fn targets(&self, path: &str) -> bool {
+        self.targets.iter().any(|t| path == t || path.ends_with(&format!(".{t}")))
+    }
+
+    /// The targets for this family: `all-linear` becomes its linears; where the family fuses
+    /// linears, the names of their parts become the fused one (`q`, `k`, `v` → `qkv_proj` and
+    /// `gate`, `up` → `gate_up_proj` on Phi-3); a name it does not have is an error listing
+    /// the ones it has.
+    pub fn resolve(&self, arch: &Architecture) -> Result<Self> {
+        let modules: Vec<&str> = arch.projections.iter().map(|p| p.module()).collect();
+        if self.targets.iter().any(|t| t == ALL_LINEAR) {
+            return Ok(Self { targets: modules.iter().map(|m| m.to_string()).collect(), ..self.clone() });
+        }
+        let mut targets: Vec<String> = Vec::new();
+        for t in &self.targets {
+            let (scope, name) = t.rsplit_once('.').map_or(("", t.as_str()), |(s, n)| (s, n));
+            let fused = match name {
+                "q_proj" | "k_proj" | "v_proj" => "qkv_proj",
+                "gate_proj" | "up_proj" => "gate_up_proj",
+                _ => "",
+            };
+            let resolved = if modules.contains(&name) {
+                t.clone()
+            } else if modules.contains(&fused) {
+                if scope.is_empty() { fused.to_string() } else { format!("{scope}.{fused}") }
+            } else {
+                bail!("LoRA target {name}: {} has no such linear; its linears are {}", arch.model_type, modules.join(", "));
+            };
+            if !targets.contains(&resolved) {
+                targets.push(resolved);
+            }
+        }
+        Ok(Self { targets, ..self.clone() })
     }
 }
 
-/// Parses `q,v` / `q_proj,v_proj` / `all` into canonical, ordered, de-duplicated names.
+/// Parses `q,v` / `q_proj,v_proj` / `all` into module names, in forward order, de-duplicated.
 pub fn parse_targets(list: &str) -> Result<Vec<String>> {
     let list = list.trim();
-    if list == "all" || list == "all-linear" {
-        return Ok(TARGETABLE.iter().map(|s| s.to_string()).collect());
+    if list == "all" || list == ALL_LINEAR {
+        return Ok(vec![ALL_LINEAR.to_string()]);
     }
-    let mut wanted = Vec::new();
-    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let name = if item.ends_with("_proj") { item.to_string() } else { format!("{item}_proj") };
-        if !TARGETABLE.contains(&name.as_str()) {
-            bail!("unknown LoRA target {item:?}: choose from q,k,v,o,gate,up,down (or all)");
-        }
-        wanted.push(name);
-    }
-    Ok(TARGETABLE.iter().filter(|t| wanted.iter().any(|w| w == *t)).map(|s| s.to_string()).collect())
+    let wanted = list.split(',').filter(|s| !s.trim().is_empty()).map(Proj::parse_short).collect::<Result<Vec<_>>>()?;
+    Ok(proj::ALL.iter().filter(|p| wanted.contains(p)).map(|p| p.module().to_string()).collect())
 }

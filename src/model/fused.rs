@@ -13,7 +13,7 @@
 //! # use candle_core::{Device, Tensor};
 //! let w = Tensor::new(&[[0.0f32], [1.0], [2.0]], &Device::Cpu).unwrap(); // lm_head [vocab 3, hidden 1]
 //! let h = Tensor::new(&[[1.0f32]], &Device::Cpu).unwrap();
-//! let lp = dpo::model::fused::lm_head_logps(&h, &w, &[2]).unwrap();
+//! let lp = dpo::model::fused::lm_head_logps(&h, &w, &[2], None).unwrap();
 //! let want = 2.0 - (1f32 + 1f32.exp() + 2f32.exp()).ln();
 //! assert!((lp.to_vec1::<f32>().unwrap()[0] - want).abs() < 1e-6);
 //! ```
@@ -23,23 +23,25 @@ use rayon::prelude::*;
 
 // ---------------------------------------------------------------- lm_head + log-softmax + gather
 
-/// `log_softmax(h·Wᵀ)[target]` per row, for f32 hidden rows `[rows, hidden]` and the frozen
-/// lm_head `W` `[vocab, hidden]`; returns `[rows]`. The `[rows, vocab]` logits are kept inside
-/// the op for backward (and dropped with it when nothing records a graph).
-pub fn lm_head_logps(hidden: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+/// `log_softmax(softcap(h·Wᵀ))[target]` per row, for f32 hidden rows `[rows, hidden]` and the
+/// frozen lm_head `W` `[vocab, hidden]`; `softcap` is `cap·tanh(z/cap)` (Gemma 2) or none.
+/// Returns `[rows]`. The `[rows, vocab]` (capped) logits are kept inside the op for backward
+/// (and dropped with it when nothing records a graph).
+pub fn lm_head_logps(hidden: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<Tensor> {
     let rows = hidden.dim(0)?;
     let vocab = w.dim(0)?;
     if targets.len() != rows || targets.iter().any(|&t| t as usize >= vocab) {
         bail!("lm_head_logps: {} targets for {rows} rows of a {vocab}-token vocabulary", targets.len());
     }
-    let op = LmHeadLogps { w: w.contiguous()?, targets: targets.to_vec(), logits: std::sync::Mutex::new(None) };
+    let op = LmHeadLogps { w: w.contiguous()?, targets: targets.to_vec(), softcap: softcap.map(|c| c as f32), logits: std::sync::Mutex::new(None) };
     hidden.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)))
 }
 
 struct LmHeadLogps {
     w: Tensor,
     targets: Vec<u32>,
-    /// The forward's logits `[rows, vocab]`, for backward.
+    softcap: Option<f32>,
+    /// The forward's (capped) logits `[rows, vocab]`, for backward.
     logits: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
@@ -67,6 +69,9 @@ impl CustomOp1 for LmHeadLogps {
             Gemm::a_bt(rows, vocab, h).run(&mut logits, vocab, hidden, h, w, h, false, 1.0);
             Ok(())
         })?;
+        if let Some(cap) = self.softcap {
+            logits.par_chunks_mut(vocab).for_each(|row| kernels::softcap(row, cap));
+        }
         let out: Vec<f32> = logits
             .par_chunks(vocab)
             .zip(self.targets.par_iter())
@@ -81,13 +86,23 @@ impl CustomOp1 for LmHeadLogps {
         let (vocab, h) = self.w.dims2()?;
         let rows = self.targets.len();
         let (res, grad) = (res.to_vec1::<f32>()?, grad.to_vec1::<f32>()?);
-        // d logp[t] / d logit[j] = δ(j, t) − softmax(logits)[j]; the log-sum-exp is recovered
-        // from the output (lse = logit[t] − logp[t]). The logits become their gradient in place.
+        // d logp[t] / d c[j] = δ(j, t) − softmax(c)[j] for the (capped) logits c; the log-sum-exp
+        // is recovered from the output (lse = c[t] − logp[t]); a cap multiplies by its
+        // derivative 1 − (c/cap)². The logits become their gradient in place.
         d.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
             let t = self.targets[i] as usize;
             let lse = row[t] - res[i];
-            kernels::exp_shift_scale(row, lse, -grad[i]);
-            row[t] += grad[i];
+            match self.softcap {
+                None => {
+                    kernels::exp_shift_scale(row, lse, -grad[i]);
+                    row[t] += grad[i];
+                }
+                Some(cap) => {
+                    let ct = row[t] / cap;
+                    kernels::softcapped_logit_grad(row, lse, grad[i], cap);
+                    row[t] += grad[i] * (1.0 - ct * ct);
+                }
+            }
         });
         let mut dh = vec![0f32; rows * h];
         self.with_w(|w| {

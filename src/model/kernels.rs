@@ -250,6 +250,68 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-x))
 }
 
+/// `tanh x` to about 1e-7 absolute (Cephes: a polynomial below 0.625, `1 − 2/(e^{2|x|}+1)` above),
+/// branch-free so it vectorises.
+#[inline(always)]
+fn tanh_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let z = x * x;
+    let small = ((((-5.704_989e-3 * z + 2.063_909e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z - 3.333_328e-1) * z * x + x;
+    let large = 1.0 - 2.0 / (exp_f32(2.0 * a) + 1.0);
+    if a < 0.625 { small } else { large.copysign(x) }
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+#[inline(always)]
+fn gelu_tanh_mul_generic(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let t = tanh_f32(SQRT_2_OVER_PI * (g + GELU_CUBIC * g * g * g));
+        *o = 0.5 * g * (1.0 + t) * u;
+    }
+}
+
+#[inline(always)]
+fn gelu_tanh_mul_bwd_generic(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) {
+    for i in 0..d_out.len() {
+        let (g, u, d) = (gate[i], up[i], d_out[i]);
+        let t = tanh_f32(SQRT_2_OVER_PI * (g + GELU_CUBIC * g * g * g));
+        // d/dg [½g(1 + t)] = ½(1 + t) + ½g(1 − t²)·√(2/π)(1 + 3·0.044715·g²)
+        let dg = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * g * g);
+        d_gate[i] = d * u * dg;
+        d_up[i] = d * 0.5 * g * (1.0 + t);
+    }
+}
+
+#[inline(always)]
+fn softcap_generic(xs: &mut [f32], cap: f32) {
+    let inv = 1.0 / cap;
+    for x in xs.iter_mut() {
+        *x = cap * tanh_f32(*x * inv);
+    }
+}
+
+#[inline(always)]
+fn softcap_grad_generic(ds: &mut [f32], capped: &[f32], cap: f32) {
+    // d/dx cap·tanh(x/cap) = 1 − tanh² = 1 − (capped/cap)²
+    let inv = 1.0 / cap;
+    for (d, &c) in ds.iter_mut().zip(capped) {
+        let t = c * inv;
+        *d *= 1.0 - t * t;
+    }
+}
+
+#[inline(always)]
+fn softcapped_logit_grad_generic(row: &mut [f32], lse: f32, g: f32, cap: f32) {
+    // row holds the capped logits c; becomes −g·softmax(c)·(1 − (c/cap)²).
+    let inv = 1.0 / cap;
+    for c in row.iter_mut() {
+        let t = *c * inv;
+        *c = -g * exp_f32(*c - lse) * (1.0 - t * t);
+    }
+}
+
 #[inline(always)]
 fn silu_mul_generic(out: &mut [f32], gate: &[f32], up: &[f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
@@ -292,6 +354,11 @@ dispatch!(silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) -> () = silu_mul_g
 dispatch!(silu_mul_bwd(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) -> () = silu_mul_bwd_generic);
 dispatch!(softmax_bwd(ds: &mut [f32], p: &[f32], d_row: f32) -> () = softmax_bwd_generic);
 dispatch!(add_mask(s: &mut [f32], mask: &[f32]) -> () = add_mask_generic);
+dispatch!(gelu_tanh_mul(out: &mut [f32], gate: &[f32], up: &[f32]) -> () = gelu_tanh_mul_generic);
+dispatch!(gelu_tanh_mul_bwd(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) -> () = gelu_tanh_mul_bwd_generic);
+dispatch!(softcap(xs: &mut [f32], cap: f32) -> () = softcap_generic);
+dispatch!(softcap_grad(ds: &mut [f32], capped: &[f32], cap: f32) -> () = softcap_grad_generic);
+dispatch!(softcapped_logit_grad(row: &mut [f32], lse: f32, g: f32, cap: f32) -> () = softcapped_logit_grad_generic);
 
 /// `ln Σ exp(row)`, stable.
 pub fn log_sum_exp(row: &[f32]) -> f32 {
@@ -331,6 +398,38 @@ pub fn rms_norm_backward(dx: &mut [f32], dy: &[f32], x: &[f32], inv: &[f32], w: 
         let proj: f32 = dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x * r).sum::<f32>() / h as f32;
         for (((dx, &d), &w), &x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
             *dx += (d * w - x * r * proj) * r;
+        }
+    });
+}
+
+/// RMSNorm in place over `seg`-wide segments of columns `[col, col + cols)` of each
+/// `width`-wide row (per-head or across-heads q/k norms); returns `1/rms` per (row, segment).
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_segments(buf: &mut [f32], width: usize, col: usize, cols: usize, seg: usize, w: &[f32], eps: f64) -> Vec<f32> {
+    let per_row = cols / seg;
+    let mut inv = vec![0f32; buf.len() / width * per_row];
+    buf.par_chunks_mut(width).zip(inv.par_chunks_mut(per_row)).for_each(|(row, inv)| {
+        for (x, r) in row[col..col + cols].chunks_exact_mut(seg).zip(inv.iter_mut()) {
+            *r = 1.0 / (dot(x, x) / seg as f32 + eps as f32).sqrt();
+            for (x, &w) in x.iter_mut().zip(w) {
+                *x *= *r * w;
+            }
+        }
+    });
+    inv
+}
+
+/// Backward of [`rms_norm_segments`] in place: the gradient of the normed columns in `d`
+/// becomes the gradient of the raw ones (`raw` laid out like `d`).
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_segments_backward(d: &mut [f32], raw: &[f32], inv: &[f32], width: usize, col: usize, cols: usize, seg: usize, w: &[f32]) {
+    let per_row = cols / seg;
+    d.par_chunks_mut(width).zip(raw.par_chunks(width)).zip(inv.par_chunks(per_row)).for_each(|((d, raw), inv)| {
+        for ((d, x), &r) in d[col..col + cols].chunks_exact_mut(seg).zip(raw[col..col + cols].chunks_exact(seg)).zip(inv) {
+            let proj: f32 = d.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x * r).sum::<f32>() / seg as f32;
+            for ((d, &w), &x) in d.iter_mut().zip(w).zip(x) {
+                *d = (*d * w - x * r * proj) * r;
+            }
         }
     });
 }
@@ -375,6 +474,59 @@ mod tests {
             assert!((out[i] as f64 - g * s * u).abs() < 1e-5);
             assert!((dg[i] as f64 - g * u * s * (1.0 + g * (1.0 - s))).abs() < 1e-4);
             assert!((du[i] as f64 - g * g * s).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn tanh_and_gelu_match_their_definitions() {
+        let mut worst = 0f64;
+        for i in 0..200_000 {
+            let x = -12.0 + i as f32 * (24.0 / 200_000.0);
+            worst = worst.max((tanh_f32(x) as f64 - (x as f64).tanh()).abs());
+        }
+        assert!(worst < 2e-7, "tanh max abs error {worst:e}");
+        let xs: Vec<f32> = (0..41).map(|i| (i as f32 - 20.0) * 0.3).collect();
+        let ones = vec![1f32; xs.len()];
+        let (mut out, mut dg, mut du) = (vec![0f32; 41], vec![0f32; 41], vec![0f32; 41]);
+        gelu_tanh_mul(&mut out, &xs, &ones);
+        gelu_tanh_mul_bwd(&mut dg, &mut du, &xs, &ones, &ones);
+        let gelu = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+        for i in 0..41 {
+            let x = xs[i] as f64;
+            assert!((out[i] as f64 - gelu(x)).abs() < 1e-5, "gelu({x})");
+            let fd = (gelu(x + 1e-5) - gelu(x - 1e-5)) / 2e-5;
+            assert!((dg[i] as f64 - fd).abs() < 1e-4, "gelu'({x}): {} vs {fd}", dg[i]);
+            assert_eq!(du[i], out[i]);
+        }
+        let mut capped = xs.clone();
+        softcap(&mut capped, 5.0);
+        for (c, x) in capped.iter().zip(&xs) {
+            assert!((*c as f64 - 5.0 * (*x as f64 / 5.0).tanh()).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn segment_norm_backward_matches_finite_differences() {
+        // Two rows of width 6: columns 1..5 normed in two segments of 2.
+        let raw: Vec<f32> = (0..12).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.7 + 0.1).collect();
+        let w = [1.5f32, -0.5];
+        let forward = |x: &[f32]| {
+            let mut b = x.to_vec();
+            rms_norm_segments(&mut b, 6, 1, 4, 2, &w, 1e-6);
+            b
+        };
+        let probe: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).cos()).collect();
+        let mut b = raw.clone();
+        let inv = rms_norm_segments(&mut b, 6, 1, 4, 2, &w, 1e-6);
+        let mut d = probe.clone();
+        rms_norm_segments_backward(&mut d, &raw, &inv, 6, 1, 4, 2, &w);
+        for j in [1usize, 2, 3, 4, 7, 10] {
+            let (mut p, mut m) = (raw.clone(), raw.clone());
+            p[j] += 1e-3;
+            m[j] -= 1e-3;
+            let f = |v: Vec<f32>| v.iter().zip(&probe).map(|(a, b)| (a * b) as f64).sum::<f64>();
+            let fd = (f(forward(&p)) - f(forward(&m))) / 2e-3;
+            assert!((d[j] as f64 - fd).abs() < 2e-3, "col {j}: {} vs {fd}", d[j]);
         }
     }
 

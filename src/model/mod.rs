@@ -1,13 +1,15 @@
-//! The Llama-family causal LM: config, weights, differentiable ops and the decoder.
-pub mod config;
+//! The causal LM: one architecture description for every supported family, its weights, the
+//! generic (candle) and CPU-op decoder layers, and the ops they are built from.
+pub mod arch;
+pub mod causal_lm;
 pub mod cpu_layer;
 pub mod fused;
+pub mod generic_layer;
 pub mod kernels;
 pub mod layout;
-pub mod llama;
 pub mod ops;
 pub mod scoring;
 pub mod weights;
 
-pub use config::ModelConfig;
-pub use llama::Llama;
+pub use arch::{Architecture, Family};
+pub use causal_lm::{CausalLm, LayerPath};

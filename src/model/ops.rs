@@ -1,7 +1,8 @@
 //! Differentiable building blocks for the decoder that candle's fused ops lack.
 //!
 //! candle 0.11's fused `rms_norm`, `softmax_last_dim` and `rope*` have no backward
-//! and silently cut the graph, so the training path uses the compositions below.
+//! and silently cut the graph, so the training path uses compositions (RMSNorm in
+//! [`super::generic_layer`], RoPE below).
 //! `frozen_matmul` is the one custom op: `x · Wᵀ` for a weight that is never
 //! trained, whose backward returns dX only (candle's `Matmul` would also compute
 //! and keep a full dW for every frozen matrix).
@@ -15,7 +16,7 @@
 //! # Ok(()) }
 //! ```
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, D, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, D, Layout, Result, Shape, Storage, Tensor};
 
 /// `x · Wᵀ` for a frozen `W` of shape `[out, in]`; `x` is `[..., in]`.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -85,59 +86,6 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 }
 
-/// RMSNorm as in HF Llama: normalise in f32, scale by the weight, return the input dtype.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)
-}
-
-/// Rotary position embedding tables for HF's `rotate_half` convention.
-#[derive(Debug, Clone)]
-pub struct RopeTable {
-    /// `[max_positions, head_dim]`, each row `cat(freqs, freqs)`.
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl RopeTable {
-    pub fn new(head_dim: usize, theta: f64, max_positions: usize, dtype: DType, device: &candle_core::Device) -> Result<Self> {
-        let half = head_dim / 2;
-        // Same f32 rounding of the inverse frequencies as transformers.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
-            .collect();
-        let mut cos = Vec::with_capacity(max_positions * head_dim);
-        let mut sin = Vec::with_capacity(max_positions * head_dim);
-        for p in 0..max_positions {
-            for _half in 0..2 {
-                for f in &inv_freq {
-                    let angle = p as f32 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
-        let cos = Tensor::from_vec(cos, (max_positions, head_dim), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (max_positions, head_dim), device)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin })
-    }
-
-    /// `cos`, `sin` for each token's position: `[rows, 1, len, head_dim]` for positions `[rows, len]`.
-    pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (rows, len) = positions.dims2()?;
-        let max = self.cos.dim(0)?;
-        if positions.max_all()?.to_scalar::<u32>()? as usize >= max {
-            candle_core::bail!("a position is beyond the rope table of {max} (max_position_embeddings)");
-        }
-        let flat = positions.flatten_all()?;
-        let d = self.cos.dim(1)?;
-        let pick = |t: &Tensor| t.index_select(&flat, 0)?.reshape((rows, 1, len, d));
-        Ok((pick(&self.cos)?, pick(&self.sin)?))
-    }
-}
-
 /// `x·cos + rotate_half(x)·sin` (HF convention), `cos`/`sin` broadcastable to `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
@@ -186,17 +134,23 @@ mod tests {
     }
 
     #[test]
-    fn rms_norm_and_rope_carry_gradients() {
+    fn rope_carries_gradients_and_leaves_position_zero() {
         let x = Var::from_tensor(&Tensor::arange(0f32, 16., &Device::Cpu).unwrap().reshape((1, 1, 2, 8)).unwrap()).unwrap();
-        let w = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
-        let table = RopeTable::new(8, 10000.0, 4, DType::F32, &Device::Cpu).unwrap();
-        let (cos, sin) = table.tables(&Tensor::new(&[[0u32, 1]], &Device::Cpu).unwrap()).unwrap();
-        let y = rope(&rms_norm(x.as_tensor(), &w, 1e-6).unwrap(), &cos, &sin).unwrap();
+        let rope_cfg = crate::model::arch::Rope {
+            theta: 10000.0,
+            rotary_dim: 8,
+            scaling: crate::model::arch::RopeScaling::Default,
+            max_position_embeddings: 4,
+        };
+        let t = rope_cfg.tables(&[0, 1]).unwrap();
+        let cos = Tensor::from_vec(t.cos, (1, 1, 2, 8), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(t.sin, (1, 1, 2, 8), &Device::Cpu).unwrap();
+        let y = rope(x.as_tensor(), &cos, &sin).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&x).is_some());
-        // Position 0 is not rotated.
-        let y0 = y.get(0).unwrap().get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
-        let n0 = rms_norm(x.as_tensor(), &w, 1e-6).unwrap().get(0).unwrap().get(0).unwrap().get(0).unwrap();
-        assert_eq!(y0, n0.to_vec1::<f32>().unwrap());
+        // Position 0 is not rotated; position 1 is.
+        let row = |t: &Tensor, i: usize| t.get(0).unwrap().get(0).unwrap().get(i).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(row(&y, 0), row(x.as_tensor(), 0));
+        assert_ne!(row(&y, 1), row(x.as_tensor(), 1));
     }
 }

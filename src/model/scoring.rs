@@ -2,12 +2,12 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! # let model: dpo::model::Llama = todo!(); let batch: dpo::data::PairBatch = todo!();
+//! # let model: dpo::model::CausalLm = todo!(); let batch: dpo::data::PairBatch = todo!();
 //! let logps = dpo::model::scoring::response_logps(&model, &batch, &mut dpo::lora::LoraMode::Off)?;
 //! let (chosen, rejected) = dpo::model::scoring::split_pairs(&logps, batch.pairs)?;
 //! # Ok(()) }
 //! ```
-use super::Llama;
+use super::CausalLm;
 use crate::data::PairBatch;
 use crate::lora::LoraMode;
 use anyhow::Result;
@@ -15,7 +15,7 @@ use candle_core::Tensor;
 
 /// `[2·pairs]` f32: Σ over each sequence's response tokens of `log p(token | prefix)`.
 /// lm_head and the log-softmax run only at scored positions.
-pub fn response_logps(model: &Llama, batch: &PairBatch, mode: &mut LoraMode) -> Result<Tensor> {
+pub fn response_logps(model: &CausalLm, batch: &PairBatch, mode: &mut LoraMode) -> Result<Tensor> {
     let hidden = model.forward_layout(&batch.ids, &batch.layout, mode)?;
     let (n, t, h) = hidden.dims3()?;
     let rows = hidden.reshape((n * t, h))?.index_select(&batch.rows, 0)?;

@@ -24,7 +24,7 @@ pub use fingerprint::Fingerprint;
 
 use crate::checkpoint::atomic;
 use crate::data::{PairBatch, TokenizedPair};
-use crate::model::Llama;
+use crate::model::CausalLm;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use sha2::{Digest, Sha256};
@@ -107,7 +107,7 @@ impl RefCache {
 
     /// The batch's reference log-probs `[2·pairs]` (chosen rows, then rejected rows): from the
     /// cache when every pair is there, else from one reference forward whose values are kept.
-    pub fn reference(&mut self, model: &Llama, pairs: &[TokenizedPair], batch: &PairBatch) -> Result<Tensor> {
+    pub fn reference(&mut self, model: &CausalLm, pairs: &[TokenizedPair], batch: &PairBatch) -> Result<Tensor> {
         let keys = batch_keys(&self.digest, pairs);
         let cached: Option<Vec<Entry>> = keys.iter().map(|k| self.entries.get(k).copied()).collect();
         if let Some(entries) = cached.filter(|e| tokens_match(e, batch)) {

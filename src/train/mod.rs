@@ -188,8 +188,7 @@ fn train_loop(
         Some(dir) => adapter::attach_from_dir(&mut loaded.model, dir, Some(args.lora_dropout))?,
         None => {
             let cfg = LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?;
-            let params = adapter::attach_fresh(&mut loaded.model, &cfg, args.seed)?;
-            (cfg, params)
+            adapter::attach_fresh(&mut loaded.model, &cfg, args.seed)?
         }
     };
     check_no_stale_adapters(&mut loaded.model, params.len())?;
@@ -383,8 +382,8 @@ pub(crate) fn append_eval_line(output_dir: &Path, step: usize, m: &RewardMetrics
 
 /// Every adapter on the model belongs to this run (a previous run of a sweep with other
 /// targets would leave its own behind, silently training a different model).
-fn check_no_stale_adapters(model: &mut crate::model::Llama, params: usize) -> Result<()> {
-    let attached = model.linear_layers_mut().iter().filter(|(_, l)| l.lora().is_some()).count();
+fn check_no_stale_adapters(model: &mut crate::model::CausalLm, params: usize) -> Result<()> {
+    let attached = model.linear_layers_mut().iter().filter(|(_, _, l)| l.lora().is_some()).count();
     if attached * 2 != params {
         bail!("the model carries {attached} adapters but this run attached {}: runs sharing a loaded model must target the same layers", params / 2);
     }

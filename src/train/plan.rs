@@ -55,7 +55,7 @@ impl StepPlan {
 
 /// Everything one optimizer step's forward/backward reads.
 pub struct StepWork<'a> {
-    pub model: &'a crate::model::Llama,
+    pub model: &'a crate::model::CausalLm,
     pub pad_id: u32,
     pub data: &'a Dataset,
     pub order: &'a PairOrder,

@@ -4,7 +4,7 @@
 //! ```no_run
 //! # use dpo::train::step::{micro_step, GradAccumulator};
 //! # fn main() -> anyhow::Result<()> {
-//! # let (model, batch, loss, params): (dpo::model::Llama, dpo::data::PairBatch, dpo::loss::DpoLoss, Vec<candle_core::Var>) = todo!();
+//! # let (model, batch, loss, params): (dpo::model::CausalLm, dpo::data::PairBatch, dpo::loss::DpoLoss, Vec<candle_core::Var>) = todo!();
 //! let mut grads = GradAccumulator::new(params.len());
 //! let scores = micro_step(&model, &batch, &loss, &params, &mut dpo::lora::LoraMode::On, None, 1.0, &mut grads)?;
 //! # Ok(()) }
@@ -12,7 +12,7 @@
 use crate::data::PairBatch;
 use crate::lora::LoraMode;
 use crate::loss::{DpoLoss, PairLogps, PairScore};
-use crate::model::Llama;
+use crate::model::CausalLm;
 use crate::model::scoring::{response_logps, split_pairs};
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
@@ -20,19 +20,19 @@ use candle_core::{Tensor, Var};
 /// The frozen reference's summed response log-probs `[2·pairs]` (chosen rows, then rejected):
 /// the base model with adapters off, no graph. They depend on neither β nor the learning rate,
 /// so they can be computed once and cached.
-pub fn reference_logps(model: &Llama, batch: &PairBatch) -> Result<Tensor> {
+pub fn reference_logps(model: &CausalLm, batch: &PairBatch) -> Result<Tensor> {
     Ok(response_logps(model, batch, &mut LoraMode::Off)?.detach())
 }
 
 /// Reference and policy log-probs of a batch, and the per-pair losses.
-pub fn score(model: &Llama, batch: &PairBatch, loss: &DpoLoss, policy: &mut LoraMode) -> Result<(PairLogps, Tensor)> {
+pub fn score(model: &CausalLm, batch: &PairBatch, loss: &DpoLoss, policy: &mut LoraMode) -> Result<(PairLogps, Tensor)> {
     let reference = reference_logps(model, batch)?;
     score_against(model, batch, loss, policy, &reference)
 }
 
 /// As [`score`], with the reference log-probs `[2·pairs]` given (e.g. from a cache).
 pub fn score_against(
-    model: &Llama,
+    model: &CausalLm,
     batch: &PairBatch,
     loss: &DpoLoss,
     policy: &mut LoraMode,
@@ -58,7 +58,7 @@ pub fn score_against(
 /// and add the gradients to `grads`.
 #[allow(clippy::too_many_arguments)]
 pub fn micro_step(
-    model: &Llama,
+    model: &CausalLm,
     batch: &PairBatch,
     loss: &DpoLoss,
     params: &[Var],

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 use dpo::data::{PairBatch, TokenizedPair};
 use dpo::lora::adapter::{self, NamedParam};
-use dpo::model::Llama;
+use dpo::model::CausalLm;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -53,12 +53,12 @@ pub fn golden_pairs() -> Vec<TokenizedPair> {
         .collect()
 }
 
-pub fn load(model: &str) -> Llama {
-    Llama::load(&model_dir(model), DType::F32, &Device::Cpu).unwrap()
+pub fn load(model: &str) -> CausalLm {
+    CausalLm::load(&model_dir(model), DType::F32, &Device::Cpu).unwrap()
 }
 
 /// A model with the golden peft adapter of `golden_model` attached.
-pub fn load_with_golden_adapter(model: &str, golden_model: &str) -> (Llama, Vec<NamedParam>) {
+pub fn load_with_golden_adapter(model: &str, golden_model: &str) -> (CausalLm, Vec<NamedParam>) {
     let mut m = load(model);
     let (_, params) = adapter::attach_from_dir(&mut m, &golden_dir(golden_model).join("adapter"), None).unwrap();
     (m, params)
@@ -120,4 +120,38 @@ pub fn scratch(name: &str) -> PathBuf {
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_dpo"))
+}
+
+/// The ten model families of tests/fixtures/zoo (tiny random models made with transformers 5.24).
+pub const ZOO: [&str; 10] = ["llama3", "mistral-hd", "qwen3", "qwen2-yarn", "gemma", "gemma2", "gemma3", "phi3", "smollm3", "olmo2"];
+
+pub fn zoo_dir(family: &str) -> PathBuf {
+    fixtures().join("zoo").join(family)
+}
+
+pub fn zoo_golden() -> serde_json::Value {
+    read_json(&fixtures().join("zoo/golden.json"))
+}
+
+/// The 8 pairs a zoo family's golden values were computed on.
+pub fn zoo_pairs(golden: &serde_json::Value) -> Vec<TokenizedPair> {
+    let ids = |key: &str| -> Vec<Vec<u32>> { golden[key].as_array().unwrap().iter().map(u32s).collect() };
+    let (p, c, r) = (ids("prompt_ids"), ids("chosen_ids"), ids("rejected_ids"));
+    (0..p.len()).map(|i| TokenizedPair { prompt: p[i].clone(), chosen: c[i].clone(), rejected: r[i].clone() }).collect()
+}
+
+/// A zoo model with its golden all-linear adapter, on the given layer path.
+pub fn load_zoo(family: &str, path: dpo::model::LayerPath) -> (CausalLm, Vec<NamedParam>) {
+    let mut m = CausalLm::load(&zoo_dir(family).join("model"), DType::F32, &Device::Cpu).unwrap();
+    m.set_path(path);
+    assert_eq!(m.path(), path, "{family}: the CPU op refused a family it should run");
+    let (_, params) = adapter::attach_from_dir(&mut m, &zoo_dir(family).join("adapter"), None).unwrap();
+    (m, params)
+}
+
+/// `|got − want| ≤ tol·|want|` over whole tensors (the gradient rule: within tol of the norm).
+pub fn norm_close(got: &[f64], want: &[f64], tol: f64) -> Result<(), String> {
+    let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let diff = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    if got.len() == want.len() && diff <= tol * norm.max(1e-12) { Ok(()) } else { Err(format!("|Δ| {diff:e} vs {tol:e}·|g| {norm:e}")) }
 }

@@ -1,0 +1,170 @@
+//! The generic decoder layer: every feature of the [`Architecture`] as candle compositions, on
+//! any device and dtype. It is the reference the CPU layer op is tested against, and what runs
+//! on CUDA.
+//!
+//! A layer is `x + post(attention(pre(x)))` then `h + post(mlp(pre(h)))`, where each `pre` /
+//! `post` norm exists or not as the family places them; attention projects q/k/v (fused or
+//! not), norms q and k where the family does, rotates the leading `rotary_dim` dimensions,
+//! scales (and soft-caps) the scores, and masks them by the layer's window.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! # let (layer, x, mut ctx): (dpo::model::causal_lm::DecoderLayer, candle_core::Tensor, dpo::model::generic_layer::PassContext) = todo!();
+//! let y = dpo::model::generic_layer::forward(&layer, &x, &mut ctx)?;
+//! # Ok(()) }
+//! ```
+use super::arch::rope::RopeTables;
+use super::arch::{Activation, Architecture, Proj, QkNorm, RmsNormStyle};
+use super::causal_lm::DecoderLayer;
+use super::layout::TokenLayout;
+use super::ops::{repeat_kv, rope};
+use crate::lora::LoraMode;
+use anyhow::Result;
+use candle_core::{D, DType, Device, Tensor};
+use std::sync::Arc;
+
+/// What one forward pass shares across layers: masks per attention window, cos/sin per RoPE.
+pub struct PassContext<'a, 'm> {
+    arch: &'a Architecture,
+    /// Per attention window: the dense additive mask `[rows, 1, len, len]`.
+    masks: Vec<(Option<usize>, Tensor)>,
+    /// Per RoPE setting: cos and sin `[rows, 1, len, rotary_dim]`.
+    rope: Vec<(Tensor, Tensor)>,
+    mode: &'a mut LoraMode<'m>,
+}
+
+impl<'a, 'm> PassContext<'a, 'm> {
+    pub fn new(
+        arch: &'a Architecture,
+        layout: &TokenLayout,
+        tables: &[Arc<RopeTables>],
+        dtype: DType,
+        device: &Device,
+        mode: &'a mut LoraMode<'m>,
+    ) -> Result<Self> {
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        for spec in &arch.layers {
+            if !masks.iter().any(|(w, _)| *w == spec.window) {
+                masks.push((spec.window, layout.mask(spec.window, dtype, device)?));
+            }
+        }
+        let (rows, len) = (layout.rows, layout.len);
+        let rope = tables
+            .iter()
+            .map(|t| {
+                let shape = (rows, 1, len, t.rotary_dim);
+                let cos = Tensor::from_slice(&t.cos, shape, device)?.to_dtype(dtype)?;
+                let sin = Tensor::from_slice(&t.sin, shape, device)?.to_dtype(dtype)?;
+                Ok((cos, sin))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { arch, masks, rope, mode })
+    }
+}
+
+pub fn forward(layer: &DecoderLayer, x: &Tensor, ctx: &mut PassContext) -> Result<Tensor> {
+    let [attn_pre, attn_post, mlp_pre, mlp_post] = &layer.norms;
+    let style = &ctx.arch.norm;
+    let a = attention(layer, &maybe_norm(x, attn_pre, style)?, ctx)?;
+    let h = (x + maybe_norm(&a, attn_post, style)?)?;
+    let m = mlp(layer, &maybe_norm(&h, mlp_pre, style)?, ctx)?;
+    Ok((h + maybe_norm(&m, mlp_post, style)?)?)
+}
+
+fn maybe_norm(x: &Tensor, w: &Option<Tensor>, style: &RmsNormStyle) -> candle_core::Result<Tensor> {
+    match w {
+        Some(w) => rms_norm(x, w, style),
+        None => Ok(x.clone()),
+    }
+}
+
+/// RMSNorm over the last dim, normalised in f32. `w` already holds `1 + w` where the family
+/// offsets; with `scale_in_f32` it is f32 and the product is cast, else `x̂` is cast first.
+pub fn rms_norm(x: &Tensor, w: &Tensor, style: &RmsNormStyle) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + style.eps)?.sqrt()?.recip()?;
+    let normed = x.broadcast_mul(&inv_rms)?;
+    if style.scale_in_f32 {
+        normed.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)
+    } else {
+        normed.to_dtype(dtype)?.broadcast_mul(w)
+    }
+}
+
+/// `cap·tanh(x/cap)` (soft-capping), or `x` itself.
+pub fn softcap(x: &Tensor, cap: Option<f64>) -> candle_core::Result<Tensor> {
+    match cap {
+        Some(c) => (x / c)?.tanh()? * c,
+        None => Ok(x.clone()),
+    }
+}
+
+fn attention(layer: &DecoderLayer, x: &Tensor, ctx: &mut PassContext) -> Result<Tensor> {
+    let arch = ctx.arch;
+    let (b, t, _) = x.dims3()?;
+    let (qw, kw, hd) = (arch.q_width(), arch.kv_width(), arch.head_dim);
+    let (q, k, v) = if arch.projections.contains(&Proj::Qkv) {
+        let qkv = layer.linear(Proj::Qkv).forward(x, ctx.mode)?;
+        (qkv.narrow(D::Minus1, 0, qw)?, qkv.narrow(D::Minus1, qw, kw)?, qkv.narrow(D::Minus1, qw + kw, kw)?)
+    } else {
+        let q = layer.linear(Proj::Q).forward(x, ctx.mode)?;
+        let k = layer.linear(Proj::K).forward(x, ctx.mode)?;
+        (q, k, layer.linear(Proj::V).forward(x, ctx.mode)?)
+    };
+    let (mut q, mut k) = (q, k);
+    if let (Some(QkNorm::AcrossHeads), Some([qn, kn])) = (arch.qk_norm, &layer.qk_norm) {
+        q = rms_norm(&q, qn, &arch.norm)?;
+        k = rms_norm(&k, kn, &arch.norm)?;
+    }
+    let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd));
+    let (mut q, mut k) = (heads(q, arch.num_heads)?, heads(k, arch.num_kv_heads)?);
+    if let (Some(QkNorm::PerHead), Some([qn, kn])) = (arch.qk_norm, &layer.qk_norm) {
+        q = rms_norm(&q, qn, &arch.norm)?;
+        k = rms_norm(&k, kn, &arch.norm)?;
+    }
+    let (mut q, mut k) = (q.transpose(1, 2)?.contiguous()?, k.transpose(1, 2)?.contiguous()?);
+    let v = heads(v, arch.num_kv_heads)?.transpose(1, 2)?.contiguous()?;
+    if let Some(i) = layer.spec.rope {
+        let (cos, sin) = &ctx.rope[i];
+        q = rotate(&q, cos, sin)?;
+        k = rotate(&k, cos, sin)?;
+    }
+    let n_rep = arch.num_heads / arch.num_kv_heads;
+    let (k, v) = (repeat_kv(k, n_rep)?, repeat_kv(v, n_rep)?);
+    let scores = softcap(&(q.matmul(&k.t()?)? * arch.attn_scale)?, arch.attn_softcap)?;
+    let mask = &ctx.masks.iter().find(|(w, _)| *w == layer.spec.window).expect("a mask per window").1;
+    // Softmax in f32 (as transformers does), with the composite op: candle's fused
+    // softmax_last_dim has no backward.
+    let dtype = scores.dtype();
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)?;
+    let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, qw))?;
+    Ok(layer.linear(Proj::O).forward(&out, ctx.mode)?)
+}
+
+/// RoPE on the leading `rotary_dim` dimensions of each head (all of them unless partial).
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (hd, rd) = (x.dim(D::Minus1)?, cos.dim(D::Minus1)?);
+    if rd == hd {
+        return rope(x, cos, sin);
+    }
+    let rotated = rope(&x.narrow(D::Minus1, 0, rd)?, cos, sin)?;
+    Tensor::cat(&[&rotated, &x.narrow(D::Minus1, rd, hd - rd)?], D::Minus1)
+}
+
+fn mlp(layer: &DecoderLayer, x: &Tensor, ctx: &mut PassContext) -> Result<Tensor> {
+    let inter = ctx.arch.intermediate_size;
+    let (gate, up) = if ctx.arch.projections.contains(&Proj::GateUp) {
+        let gu = layer.linear(Proj::GateUp).forward(x, ctx.mode)?;
+        (gu.narrow(D::Minus1, 0, inter)?, gu.narrow(D::Minus1, inter, inter)?)
+    } else {
+        let gate = layer.linear(Proj::Gate).forward(x, ctx.mode)?;
+        (gate, layer.linear(Proj::Up).forward(x, ctx.mode)?)
+    };
+    let act = match ctx.arch.activation {
+        Activation::Silu => gate.silu()?,
+        // candle's gelu is the tanh approximation.
+        Activation::GeluTanh => gate.gelu()?,
+    };
+    Ok(layer.linear(Proj::Down).forward(&(act * up)?, ctx.mode)?)
+}
