@@ -11,7 +11,8 @@
 //! `DPO_BENCH_ARCH`: `llama` (default) or a zoo fixture's name (llama3, mistral-hd, qwen3,
 //! qwen2-yarn, gemma, gemma2, gemma3, phi3, smollm3, olmo2), whose config is used at the bench
 //! shape; lever switches `DPO_BENCH_UNSHARED=1` (no prompt sharing) and `DPO_BENCH_COMPOSITE=1`
-//! (the generic candle layer instead of the CPU layer op and fused head). Threads:
+//! (the generic candle layer instead of the CPU layer op and fused head) and
+//! `DPO_BENCH_CHECKPOINTING=1` (activation recomputation on either path). Threads:
 //! `RAYON_NUM_THREADS` (default 2 here).
 //!
 //! `cargo bench --bench dpo_step` — the last line printed is one JSON object.
@@ -134,6 +135,8 @@ fn main() {
     if std::env::var("DPO_BENCH_COMPOSITE").is_ok_and(|v| v == "1") {
         model.set_path(LayerPath::Generic);
     }
+    let recompute = std::env::var("DPO_BENCH_CHECKPOINTING").is_ok_and(|v| v == "1");
+    model.set_recompute(recompute);
     let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
     let mut opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
     let tokens = 2 * pairs * (prompt_len + response_len);
@@ -196,6 +199,7 @@ fn main() {
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
         "prompt_sharing": !unshared,
         "arch": family,
+        "recompute": recompute,
         "layer_path": format!("{:?}", model.path()),
         "shape": {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "intermediate": inter,
                   "vocab": vocab, "prompt_len": prompt_len, "response_len": response_len, "pairs": pairs, "lora_r": 16},

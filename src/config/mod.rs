@@ -52,6 +52,11 @@ pub struct TrainArgs {
     /// Pairs per micro-batch.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Activation recomputation: each decoder layer keeps only its input and is re-run in
+    /// backward (bit-identical numbers, a fraction of the activation memory, one more forward
+    /// of compute): auto (on for CUDA, off on CPU) | on | off.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub gradient_checkpointing: Checkpointing,
     /// Micro-batches per optimizer step (each micro-batch loss is divided by this).
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
@@ -141,6 +146,26 @@ pub struct TrainArgs {
     #[arg(skip)]
     #[serde(skip)]
     pub pause_after_steps: Option<usize>,
+}
+
+/// `--gradient-checkpointing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// On for CUDA, off on CPU (where the CPU layer op keeps its activations compactly).
+    Auto,
+    On,
+    Off,
+}
+
+impl Checkpointing {
+    pub fn enabled(self, device: &candle_core::Device) -> bool {
+        match self {
+            Checkpointing::Auto => device.is_cuda(),
+            Checkpointing::On => true,
+            Checkpointing::Off => false,
+        }
+    }
 }
 
 impl std::ops::Deref for TrainArgs {

@@ -20,15 +20,17 @@
 //! ```
 use super::arch::rope::RopeTables;
 use super::arch::{Architecture, LayerSpec, Proj};
+use super::chunked_head;
 use super::cpu_layer;
 use super::fused;
-use super::generic_layer::{self, PassContext};
+use super::generic_layer::{self, PassShared};
+use super::recompute;
 use super::layout::TokenLayout;
 use super::ops::frozen_matmul;
 use super::weights::mmap_weights;
 use crate::lora::{LoraLinear, LoraMode};
 use anyhow::{Context, Result};
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::path::Path;
 use std::sync::Arc;
@@ -67,9 +69,12 @@ pub struct CausalLm {
     /// really skips the reference forward).
     forwards: [AtomicUsize; 2],
     path: LayerPath,
+    /// Activation recomputation: each layer keeps only its input for backward.
+    recompute: bool,
 }
 
 /// One decoder layer's frozen weights, named by what the description says it has.
+#[derive(Clone)]
 pub struct DecoderLayer {
     /// Attention pre, attention post, MLP pre, MLP post (see [`Architecture::norm_names`]);
     /// Gemma's already hold `1 + w`.
@@ -118,6 +123,7 @@ impl CausalLm {
             device: device.clone(),
             forwards: Default::default(),
             path: LayerPath::Generic,
+            recompute: false,
         };
         let forced_generic = std::env::var(PATH_ENV).is_ok_and(|v| v == "generic");
         model.set_path(if forced_generic { LayerPath::Generic } else { LayerPath::CpuOp });
@@ -154,6 +160,16 @@ impl CausalLm {
         };
     }
 
+    /// Activation recomputation (gradient checkpointing): each layer keeps only its input and
+    /// is re-run in backward, on either path. Same numbers, a fraction of the memory.
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
+    }
+
+    pub fn recompute(&self) -> bool {
+        self.recompute
+    }
+
     /// Final-norm hidden states `[rows, len, hidden]` for `ids` `[rows, len]` laid out as
     /// `layout` says (positions, and which tokens may see which).
     pub fn forward_layout(&self, ids: &Tensor, layout: &TokenLayout, mode: &mut LoraMode) -> Result<Tensor> {
@@ -172,9 +188,13 @@ impl CausalLm {
             x = self.cpu_layers(x, layout, &ropes, mode)?;
             return Ok(fused::rms_norm(&x, &self.norm, eps)?);
         }
-        let mut ctx = PassContext::new(&self.arch, layout, &ropes, self.dtype, &self.device, mode)?;
+        let shared = Arc::new(PassShared::new(&self.arch, layout, &ropes, self.dtype, &self.device)?);
         for layer in &self.layers {
-            x = generic_layer::forward(layer, &x, &mut ctx)?;
+            x = if self.recompute {
+                recompute::layer(layer, &x, &shared, mode)?
+            } else {
+                generic_layer::forward(layer, &x, &shared, mode)?
+            };
         }
         Ok(generic_layer::rms_norm(&x, &self.norm, &self.arch.norm)?)
     }
@@ -193,7 +213,7 @@ impl CausalLm {
                 }
             };
             let rope = layer.spec.rope.map(|i| ropes[i].clone());
-            x = cpu_layer::forward(&cpu_layer::LayerParams::new(&self.arch, layer), &geo, rope, &x, mode)?;
+            x = cpu_layer::forward(&cpu_layer::LayerParams::new(&self.arch, layer, self.recompute), &geo, rope, &x, mode)?;
         }
         Ok(x)
     }
@@ -216,11 +236,7 @@ impl CausalLm {
         if self.path == LayerPath::CpuOp {
             return Ok(fused::lm_head_logps(hidden_rows, &self.lm_head, targets, self.arch.final_softcap)?);
         }
-        let logits = frozen_matmul(hidden_rows, &self.lm_head)?.to_dtype(DType::F32)?;
-        let logits = generic_layer::softcap(&logits, self.arch.final_softcap)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = Tensor::new(targets, &self.device)?;
-        Ok(logp.gather(&targets.unsqueeze(1)?.contiguous()?, 1)?.squeeze(1)?)
+        Ok(chunked_head::lm_head_logps(hidden_rows, &self.lm_head, targets, self.arch.final_softcap)?)
     }
 
     /// Every linear layer with its module path (`model.layers.3.mlp.up_proj`), in model order.

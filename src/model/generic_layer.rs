@@ -9,8 +9,8 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! # let (layer, x, mut ctx): (dpo::model::causal_lm::DecoderLayer, candle_core::Tensor, dpo::model::generic_layer::PassContext) = todo!();
-//! let y = dpo::model::generic_layer::forward(&layer, &x, &mut ctx)?;
+//! # let (layer, x, ctx): (dpo::model::causal_lm::DecoderLayer, candle_core::Tensor, dpo::model::generic_layer::PassShared) = todo!();
+//! let y = dpo::model::generic_layer::forward(&layer, &x, &ctx, &mut dpo::lora::LoraMode::On)?;
 //! # Ok(()) }
 //! ```
 use super::arch::rope::RopeTables;
@@ -18,34 +18,28 @@ use super::arch::{Activation, Architecture, Proj, QkNorm, RmsNormStyle};
 use super::causal_lm::DecoderLayer;
 use super::layout::TokenLayout;
 use super::ops::{repeat_kv, rope};
+use super::tiled_attention;
 use crate::lora::LoraMode;
 use anyhow::Result;
 use candle_core::{D, DType, Device, Tensor};
 use std::sync::Arc;
 
-/// What one forward pass shares across layers: masks per attention window, cos/sin per RoPE.
-pub struct PassContext<'a, 'm> {
-    arch: &'a Architecture,
-    /// Per attention window: the dense additive mask `[rows, 1, len, len]`.
+/// What one forward pass shares across layers: the description, masks per attention window,
+/// cos/sin per RoPE. Shared (`Arc`) so a recomputed layer can re-run in backward.
+pub struct PassShared {
+    arch: Arc<Architecture>,
+    /// Per attention window: the dense additive mask `[rows, 1, len, len]` (f32).
     masks: Vec<(Option<usize>, Tensor)>,
     /// Per RoPE setting: cos and sin `[rows, 1, len, rotary_dim]`.
     rope: Vec<(Tensor, Tensor)>,
-    mode: &'a mut LoraMode<'m>,
 }
 
-impl<'a, 'm> PassContext<'a, 'm> {
-    pub fn new(
-        arch: &'a Architecture,
-        layout: &TokenLayout,
-        tables: &[Arc<RopeTables>],
-        dtype: DType,
-        device: &Device,
-        mode: &'a mut LoraMode<'m>,
-    ) -> Result<Self> {
+impl PassShared {
+    pub fn new(arch: &Arc<Architecture>, layout: &TokenLayout, tables: &[Arc<RopeTables>], dtype: DType, device: &Device) -> Result<Self> {
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         for spec in &arch.layers {
             if !masks.iter().any(|(w, _)| *w == spec.window) {
-                masks.push((spec.window, layout.mask(spec.window, dtype, device)?));
+                masks.push((spec.window, layout.mask(spec.window, DType::F32, device)?));
             }
         }
         let (rows, len) = (layout.rows, layout.len);
@@ -58,16 +52,17 @@ impl<'a, 'm> PassContext<'a, 'm> {
                 Ok((cos, sin))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { arch, masks, rope, mode })
+        Ok(Self { arch: arch.clone(), masks, rope })
     }
 }
 
-pub fn forward(layer: &DecoderLayer, x: &Tensor, ctx: &mut PassContext) -> Result<Tensor> {
+/// The layer on `x` `[rows, len, hidden]`, adapters as `mode` says.
+pub fn forward(layer: &DecoderLayer, x: &Tensor, ctx: &PassShared, mode: &mut LoraMode) -> Result<Tensor> {
     let [attn_pre, attn_post, mlp_pre, mlp_post] = &layer.norms;
     let style = &ctx.arch.norm;
-    let a = attention(layer, &maybe_norm(x, attn_pre, style)?, ctx)?;
+    let a = attention(layer, &maybe_norm(x, attn_pre, style)?, ctx, mode)?;
     let h = (x + maybe_norm(&a, attn_post, style)?)?;
-    let m = mlp(layer, &maybe_norm(&h, mlp_pre, style)?, ctx)?;
+    let m = mlp(layer, &maybe_norm(&h, mlp_pre, style)?, ctx, mode)?;
     Ok((h + maybe_norm(&m, mlp_post, style)?)?)
 }
 
@@ -100,17 +95,17 @@ pub fn softcap(x: &Tensor, cap: Option<f64>) -> candle_core::Result<Tensor> {
     }
 }
 
-fn attention(layer: &DecoderLayer, x: &Tensor, ctx: &mut PassContext) -> Result<Tensor> {
-    let arch = ctx.arch;
+fn attention(layer: &DecoderLayer, x: &Tensor, ctx: &PassShared, mode: &mut LoraMode) -> Result<Tensor> {
+    let arch = &ctx.arch;
     let (b, t, _) = x.dims3()?;
     let (qw, kw, hd) = (arch.q_width(), arch.kv_width(), arch.head_dim);
     let (q, k, v) = if arch.projections.contains(&Proj::Qkv) {
-        let qkv = layer.linear(Proj::Qkv).forward(x, ctx.mode)?;
+        let qkv = layer.linear(Proj::Qkv).forward(x, mode)?;
         (qkv.narrow(D::Minus1, 0, qw)?, qkv.narrow(D::Minus1, qw, kw)?, qkv.narrow(D::Minus1, qw + kw, kw)?)
     } else {
-        let q = layer.linear(Proj::Q).forward(x, ctx.mode)?;
-        let k = layer.linear(Proj::K).forward(x, ctx.mode)?;
-        (q, k, layer.linear(Proj::V).forward(x, ctx.mode)?)
+        let q = layer.linear(Proj::Q).forward(x, mode)?;
+        let k = layer.linear(Proj::K).forward(x, mode)?;
+        (q, k, layer.linear(Proj::V).forward(x, mode)?)
     };
     let (mut q, mut k) = (q, k);
     if let (Some(QkNorm::AcrossHeads), Some([qn, kn])) = (arch.qk_norm, &layer.qk_norm) {
@@ -132,14 +127,11 @@ fn attention(layer: &DecoderLayer, x: &Tensor, ctx: &mut PassContext) -> Result<
     }
     let n_rep = arch.num_heads / arch.num_kv_heads;
     let (k, v) = (repeat_kv(k, n_rep)?, repeat_kv(v, n_rep)?);
-    let scores = softcap(&(q.matmul(&k.t()?)? * arch.attn_scale)?, arch.attn_softcap)?;
     let mask = &ctx.masks.iter().find(|(w, _)| *w == layer.spec.window).expect("a mask per window").1;
-    // Softmax in f32 (as transformers does), with the composite op: candle's fused
-    // softmax_last_dim has no backward.
-    let dtype = scores.dtype();
-    let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)?;
-    let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, qw))?;
-    Ok(layer.linear(Proj::O).forward(&out, ctx.mode)?)
+    // In query tiles, probabilities recomputed in backward: no [heads, len, len] tensor is kept.
+    let out = tiled_attention::attention(&q, &k, &v, mask, arch.attn_scale, arch.attn_softcap, tiled_attention::TILE)?;
+    let out = out.transpose(1, 2)?.reshape((b, t, qw))?;
+    Ok(layer.linear(Proj::O).forward(&out, mode)?)
 }
 
 /// RoPE on the leading `rotary_dim` dimensions of each head (all of them unless partial).
@@ -152,19 +144,19 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor>
     Tensor::cat(&[&rotated, &x.narrow(D::Minus1, rd, hd - rd)?], D::Minus1)
 }
 
-fn mlp(layer: &DecoderLayer, x: &Tensor, ctx: &mut PassContext) -> Result<Tensor> {
+fn mlp(layer: &DecoderLayer, x: &Tensor, ctx: &PassShared, mode: &mut LoraMode) -> Result<Tensor> {
     let inter = ctx.arch.intermediate_size;
     let (gate, up) = if ctx.arch.projections.contains(&Proj::GateUp) {
-        let gu = layer.linear(Proj::GateUp).forward(x, ctx.mode)?;
+        let gu = layer.linear(Proj::GateUp).forward(x, mode)?;
         (gu.narrow(D::Minus1, 0, inter)?, gu.narrow(D::Minus1, inter, inter)?)
     } else {
-        let gate = layer.linear(Proj::Gate).forward(x, ctx.mode)?;
-        (gate, layer.linear(Proj::Up).forward(x, ctx.mode)?)
+        let gate = layer.linear(Proj::Gate).forward(x, mode)?;
+        (gate, layer.linear(Proj::Up).forward(x, mode)?)
     };
     let act = match ctx.arch.activation {
         Activation::Silu => gate.silu()?,
         // candle's gelu is the tanh approximation.
         Activation::GeluTanh => gate.gelu()?,
     };
-    Ok(layer.linear(Proj::Down).forward(&(act * up)?, ctx.mode)?)
+    Ok(layer.linear(Proj::Down).forward(&(act * up)?, mode)?)
 }

@@ -2,13 +2,16 @@
 //! generic (candle) and CPU-op decoder layers, and the ops they are built from.
 pub mod arch;
 pub mod causal_lm;
+pub mod chunked_head;
 pub mod cpu_layer;
 pub mod fused;
 pub mod generic_layer;
 pub mod kernels;
 pub mod layout;
 pub mod ops;
+pub mod recompute;
 pub mod scoring;
+pub mod tiled_attention;
 pub mod weights;
 
 pub use arch::{Architecture, Family};

@@ -192,6 +192,7 @@ fn train_loop(
         }
     };
     check_no_stale_adapters(&mut loaded.model, params.len())?;
+    loaded.model.set_recompute(args.gradient_checkpointing.enabled(&loaded.device));
     let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
 
     let n = data.len();

@@ -98,6 +98,8 @@ pub struct LayerParams {
     norms: [Option<Tensor>; 4],
     qk_norm: Option<[Tensor; 2]>,
     linears: Vec<Linear>,
+    /// Keep nothing from forward; backward re-runs the layer first (activation recomputation).
+    recompute: bool,
 }
 
 #[derive(Clone)]
@@ -109,13 +111,13 @@ struct Linear {
 }
 
 impl LayerParams {
-    pub fn new(arch: &Arc<Architecture>, layer: &DecoderLayer) -> Self {
+    pub fn new(arch: &Arc<Architecture>, layer: &DecoderLayer, recompute: bool) -> Self {
         let linears = layer
             .linears
             .iter()
             .map(|(p, l)| Linear { proj: *p, weight: l.weight().clone(), bias: l.bias().cloned(), lora: l.lora().cloned() })
             .collect();
-        Self { arch: arch.clone(), norms: layer.norms.clone(), qk_norm: layer.qk_norm.clone(), linears }
+        Self { arch: arch.clone(), norms: layer.norms.clone(), qk_norm: layer.qk_norm.clone(), linears, recompute }
     }
 }
 
@@ -420,6 +422,10 @@ impl LayerOp {
 
     /// Returns `(dx, dA, dB)`.
     fn run_backward(&self, x: &[f32], a: &[f32], b: &[f32], d_out: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        if self.p.recompute {
+            // The forward kept nothing: run it again (same weights, same dropout masks).
+            self.run_forward(x, a, b, true)?;
+        }
         let saved = self.saved.lock().expect("saved activations").take();
         let Some(s) = saved else { bail!("cpu layer: backward without a saved forward (or run twice)") };
         self.with_weights(|w| Ok(self.backward_impl(w, &s, x, a, b, d_out)))
@@ -536,7 +542,7 @@ impl CustomOp1 for LayerOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.run_forward(cpu_storage_f32(s, l)?, &[], &[], true)?;
+        let out = self.run_forward(cpu_storage_f32(s, l)?, &[], &[], !self.p.recompute)?;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -552,7 +558,7 @@ impl CustomOp3 for LayerOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.run_forward(cpu_storage_f32(s1, l1)?, cpu_storage_f32(s2, l2)?, cpu_storage_f32(s3, l3)?, true)?;
+        let out = self.run_forward(cpu_storage_f32(s1, l1)?, cpu_storage_f32(s2, l2)?, cpu_storage_f32(s3, l3)?, !self.p.recompute)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
