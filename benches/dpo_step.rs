@@ -23,7 +23,7 @@ use dpo::loss::{DpoLoss, LossKind};
 use dpo::model::{Architecture, CausalLm, LayerPath};
 use dpo::rng::{SeededRng, Stream};
 use dpo::train::optimizer::AdamW;
-use dpo::train::step::{GradAccumulator, global_norm, micro_step};
+use dpo::train::step::global_norm;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -39,21 +39,29 @@ fn random_tensor(rng: &mut SeededRng, shape: &[usize], mean: f32, std: f32) -> T
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-/// Random weights for every tensor the description lists (norm weights around 1).
-fn random_model(arch: &Architecture) -> CausalLm {
+/// Random weights for every tensor the description lists (norm weights 1), in `dtype` on
+/// `device`: seeded uniform on CPU; cuRAND normals made on a GPU (never carried there).
+fn random_model(arch: &Architecture, device: &Device, dtype: DType) -> CausalLm {
     let mut rng = SeededRng::new(0, Stream::LoraInit);
+    if device.is_cuda() {
+        device.set_seed(0).unwrap();
+    }
     let w: HashMap<String, Tensor> = arch
         .weight_shapes()
         .into_iter()
         .map(|(name, shape)| {
-            let mean = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
-            let std = if shape.len() == 1 && mean == 1.0 { 0.0 } else { 0.02 };
-            let t = random_tensor(&mut rng, &shape, mean, std);
-            (name, t)
+            let t = if name.ends_with("norm.weight") {
+                Tensor::ones(shape.as_slice(), DType::F32, device).unwrap()
+            } else if device.is_cuda() {
+                Tensor::randn(0f32, 0.02, shape.as_slice(), device).unwrap()
+            } else {
+                random_tensor(&mut rng, &shape, 0.0, 0.02)
+            };
+            (name, t.to_dtype(dtype).unwrap())
         })
         .collect();
-    let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
-    CausalLm::from_weights(arch.clone(), vb, DType::F32, &Device::Cpu).unwrap()
+    let vb = candle_nn::VarBuilder::from_tensors(w, dtype, device);
+    CausalLm::from_weights(arch.clone(), vb, dtype, device).unwrap()
 }
 
 /// The bench shape in the config.json of `family` (`DPO_BENCH_ARCH`): the zoo fixture's config
@@ -87,6 +95,44 @@ fn bench_config(family: &str, shape: &serde_json::Value) -> Architecture {
     Architecture::from_json(&cfg.to_string()).unwrap()
 }
 
+/// One optimizer step, timed by phase (the device synchronised at each boundary): reference
+/// forward, policy forward, backward, gradient norm + AdamW. Tracks the least free device memory.
+#[allow(clippy::too_many_arguments)]
+fn timed_step(model: &CausalLm, batch: &PairBatch, loss: &DpoLoss, vars: &[Var], opt: &mut AdamW, lr: f64, device: &Device, min_free: &mut Option<u64>) -> [f64; 4] {
+    let mut marks = [0.0; 4];
+    let mut t = Instant::now();
+    let mut lap = |i: usize, marks: &mut [f64; 4]| {
+        device.synchronize().unwrap();
+        marks[i] = t.elapsed().as_secs_f64();
+        if let (Some(m), Some(free)) = (min_free.as_mut(), dpo::train::memory::available(device)) {
+            *m = (*m).min(free);
+        }
+        t = Instant::now();
+    };
+    let reference = dpo::train::step::reference_logps(model, batch).unwrap();
+    lap(0, &mut marks);
+    let (_, losses) = dpo::train::step::score_against(model, batch, loss, &mut LoraMode::On, &reference).unwrap();
+    lap(1, &mut marks);
+    let store = losses.mean_all().unwrap().backward().unwrap();
+    let grads: Vec<Tensor> = vars.iter().map(|v| store.get(v).unwrap().clone()).collect();
+    drop(store);
+    lap(2, &mut marks);
+    let _ = global_norm(&grads).unwrap();
+    opt.step(vars, &grads, lr).unwrap();
+    lap(3, &mut marks);
+    marks
+}
+
+/// Total device memory (CUDA), for the used-memory figure.
+fn device_total(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok().map(|(_, total)| total as u64);
+    }
+    let _ = device;
+    None
+}
+
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -114,7 +160,10 @@ fn main() {
     });
     let arch = bench_config(&family, &shape);
     eprintln!("{}", arch.summary());
-    let mut model = random_model(&arch);
+    let device = dpo::device::parse_device(&std::env::var("DPO_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
+    let dtype = dpo::device::parse_dtype(&std::env::var("DPO_BENCH_DTYPE").unwrap_or_else(|_| "f32".into()), &device).unwrap();
+    let mut model = random_model(&arch, &device, dtype);
+    let base_params: usize = arch.weight_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let targets = std::env::var("DPO_BENCH_TARGETS").unwrap_or_else(|_| "all".into());
     let lora = LoraConfig::new(16, 32.0, 0.0, &targets).unwrap();
     let (_, params) = adapter::attach_fresh(&mut model, &lora, 1).unwrap();
@@ -128,47 +177,63 @@ fn main() {
     // sequence, no prompt sharing), DPO_BENCH_COMPOSITE=1 (candle compositions, dense mask).
     let unshared = std::env::var("DPO_BENCH_UNSHARED").is_ok_and(|v| v == "1");
     let batch = if unshared {
-        PairBatch::unshared(&batch_pairs, 0, &Device::Cpu).unwrap()
+        PairBatch::unshared(&batch_pairs, 0, &device).unwrap()
     } else {
-        PairBatch::new(&batch_pairs, 0, &Device::Cpu).unwrap()
+        PairBatch::new(&batch_pairs, 0, &device).unwrap()
     };
     if std::env::var("DPO_BENCH_COMPOSITE").is_ok_and(|v| v == "1") {
         model.set_path(LayerPath::Generic);
     }
-    let recompute = std::env::var("DPO_BENCH_CHECKPOINTING").is_ok_and(|v| v == "1");
+    // Recomputation: DPO_BENCH_CHECKPOINTING=1/0; by default as `train` decides (on for CUDA).
+    let recompute = match std::env::var("DPO_BENCH_CHECKPOINTING") {
+        Ok(v) => v == "1",
+        Err(_) => device.is_cuda(),
+    };
     model.set_recompute(recompute);
+    let geo = dpo::train::memory::Geometry {
+        rows: if unshared { 2 * pairs } else { pairs },
+        row_len: if unshared { prompt_len + response_len } else { prompt_len + 2 * response_len },
+        scored: 2 * pairs * response_len,
+        lora_params: vars.iter().map(|v| v.elem_count()).sum(),
+        lora_ranks: 16 * params.len() / 2 / layers,
+    };
+    let setup = dpo::train::memory::Setup { path: model.path(), dtype, stored_bytes: dtype.size_in_bytes(), recompute, cuda: device.is_cuda() };
+    let plan = dpo::train::memory::MemoryPlan::estimate(model.arch(), &setup, &geo);
+    eprintln!("memory plan: {}", plan.describe());
     let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
     let mut opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
     let tokens = 2 * pairs * (prompt_len + response_len);
 
     let lr = std::env::var("DPO_BENCH_LR").ok().and_then(|v| v.parse().ok()).unwrap_or(5e-3);
     let mut times = Vec::new();
-    let mut optimizer_seconds = 0.0;
+    let mut phases: Vec<[f64; 4]> = Vec::new();
+    let mut min_free = dpo::train::memory::available(&device);
     for step in 0..warmup + steps {
-        let t = Instant::now();
-        let mut grads = GradAccumulator::new(vars.len());
-        micro_step(&model, &batch, &loss, &vars, &mut LoraMode::On, None, 1.0, &mut grads).unwrap();
-        let grads = grads.into_grads().unwrap();
-        let t_opt = Instant::now();
-        let _ = global_norm(&grads).unwrap();
-        opt.step(&vars, &grads, lr).unwrap();
-        optimizer_seconds = t_opt.elapsed().as_secs_f64();
-        let s = t.elapsed().as_secs_f64();
-        eprintln!("step {} {}: {s:.3} s", step + 1, if step < warmup { "(warm-up)" } else { "" });
+        let p = timed_step(&model, &batch, &loss, &vars, &mut opt, lr, &device, &mut min_free);
+        let s: f64 = p.iter().sum();
+        eprintln!(
+            "step {} {}: {s:.3} s (reference forward {:.3}, policy forward {:.3}, backward {:.3}, optimizer {:.3})",
+            step + 1,
+            if step < warmup { "(warm-up)" } else { "" },
+            p[0],
+            p[1],
+            p[2],
+            p[3]
+        );
         if step >= warmup {
             times.push(s);
+            phases.push(p);
         }
     }
-    // Where the time goes: the reference forward alone, then the policy forward + backward
-    // with the reference given (what a reference-cache hit costs).
-    let t = Instant::now();
+    let phase_median = |i: usize| {
+        let mut v: Vec<f64> = phases.iter().map(|p| p[i]).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (reference_seconds, forward_seconds, backward_seconds, optimizer_seconds) = (phase_median(0), phase_median(1), phase_median(2), phase_median(3));
+    let policy_seconds = forward_seconds + backward_seconds;
+    eprintln!("reference forward {reference_seconds:.3} s, policy forward {forward_seconds:.3} s, backward {backward_seconds:.3} s, grad norm + AdamW {optimizer_seconds:.3} s");
     let reference = dpo::train::step::reference_logps(&model, &batch).unwrap();
-    let reference_seconds = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let mut grads = GradAccumulator::new(vars.len());
-    micro_step(&model, &batch, &loss, &vars, &mut LoraMode::On, Some(&reference), 1.0, &mut grads).unwrap();
-    let policy_seconds = t.elapsed().as_secs_f64();
-    eprintln!("reference forward {reference_seconds:.3} s, policy forward+backward {policy_seconds:.3} s, grad norm + AdamW {optimizer_seconds:.3} s");
     if std::env::var("DPO_BENCH_PROFILE").is_ok() {
         for _ in 0..2 {
             let t = Instant::now();
@@ -193,9 +258,19 @@ fn main() {
         "tokens_per_step": tokens,
         "tokens_per_second": tokens as f64 / median,
         "peak_rss_mib": peak_rss_mib(),
+        "planned_peak_mib": plan.total_mib(),
         "reference_forward_seconds": reference_seconds,
+        "policy_forward_seconds": forward_seconds,
+        "backward_seconds": backward_seconds,
         "policy_forward_backward_seconds": policy_seconds,
         "optimizer_seconds": optimizer_seconds,
+        "device": format!("{device:?}"),
+        "dtype": format!("{dtype:?}"),
+        "base_params": base_params,
+        // 2·N FLOPs per token for each of the two forwards and for the input-gradient backward.
+        "model_tflops_per_step": 6.0 * base_params as f64 * tokens as f64 / 1e12,
+        "mfu_at_790_tflops": 6.0 * base_params as f64 * tokens as f64 / median / 790e12,
+        "device_memory_used_mib_at_phase_ends": min_free.zip(device_total(&device)).map(|(free, total)| (total - free) as f64 / 1048576.0),
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
         "prompt_sharing": !unshared,
         "arch": family,
@@ -204,7 +279,13 @@ fn main() {
         "shape": {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "intermediate": inter,
                   "vocab": vocab, "prompt_len": prompt_len, "response_len": response_len, "pairs": pairs, "lora_r": 16},
     });
-    println!("median {median:.3} s/step, {:.1} tokens/s, peak RSS {:.0} MiB", tokens as f64 / median, peak_rss_mib());
+    println!(
+        "median {median:.3} s/step, {:.1} tokens/s, peak RSS {:.0} MiB (plan {:.0} MiB, {:+.0}%)",
+        tokens as f64 / median,
+        peak_rss_mib(),
+        plan.total_mib(),
+        100.0 * (plan.total_mib() / peak_rss_mib() - 1.0)
+    );
     if let Ok(path) = std::env::var("DPO_BENCH_OUT") {
         std::fs::write(path, serde_json::to_string_pretty(&result).unwrap()).unwrap();
     }

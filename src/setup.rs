@@ -16,9 +16,10 @@ use crate::data::{PairTokenizer, TokenizedPair};
 use crate::device::{parse_device, parse_dtype};
 use crate::hub::{self, Hub};
 use crate::loss::{DpoLoss, LossKind};
-use crate::model::CausalLm;
-use anyhow::Result;
-use candle_core::Device;
+use crate::model::weights::mmap_weights;
+use crate::model::{Architecture, CausalLm};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
 use std::path::PathBuf;
 
 pub struct Loaded {
@@ -54,15 +55,40 @@ pub fn dataset_files(common: &CommonArgs) -> Result<Vec<PathBuf>> {
     Ok(vec![common.dataset.clone()])
 }
 
-pub fn load_model(common: &CommonArgs) -> Result<Loaded> {
+/// A model folder opened without its weights: what the data pipeline and the memory plan need.
+pub struct ModelFiles {
+    pub arch: Architecture,
+    pub tokenizer: PairTokenizer,
+    pub device: Device,
+    pub dtype: DType,
+    pub pad_id: u32,
+    pub model_dir: PathBuf,
+}
+
+/// Resolves `--model`, reads its config.json and tokenizer; no weights yet.
+pub fn open_model(common: &CommonArgs) -> Result<ModelFiles> {
     let device = parse_device(&common.device)?;
     let dtype = parse_dtype(&common.dtype, &device)?;
     let dir = model_dir(common)?;
-    let model = CausalLm::load(&dir, dtype, &device)?;
-    eprintln!("model: {}; layers run on the {} path", model.arch().summary(), model.path());
+    let arch = Architecture::from_file(&dir.join("config.json"))?;
     let tokenizer = PairTokenizer::from_model_dir(&dir)?;
-    let pad_id = model.arch().pad_token_id.unwrap_or(tokenizer.eos_id());
-    Ok(Loaded { model, tokenizer, device, pad_id, model_dir: dir })
+    let pad_id = arch.pad_token_id.unwrap_or(tokenizer.eos_id());
+    Ok(ModelFiles { arch, tokenizer, device, dtype, pad_id, model_dir: dir })
+}
+
+impl ModelFiles {
+    /// Memory-maps the weights and builds the model.
+    pub fn load(self) -> Result<Loaded> {
+        let vb = mmap_weights(&self.model_dir, self.dtype, &self.device)?;
+        let model = CausalLm::from_weights(self.arch, vb, self.dtype, &self.device)
+            .with_context(|| format!("loading the weights in {}", self.model_dir.display()))?;
+        eprintln!("model: {}; layers run on the {} path", model.arch().summary(), model.path());
+        Ok(Loaded { model, tokenizer: self.tokenizer, device: self.device, pad_id: self.pad_id, model_dir: self.model_dir })
+    }
+}
+
+pub fn load_model(common: &CommonArgs) -> Result<Loaded> {
+    open_model(common)?.load()
 }
 
 /// The run's pairs, addressed by index (the trainer asks for them in its seeded order). Only the
@@ -93,9 +119,18 @@ impl Dataset {
 /// Reads, audits and indexes every pair of `--dataset`; refuses data with more than
 /// `--max-skip-ratio` unusable rows.
 pub fn load_pairs(common: &CommonArgs, loaded: &Loaded) -> Result<Dataset> {
+    read_pairs(common, &loaded.tokenizer, loaded.model.arch().vocab_size, &loaded.model_dir)
+}
+
+/// As [`load_pairs`], before the weights are loaded.
+pub fn load_pairs_for(common: &CommonArgs, files: &ModelFiles) -> Result<Dataset> {
+    read_pairs(common, &files.tokenizer, files.arch.vocab_size, &files.model_dir)
+}
+
+fn read_pairs(common: &CommonArgs, tokenizer: &PairTokenizer, vocab_size: usize, model_dir: &std::path::Path) -> Result<Dataset> {
     let files = dataset_files(common)?;
-    let settings = common.data_settings(Some(loaded.model.arch().vocab_size));
-    let (pipeline, audit) = Pipeline::build(&files, settings, loaded.tokenizer.clone(), &loaded.model_dir)?;
+    let settings = common.data_settings(Some(vocab_size));
+    let (pipeline, audit) = Pipeline::build(&files, settings, tokenizer.clone(), model_dir)?;
     audit.check_skip_ratio(common.max_skip_ratio)?;
     if audit.rows_skipped > 0 {
         eprintln!("skipped {} of {} rows: {}", audit.rows_skipped, audit.rows_read, audit.skipped.iter().take(3).map(|b| b.to_string()).collect::<Vec<_>>().join("; "));

@@ -144,3 +144,31 @@ fn config_file_sits_between_defaults_and_flags() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("unknown key \"bta\""), "{}", stderr(&o));
 }
+
+/// The memory plan is checked before any weight is loaded: a model whose weights file is
+/// truncated is refused for its plan (not its file), naming the flags that would help, and no
+/// output folder is written. `--dry-run` prints the plan and exits 0.
+#[test]
+fn a_run_over_its_memory_plan_is_refused_before_loading_weights() {
+    let dir = scratch("cli_memory_plan");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model_dir("tiny-llama").join(f), model.join(f)).unwrap();
+    }
+    let weights = std::fs::read(model_dir("tiny-llama").join("model.safetensors")).unwrap();
+    std::fs::write(model.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
+    let out = dir.join("run");
+    let o = dpo(&["train", "--model", p(&model), "--dataset", p(&orca("train")), "--output-dir", p(&out), "--max-memory", "0.001"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("memory plan needs") && e.contains("--max-memory allows"), "{e}");
+    assert!(e.contains("--gradient-checkpointing on") && e.contains("--batch-size 2") && e.contains("--max-length"), "{e}");
+    assert!(!e.contains("truncated"), "the weights were read: {e}");
+    assert!(!out.exists(), "nothing is written for a refused run");
+    let o = dpo(&["train", "--model", p(&model_dir("tiny-llama")), "--dataset", p(&orca("train")), "--dry-run", "--output-dir", p(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan = String::from_utf8_lossy(&o.stdout);
+    assert!(plan.contains("memory plan:") && plan.contains("weights") && plan.contains("activations"), "{plan}");
+    assert!(!out.exists(), "--dry-run writes nothing");
+}

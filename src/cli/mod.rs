@@ -114,6 +114,10 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::config::validate(args)?;
+    if args.dry_run {
+        // The plan was printed; a run that would not fit already failed.
+        return crate::train::dry_run(args);
+    }
     let s = crate::train::run(args)?;
     if args.json {
         println!("{}", serde_json::to_string(&s)?);

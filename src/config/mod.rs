@@ -133,6 +133,16 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ref_cache: Option<PathBuf>,
+    /// Print the memory plan (weights, adapter and optimizer, activations, workspace) for these
+    /// settings, model and data, and exit without loading the weights.
+    #[arg(long)]
+    #[serde(skip)]
+    pub dry_run: bool,
+    /// Memory budget in GiB for the plan check (default: the device's free memory, or the
+    /// available RAM on CPU); a run whose plan exceeds it is refused before loading weights.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<f64>,
     /// Print the resolved settings as TOML (loadable with --config) and exit.
     #[arg(long)]
     #[serde(skip)]

@@ -34,6 +34,10 @@ pub struct Audit {
     pub skipped: Vec<BadRow>,
     pub tokens: Lengths,
     pub truncated: usize,
+    /// Tokens of the longest pair after truncation, prompt + chosen + rejected (one packed row).
+    pub longest_pair: usize,
+    /// Response tokens (chosen + rejected) of the pair with the most, after truncation.
+    pub longest_responses: usize,
     pub truncated_prompt: usize,
     pub truncated_response: usize,
     pub chosen_equals_rejected: usize,
@@ -87,6 +91,9 @@ impl Audit {
     /// Records a usable pair: `pair` before truncation, `cut` after it.
     pub fn record(&mut self, pair: &TokenizedPair, cut: &TokenizedPair, checks: PairChecks, same_text: bool) {
         self.rows_used += 1;
+        let responses = cut.chosen.len() + cut.rejected.len();
+        self.longest_pair = self.longest_pair.max(cut.prompt.len() + responses);
+        self.longest_responses = self.longest_responses.max(responses);
         for (v, n) in self.lens.iter_mut().zip([pair.prompt.len(), pair.chosen.len(), pair.rejected.len()]) {
             v.push(n as u32);
         }

@@ -54,6 +54,22 @@ impl std::fmt::Display for LayerPath {
     }
 }
 
+impl LayerPath {
+    /// The path a model runs on when `wanted` is asked for.
+    pub fn choose(wanted: LayerPath, arch: &Architecture, device: &Device, dtype: DType) -> LayerPath {
+        match wanted {
+            LayerPath::CpuOp if cpu_layer::supports(arch, device, dtype).is_ok() => LayerPath::CpuOp,
+            _ => LayerPath::Generic,
+        }
+    }
+
+    /// The path a model loads on: the CPU op where it can, unless [`PATH_ENV`] says `generic`.
+    pub fn default_for(arch: &Architecture, device: &Device, dtype: DType) -> LayerPath {
+        let forced_generic = std::env::var(PATH_ENV).is_ok_and(|v| v == "generic");
+        Self::choose(if forced_generic { LayerPath::Generic } else { LayerPath::CpuOp }, arch, device, dtype)
+    }
+}
+
 /// The environment variable that forces [`LayerPath::Generic`].
 pub const PATH_ENV: &str = "DPO_LAYER_PATH";
 
@@ -125,8 +141,7 @@ impl CausalLm {
             path: LayerPath::Generic,
             recompute: false,
         };
-        let forced_generic = std::env::var(PATH_ENV).is_ok_and(|v| v == "generic");
-        model.set_path(if forced_generic { LayerPath::Generic } else { LayerPath::CpuOp });
+        model.path = LayerPath::default_for(&model.arch, device, dtype);
         Ok(model)
     }
 
@@ -154,10 +169,7 @@ impl CausalLm {
     /// Asks for a path; the CPU op is taken only where [`cpu_layer::supports`] says it computes
     /// this model exactly (otherwise the generic path runs: never different math).
     pub fn set_path(&mut self, wanted: LayerPath) {
-        self.path = match wanted {
-            LayerPath::CpuOp if cpu_layer::supports(&self.arch, &self.device, self.dtype).is_ok() => LayerPath::CpuOp,
-            _ => LayerPath::Generic,
-        };
+        self.path = LayerPath::choose(wanted, &self.arch, &self.device, self.dtype);
     }
 
     /// Activation recomputation (gradient checkpointing): each layer keeps only its input and

@@ -92,7 +92,7 @@ impl CustomOp1 for Attached {
         self.cuda()
     }
     fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(self.bwd.backward(&[x.clone()], y, dy)?.into_iter().next().flatten())
+        Ok(self.bwd.backward(std::slice::from_ref(x), y, dy)?.into_iter().next().flatten())
     }
 }
 

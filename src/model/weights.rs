@@ -78,6 +78,25 @@ pub fn mmap_weights(dir: &Path, dtype: DType, device: &Device) -> Result<VarBuil
     Ok(vb)
 }
 
+/// The dtype the weights are stored in (that of the first tensor of the first file).
+pub fn stored_dtype(dir: &Path) -> Result<DType> {
+    use std::io::Read;
+    let file = safetensors_files(dir)?.into_iter().next().context("no weights file")?;
+    let mut f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).with_context(|| format!("{} is not a safetensors file", file.display()))?;
+    let len = u64::from_le_bytes(n).min(100_000_000) as usize;
+    let mut header = vec![0u8; len];
+    f.read_exact(&mut header).with_context(|| format!("{} is truncated", file.display()))?;
+    let json: serde_json::Value = serde_json::from_slice(&header).with_context(|| format!("{} is corrupt", file.display()))?;
+    let dtype = json.as_object().and_then(|o| o.iter().find(|(k, _)| *k != "__metadata__")).and_then(|(_, v)| v.get("dtype")?.as_str());
+    Ok(match dtype {
+        Some("BF16") => DType::BF16,
+        Some("F16") => DType::F16,
+        _ => DType::F32,
+    })
+}
+
 /// Reads the header so a truncated or corrupt file fails here with its name, not deep in a matmul.
 fn check_safetensors_header(path: &Path) -> Result<()> {
     use std::io::Read;

@@ -16,6 +16,7 @@
 //! ```
 pub mod heldout;
 pub mod interrupt;
+pub mod memory;
 pub mod optimizer;
 pub mod plan;
 pub mod progress;
@@ -88,13 +89,49 @@ pub struct Inputs<'a> {
 /// Loads the model, data and (with `--ref-cache`) the reference cache, then trains.
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let started = Instant::now();
+    let files = crate::setup::open_model(args)?;
+    let data = crate::setup::load_pairs_for(args, &files)?;
+    check_memory(args, &files, &data)?;
     let prepared = prepare(args)?;
-    let mut loaded = crate::setup::load_model(args)?;
-    let data = crate::setup::load_pairs(args, &loaded)?;
+    let mut loaded = files.load()?;
     let eval_data = load_eval_pairs(args, &loaded)?;
     let mut cache = open_cache(args, &loaded)?;
     let inputs = Inputs { loaded: &mut loaded, data: &data, eval_data: eval_data.as_ref(), cache: cache.as_mut() };
     train_prepared(args, prepared, inputs, started)
+}
+
+/// `--dry-run`: prints the memory plan of these settings, model and data (stdout), without
+/// loading weights; fails as a real run would when it does not fit.
+pub fn dry_run(args: &TrainArgs) -> Result<()> {
+    let files = crate::setup::open_model(args)?;
+    let data = crate::setup::load_pairs_for(args, &files)?;
+    println!("{}", check_memory(args, &files, &data)?);
+    Ok(())
+}
+
+/// Prints the run's memory plan and refuses a run that would not fit, before any weight is
+/// loaded or output written. Returns the plan's line.
+fn check_memory(args: &TrainArgs, files: &crate::setup::ModelFiles, data: &Dataset) -> Result<String> {
+    let (plan, setup, geo) = memory::plan_run(args, files, data)?;
+    let (budget, what) = match args.max_memory {
+        Some(gib) => (Some((gib * (1u64 << 30) as f64) as u64), "--max-memory allows".to_string()),
+        None => (memory::available(&files.device), format!("the {} has", format!("{:?}", files.device).to_lowercase())),
+    };
+    let line = format!(
+        "memory plan: {} ({} path, {:?}, recomputation {}, {} rows of up to {} tokens){}",
+        plan.describe(),
+        setup.path,
+        setup.dtype,
+        if setup.recompute { "on" } else { "off" },
+        geo.rows,
+        geo.row_len,
+        budget.map(|b| format!("; {what} {:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_default()
+    );
+    eprintln!("{line}");
+    if let Some(budget) = budget {
+        memory::check(&plan, budget, &what, &setup, &geo, args.batch_size)?;
+    }
+    Ok(line)
 }
 
 /// Trains one run on an already loaded model. Adapters are attached afresh (replacing those of

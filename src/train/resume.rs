@@ -19,7 +19,7 @@ use std::path::Path;
 /// Settings a resumed run may change: they do not alter the math of the steps to come
 /// (`max_steps` extends or shortens the run, as the user asks; `device` moves it).
 const MAY_CHANGE: &[&str] =
-    &["logging_steps", "save_steps", "save_total_limit", "max_steps", "device", "overwrite_output_dir", "eval_steps", "gradient_checkpointing"];
+    &["logging_steps", "save_steps", "save_total_limit", "max_steps", "device", "overwrite_output_dir", "eval_steps", "gradient_checkpointing", "max_memory"];
 
 /// Refuses a resume whose flags would change the math of the run, naming each such flag.
 pub fn check_compatible(args: &TrainArgs, ckpt: &Checkpoint) -> Result<()> {

@@ -7,8 +7,13 @@ use dpo::model::CausalLm;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// tests/fixtures (`DPO_FIXTURES` overrides it, for test binaries run away from the checkout
+/// they were built in, e.g. on a GPU machine).
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var("DPO_FIXTURES") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 pub fn model_dir(name: &str) -> PathBuf {
