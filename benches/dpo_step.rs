@@ -18,11 +18,12 @@
 //! `cargo bench --bench dpo_step` — the last line printed is one JSON object.
 use candle_core::{DType, Device, Tensor, Var};
 use dpo::data::{PairBatch, TokenizedPair};
-use dpo::lora::{LoraConfig, LoraMode, adapter};
+use dpo::lora::{LoraConfig, adapter};
+use dpo::nn::LoraMode;
 use dpo::loss::{DpoLoss, LossKind};
 use dpo::model::{Architecture, CausalLm, LayerPath};
 use dpo::rng::{SeededRng, Stream};
-use dpo::train::optimizer::AdamW;
+use dpo::optim::AdamW;
 use dpo::train::step::global_norm;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -109,9 +110,9 @@ fn timed_step(model: &CausalLm, batch: &PairBatch, loss: &DpoLoss, vars: &[Var],
         }
         t = Instant::now();
     };
-    let reference = dpo::train::step::reference_logps(model, batch).unwrap();
+    let reference = dpo::scoring::reference_logps(model, &[], batch, None).unwrap();
     lap(0, &mut marks);
-    let (_, losses) = dpo::train::step::score_against(model, batch, loss, &mut LoraMode::On, &reference).unwrap();
+    let (_, losses) = dpo::scoring::score(model, batch, loss, &mut LoraMode::On, &reference).unwrap();
     lap(1, &mut marks);
     let store = losses.mean_all().unwrap().backward().unwrap();
     let grads: Vec<Tensor> = vars.iter().map(|v| store.get(v).unwrap().clone()).collect();
@@ -233,12 +234,12 @@ fn main() {
     let (reference_seconds, forward_seconds, backward_seconds, optimizer_seconds) = (phase_median(0), phase_median(1), phase_median(2), phase_median(3));
     let policy_seconds = forward_seconds + backward_seconds;
     eprintln!("reference forward {reference_seconds:.3} s, policy forward {forward_seconds:.3} s, backward {backward_seconds:.3} s, grad norm + AdamW {optimizer_seconds:.3} s");
-    let reference = dpo::train::step::reference_logps(&model, &batch).unwrap();
+    let reference = dpo::scoring::reference_logps(&model, &[], &batch, None).unwrap();
     if std::env::var("DPO_BENCH_PROFILE").is_ok() {
         for _ in 0..2 {
             let t = Instant::now();
             let (_, losses) =
-                dpo::train::step::score_against(&model, &batch, &loss, &mut LoraMode::On, &reference).unwrap();
+                dpo::scoring::score(&model, &batch, &loss, &mut LoraMode::On, &reference).unwrap();
             let fwd = t.elapsed().as_secs_f64();
             let t = Instant::now();
             let g = losses.mean_all().unwrap().backward().unwrap();

@@ -7,12 +7,11 @@
 //! let metrics = dpo::eval::run(&args).unwrap();
 //! println!("accuracy {}", metrics.rewards_accuracies);
 //! ```
-use crate::checkpoint::atomic;
+use crate::fsutil::atomic;
 use crate::config::CommonArgs;
-use crate::data::PairBatch;
-use crate::lora::{LoraMode, adapter};
-use crate::loss::{PairScore, RewardMetrics};
-use crate::train::step::score;
+use crate::lora::adapter;
+use crate::loss::RewardMetrics;
+use crate::scoring::score_all;
 use anyhow::Result;
 use clap::Parser;
 use serde::Serialize;
@@ -59,14 +58,8 @@ pub fn run(args: &EvalArgs) -> Result<RewardMetrics> {
     }
     let data = crate::setup::load_pairs(common, &loaded)?;
     let loss = crate::setup::dpo_loss(common)?;
-    let mut scores: Vec<PairScore> = Vec::with_capacity(data.len());
     let indices: Vec<usize> = (0..data.len()).collect();
-    for chunk in indices.chunks(args.batch_size) {
-        let pairs = chunk.iter().map(|&i| data.get(i)).collect::<Result<Vec<_>>>()?;
-        let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device)?;
-        let (logps, losses) = score(&loaded.model, &batch, &loss, &mut LoraMode::On)?;
-        scores.extend(PairScore::collect(&logps, &losses)?);
-    }
+    let scores = score_all(&loaded.model, loaded.pad_id, &data, &indices, args.batch_size, &loss, None)?;
     if let Some(path) = &args.output {
         let mut text = Vec::new();
         for (index, s) in scores.iter().enumerate() {

@@ -9,7 +9,7 @@
 //! let args = dpo::merge::MergeArgs::parse_from(["merge", "--model", "base", "--adapter", "out", "--output", "merged"]);
 //! dpo::merge::run(&args).unwrap();
 //! ```
-use crate::checkpoint::atomic;
+use crate::fsutil::atomic;
 use crate::lora::{LoraConfig, adapter};
 use crate::model::Architecture;
 use crate::model::weights::safetensors_files;

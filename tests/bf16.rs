@@ -10,12 +10,12 @@
 mod common;
 use candle_core::{DType, Device};
 use common::*;
-use dpo::lora::LoraMode;
+use dpo::nn::LoraMode;
 use dpo::loss::{DpoLoss, LossKind};
 use dpo::model::CausalLm;
-use dpo::model::scoring::response_logps;
-use dpo::train::optimizer::AdamW;
-use dpo::train::step::score;
+use dpo::scoring::response_logps;
+use dpo::optim::AdamW;
+use dpo::scoring::score_batch as score;
 
 fn load(dtype: DType) -> (CausalLm, Vec<dpo::lora::adapter::NamedParam>) {
     let mut m = CausalLm::load(&model_dir("tiny-llama-bf16"), dtype, &Device::Cpu).unwrap();

@@ -7,10 +7,10 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use dpo::data::PairBatch;
-use dpo::lora::LoraMode;
+use dpo::nn::LoraMode;
 use dpo::loss::{DpoLoss, LossKind};
 use dpo::model::CausalLm;
-use dpo::train::step::score;
+use dpo::scoring::score_batch as score;
 use serde_json::json;
 
 fn device() -> Device {
@@ -73,7 +73,7 @@ fn golden_values_on_the_test_device() {
     let want16 = [f64s(&bf16["ref_logps"]["chosen"]), f64s(&bf16["ref_logps"]["rejected"])].concat();
     let m16 = CausalLm::load(&model_dir("tiny-llama-bf16"), DType::BF16, &dev).unwrap();
     let b = PairBatch::new(&golden_pairs(), 3, &dev).unwrap();
-    let got16 = to_vec(&dpo::model::scoring::response_logps(&m16, &b, &mut LoraMode::Off).unwrap());
+    let got16 = to_vec(&dpo::scoring::response_logps(&m16, &b, &mut LoraMode::Off).unwrap());
     let rel = got16.iter().zip(&want16).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
     checks.push(Check { name: "tiny-llama-bf16 bf16 reference logps (relative)".into(), error: rel, tolerance: 2.5e-3 });
 

@@ -5,10 +5,10 @@ mod common;
 use common::*;
 use candle_core::{DType, Device, Tensor};
 use dpo::data::{PairBatch, TokenizedPair};
-use dpo::lora::LoraMode;
+use dpo::nn::LoraMode;
 use dpo::loss::{DpoLoss, LossKind};
 use dpo::model::{Architecture, CausalLm, LayerPath};
-use dpo::train::step::score;
+use dpo::scoring::score_batch as score;
 
 fn with_sliding_window(model: &str, window: usize) -> CausalLm {
     let dir = model_dir(model);
@@ -60,8 +60,8 @@ fn sliding_window_is_counted_in_positions_when_prompts_are_shared() {
     let full = load("tiny-mistral");
     let windowed = with_sliding_window("tiny-mistral", 8);
     let batch = batch(&golden_pairs()[..2]);
-    let a = to_vec(&dpo::model::scoring::response_logps(&full, &batch, &mut LoraMode::Off).unwrap());
-    let b = to_vec(&dpo::model::scoring::response_logps(&windowed, &batch, &mut LoraMode::Off).unwrap());
+    let a = to_vec(&dpo::scoring::response_logps(&full, &batch, &mut LoraMode::Off).unwrap());
+    let b = to_vec(&dpo::scoring::response_logps(&windowed, &batch, &mut LoraMode::Off).unwrap());
     assert!(a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3));
 }
 

@@ -3,10 +3,10 @@ mod common;
 use common::*;
 use candle_core::Tensor;
 use clap::Parser;
-use dpo::lora::LoraMode;
+use dpo::nn::LoraMode;
 use dpo::loss::{DpoLoss, LossKind, PairScore, RewardMetrics};
-use dpo::model::scoring::{response_logps, split_pairs};
-use dpo::train::step::score;
+use dpo::scoring::{response_logps, split_pairs};
+use dpo::scoring::score_batch as score;
 
 const MODELS: &[(&str, &str)] = &[
     ("tiny-llama", "tiny-llama"),

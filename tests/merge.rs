@@ -2,9 +2,9 @@
 mod common;
 use common::*;
 use candle_core::{DType, Device};
-use dpo::lora::LoraMode;
+use dpo::nn::LoraMode;
 use dpo::model::CausalLm;
-use dpo::model::scoring::response_logps;
+use dpo::scoring::response_logps;
 use std::process::Command;
 
 #[test]

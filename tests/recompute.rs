@@ -3,11 +3,11 @@
 //! family, with LoRA dropout (the recomputed layer redraws the same masks).
 mod common;
 use common::*;
-use dpo::lora::LoraMode;
+use dpo::nn::LoraMode;
 use dpo::loss::{DpoLoss, LossKind};
 use dpo::model::{CausalLm, LayerPath};
 use dpo::rng::{SeededRng, Stream};
-use dpo::train::step::score;
+use dpo::scoring::score_batch as score;
 
 fn logps_and_grads(model: &CausalLm, params: &[dpo::lora::adapter::NamedParam], pairs: &[dpo::data::TokenizedPair]) -> (Vec<f64>, Vec<Vec<f64>>) {
     let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };

@@ -1,6 +1,7 @@
 //! The reference log-prob cache: a hit skips the reference forward, values are bit-identical,
 //! corruption is detected and rebuilt, and training with the cache matches training without.
 mod common;
+use dpo::scoring::{reference_forwards, reference_logps};
 use clap::Parser;
 use common::*;
 use dpo::config::TrainArgs;
@@ -25,15 +26,15 @@ fn cache_hit_skips_the_reference_forward_and_is_bit_identical() {
     let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
     let fp = Fingerprint::for_run(&a, &loaded).unwrap();
     let mut cache = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
-    let before = loaded.model.forward_counts().0;
-    let computed = cache.reference(&loaded.model, &pairs, &batch).unwrap();
-    assert_eq!(loaded.model.forward_counts().0, before + 1, "a miss runs the reference forward");
+    let before = reference_forwards();
+    let computed = reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache)).unwrap();
+    assert_eq!(reference_forwards(), before + 1, "a miss runs the reference forward");
     cache.flush().unwrap();
 
     let mut reopened = RefCache::open(&dir.join("cache"), fp).unwrap();
     assert_eq!(reopened.len(), 4);
-    let cached = reopened.reference(&loaded.model, &pairs, &batch).unwrap();
-    assert_eq!(loaded.model.forward_counts().0, before + 1, "a hit skips the reference forward");
+    let cached = reference_logps(&loaded.model, &pairs, &batch, Some(&mut reopened)).unwrap();
+    assert_eq!(reference_forwards(), before + 1, "a hit skips the reference forward");
     let bits = |t: &candle_core::Tensor| t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&cached), bits(&computed));
     assert_eq!(reopened.hits, 4);
@@ -49,7 +50,7 @@ fn corrupt_or_foreign_cache_is_detected_and_rebuilt() {
     let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
     let fp = Fingerprint::for_run(&a, &loaded).unwrap();
     let mut cache = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
-    cache.reference(&loaded.model, &pairs, &batch).unwrap();
+    reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache)).unwrap();
     cache.flush().unwrap();
     let seg = dpo::refcache::segments(cache.dir()).unwrap().remove(0);
     let mut bytes = std::fs::read(&seg).unwrap();

@@ -4,9 +4,10 @@ use common::*;
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use dpo::config::TrainArgs;
-use dpo::lora::{LoraConfig, LoraMode, adapter};
+use dpo::lora::{LoraConfig, adapter};
+use dpo::nn::LoraMode;
 use dpo::loss::{DpoLoss, LossKind};
-use dpo::train::step::score;
+use dpo::scoring::score_batch as score;
 use std::path::Path;
 use std::process::Command;
 
@@ -122,8 +123,8 @@ fn written_adapter_has_pefts_keys_and_shapes_and_round_trips() {
         assert_eq!(to_vec(p.var.as_tensor()), to_vec(&ours[&p.name]), "{}", p.name);
     }
     let b = batch(&golden_pairs());
-    let on = dpo::model::scoring::response_logps(&model, &b, &mut LoraMode::On).unwrap();
-    let off = dpo::model::scoring::response_logps(&model, &b, &mut LoraMode::Off).unwrap();
+    let on = dpo::scoring::response_logps(&model, &b, &mut LoraMode::On).unwrap();
+    let off = dpo::scoring::response_logps(&model, &b, &mut LoraMode::Off).unwrap();
     assert!(to_vec(&on).iter().zip(to_vec(&off)).any(|(a, b)| (a - b).abs() > 1e-4), "trained adapter is a no-op");
 }
 
@@ -163,8 +164,8 @@ fn fresh_adapter_is_seeded_and_leaves_the_model_unchanged() {
     let values = to_vec(a0.var.as_tensor());
     assert!(values.iter().all(|v| v.abs() <= bound) && values.iter().any(|v| v.abs() > bound / 2.0));
     let batch = batch(&golden_pairs()[..2]);
-    let on = dpo::model::scoring::response_logps(&a, &batch, &mut LoraMode::On).unwrap();
-    let off = dpo::model::scoring::response_logps(&a, &batch, &mut LoraMode::Off).unwrap();
+    let on = dpo::scoring::response_logps(&a, &batch, &mut LoraMode::On).unwrap();
+    let off = dpo::scoring::response_logps(&a, &batch, &mut LoraMode::Off).unwrap();
     assert_eq!(to_vec(&on), to_vec(&off), "B = 0: policy equals reference at init");
 }
 

@@ -2,10 +2,10 @@
 //! on both layer paths (the CPU layer op and the generic candle layer).
 mod common;
 use common::*;
-use dpo::lora::LoraMode;
+use dpo::nn::LoraMode;
 use dpo::loss::{DpoLoss, LossKind};
 use dpo::model::LayerPath;
-use dpo::train::step::score;
+use dpo::scoring::score_batch as score;
 
 const PATHS: [LayerPath; 2] = [LayerPath::CpuOp, LayerPath::Generic];
 
@@ -147,7 +147,7 @@ fn merged_model_scores_like_base_plus_adapter_for_every_family() {
         assert!(o.status.success(), "{family}: {}", String::from_utf8_lossy(&o.stderr));
         let merged = dpo::model::CausalLm::load(&out, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
         let g = &golden[family];
-        let logps = to_vec(&dpo::model::scoring::response_logps(&merged, &batch(&zoo_pairs(g)), &mut LoraMode::Off).unwrap());
+        let logps = to_vec(&dpo::scoring::response_logps(&merged, &batch(&zoo_pairs(g)), &mut LoraMode::Off).unwrap());
         let want = [f64s(&g["policy_logps"]["chosen"]), f64s(&g["policy_logps"]["rejected"])].concat();
         let worst = logps.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         if worst > 1e-4 {
@@ -223,7 +223,7 @@ fn older_hub_keys_resolve_to_the_same_architecture_and_numbers() {
         let mut m = dpo::model::CausalLm::load(&dir, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
         dpo::lora::adapter::attach_from_dir(&mut m, &zoo_dir(family).join("adapter"), None).unwrap();
         let g = &golden[family];
-        let got = to_vec(&dpo::model::scoring::response_logps(&m, &batch(&zoo_pairs(g)), &mut LoraMode::On).unwrap());
+        let got = to_vec(&dpo::scoring::response_logps(&m, &batch(&zoo_pairs(g)), &mut LoraMode::On).unwrap());
         let want = [f64s(&g["policy_logps"]["chosen"]), f64s(&g["policy_logps"]["rejected"])].concat();
         assert_close(&format!("{family} (older keys) policy logps"), &got, &want, 1e-4);
     }

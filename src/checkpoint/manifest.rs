@@ -2,14 +2,13 @@
 //! it, verified on load so a corrupt checkpoint is named instead of silently used.
 //!
 //! ```no_run
-//! let digest = dpo::checkpoint::manifest::sha256_file(std::path::Path::new("adapter_model.safetensors")).unwrap();
-//! assert_eq!(digest.len(), 64);
+//! let files = dpo::checkpoint::manifest::hash_dir(std::path::Path::new("out/checkpoint-10")).unwrap();
+//! assert!(files.values().all(|digest| digest.len() == 64));
 //! ```
+use crate::fsutil::sha256_file;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::Path;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -31,19 +30,6 @@ pub struct Manifest {
     pub files: BTreeMap<String, String>,
 }
 
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
 
 /// Hashes every file of `dir` except the manifest itself.
 pub fn hash_dir(dir: &Path) -> Result<BTreeMap<String, String>> {

@@ -9,12 +9,13 @@
 //! let steps = dpo::checkpoint::list(std::path::Path::new("out")).unwrap();
 //! if let Some((step, dir)) = steps.last() { println!("newest: step {step} in {}", dir.display()); }
 //! ```
-pub mod atomic;
 pub mod manifest;
+
+use crate::fsutil::atomic;
 
 use crate::lora::LoraConfig;
 use crate::lora::adapter::{self, NamedParam};
-use crate::train::optimizer::AdamW;
+use crate::optim::AdamW;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use manifest::{Manifest, hash_dir};

@@ -8,7 +8,7 @@
 //! dpo ref-cache clear runs/ref-cache
 //! ```
 use crate::config::TrainArgs;
-use crate::data::PairBatch;
+use crate::scoring::{micro_batches, reference_logps};
 use crate::data::order::PairOrder;
 use crate::refcache::{self, Fingerprint, META_FILE};
 use crate::train::StepPlan;
@@ -63,18 +63,20 @@ fn build(args: &TrainArgs) -> Result<()> {
     let mut cache = crate::train::open_cache(&args, &loaded)?.context("no --ref-cache")?;
     let plan = StepPlan::new(&args, data.len());
     let order = PairOrder::new(data.len(), (!args.no_shuffle).then_some(args.seed));
-    for step in 1..=plan.total_steps {
-        for chunk in plan.positions(step).chunks(plan.batch_size) {
-            let pairs = chunk.iter().map(|&p| data.get(order.pair_at(p))).collect::<Result<Vec<_>>>()?;
-            cache.reference(&loaded.model, &pairs, &PairBatch::new(&pairs, loaded.pad_id, &loaded.device)?)?;
+    // The micro-batches the run will score, training steps then the held-out pairs.
+    let mut fill = |data: &crate::setup::Dataset, indices: &[usize]| -> Result<()> {
+        for item in micro_batches(data, indices, plan.batch_size, loaded.pad_id, &loaded.device) {
+            let (pairs, batch) = item?;
+            reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache))?;
         }
+        Ok(())
+    };
+    for step in 1..=plan.total_steps {
+        let indices: Vec<usize> = plan.positions(step).into_iter().map(|p| order.pair_at(p)).collect();
+        fill(&data, &indices)?;
     }
     if let Some(eval) = crate::train::load_eval_pairs(&args, &loaded)? {
-        let indices: Vec<usize> = (0..eval.len()).collect();
-        for chunk in indices.chunks(args.batch_size) {
-            let pairs = chunk.iter().map(|&i| eval.get(i)).collect::<Result<Vec<_>>>()?;
-            cache.reference(&loaded.model, &pairs, &PairBatch::new(&pairs, loaded.pad_id, &loaded.device)?)?;
-        }
+        fill(&eval, &(0..eval.len()).collect::<Vec<_>>())?;
     }
     cache.flush()?;
     let report = BuildReport { dir: cache.dir().to_path_buf(), pairs_cached: cache.len(), computed: cache.misses, reused: cache.hits };

@@ -6,8 +6,9 @@
 //! exact, and a quarter to a half less work on typical data. Unshared
 //! ([`PairBatch::unshared`]): `2·pairs` rows `prompt + response`, as TRL lays them out.
 //!
-//! Either way only response tokens are scored (prompt masked, EOS included): `rows` lists, for
-//! each scored token, the flat index of the hidden state that predicts it, and `segments` sums
+//! Either way only response tokens are scored (prompt masked, EOS included): `predictor_rows`
+//! lists, for each scored token, the flat index of the hidden state that predicts it, and
+//! `sequence_of_token` sums
 //! them into per-sequence log-probs, chosen sequences first, then rejected.
 //!
 //! ```
@@ -19,7 +20,7 @@
 //! assert_eq!(unshared.ids.dims(), &[2, 5]);
 //! ```
 use super::TokenizedPair;
-use crate::model::layout::{PAD, SHARED, TokenLayout};
+use crate::nn::layout::{PAD, SHARED, TokenLayout};
 use candle_core::{Device, Result, Tensor};
 
 pub struct PairBatch {
@@ -28,11 +29,12 @@ pub struct PairBatch {
     pub ids: Tensor,
     pub layout: TokenLayout,
     /// `[scored]` u32: flat index (`row·len + t`) of the hidden state predicting each scored token.
-    pub rows: Tensor,
+    pub predictor_rows: Tensor,
     /// The scored token ids.
     pub targets: Vec<u32>,
-    /// `[2·pairs, scored]` f32 0/1: which sequence each scored token belongs to.
-    pub segments: Tensor,
+    /// `[2·pairs, scored]` f32 0/1: which sequence each scored token belongs to (the matrix that
+    /// sums token log-probs into sequence log-probs).
+    pub sequence_of_token: Tensor,
     /// Scored tokens per sequence (chosen sequences, then rejected).
     pub response_tokens: Vec<usize>,
     /// Tokens of the `2·pairs` prompt+response sequences (a shared prompt counts twice), the
@@ -139,9 +141,9 @@ impl PairBatch {
             pairs: pairs.len(),
             ids: Tensor::from_vec(ids, (n_rows, len), device)?,
             layout: TokenLayout::new(n_rows, len, positions, segments),
-            rows: Tensor::from_vec(flat_rows, total, device)?,
+            predictor_rows: Tensor::from_vec(flat_rows, total, device)?,
             targets,
-            segments: Tensor::from_vec(seg, (sequences, total), device)?,
+            sequence_of_token: Tensor::from_vec(seg, (sequences, total), device)?,
             response_tokens: scored.iter().map(|s| s.tokens.len()).collect(),
             tokens: pairs.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum(),
         })

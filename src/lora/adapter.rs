@@ -12,9 +12,9 @@
 //! dpo::lora::adapter::save(std::path::Path::new("out"), &params, &cfg, "my/base")?;
 //! # Ok(()) }
 //! ```
-use super::linear::LoraWeights;
+use crate::nn::linear::LoraWeights;
 use super::{ALL_LINEAR, LoraConfig};
-use crate::checkpoint::atomic;
+use crate::fsutil::atomic;
 use crate::model::CausalLm;
 use crate::model::arch::proj;
 use crate::rng::{SeededRng, Stream};

@@ -2,7 +2,7 @@
 //!
 //! `y = W·x (+ b) + (alpha / r) · B·A·dropout(x)`, A `[r, in]` Kaiming-uniform like peft,
 //! B `[out, r]` zero, so a fresh adapter leaves the model unchanged. The reference model
-//! is the same layers with the adapter switched off ([`LoraMode::Off`]).
+//! is the same layers with the adapter switched off ([`crate::nn::LoraMode::Off`]).
 //!
 //! ```
 //! let cfg = dpo::lora::LoraConfig::new(8, 16.0, 0.0, "q_proj,v").unwrap();
@@ -10,9 +10,6 @@
 //! assert!(cfg.targets("model.layers.0.self_attn.v_proj"));
 //! ```
 pub mod adapter;
-pub mod linear;
-
-pub use linear::{LoraLinear, LoraMode};
 
 use anyhow::{Result, bail};
 

@@ -11,7 +11,7 @@
 //! `DPO_LAYER_PATH=generic` forces the generic path (the tests run both).
 //!
 //! ```no_run
-//! # use dpo::model::CausalLm; use dpo::lora::LoraMode;
+//! # use dpo::model::CausalLm; use dpo::nn::LoraMode;
 //! # fn main() -> anyhow::Result<()> {
 //! let model = CausalLm::load(std::path::Path::new("tiny-llama"), candle_core::DType::F32, &candle_core::Device::Cpu)?;
 //! let ids = candle_core::Tensor::new(&[[1u32, 5, 9]], &candle_core::Device::Cpu)?;
@@ -25,16 +25,15 @@ use super::cpu_layer;
 use super::fused;
 use super::generic_layer::{self, PassShared};
 use super::recompute;
-use super::layout::TokenLayout;
-use super::ops::frozen_matmul;
+use crate::nn::layout::TokenLayout;
+use crate::nn::ops::frozen_matmul;
 use super::weights::mmap_weights;
-use crate::lora::{LoraLinear, LoraMode};
+use crate::nn::{LoraLinear, LoraMode};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Which implementation runs the decoder layers and the head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,9 +80,6 @@ pub struct CausalLm {
     lm_head: Tensor,
     dtype: DType,
     device: Device,
-    /// Forward passes run with adapters off / on (observability: tests check a cache hit
-    /// really skips the reference forward).
-    forwards: [AtomicUsize; 2],
     path: LayerPath,
     /// Activation recomputation: each layer keeps only its input for backward.
     recompute: bool,
@@ -137,17 +133,11 @@ impl CausalLm {
             lm_head,
             dtype,
             device: device.clone(),
-            forwards: Default::default(),
             path: LayerPath::Generic,
             recompute: false,
         };
         model.path = LayerPath::default_for(&model.arch, device, dtype);
         Ok(model)
-    }
-
-    /// Forward passes so far: `(reference, adapters on)`.
-    pub fn forward_counts(&self) -> (usize, usize) {
-        (self.forwards[0].load(Ordering::Relaxed), self.forwards[1].load(Ordering::Relaxed))
     }
 
     pub fn arch(&self) -> &Architecture {
@@ -185,8 +175,6 @@ impl CausalLm {
     /// Final-norm hidden states `[rows, len, hidden]` for `ids` `[rows, len]` laid out as
     /// `layout` says (positions, and which tokens may see which).
     pub fn forward_layout(&self, ids: &Tensor, layout: &TokenLayout, mode: &mut LoraMode) -> Result<Tensor> {
-        let with_adapters = !matches!(mode, LoraMode::Off);
-        self.forwards[usize::from(with_adapters)].fetch_add(1, Ordering::Relaxed);
         let (b, t) = ids.dims2()?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.arch.hidden_size))?;
         if let Some(scale) = self.arch.embed_scale {

@@ -10,16 +10,16 @@
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
 //! # let (layer, x, ctx): (dpo::model::causal_lm::DecoderLayer, candle_core::Tensor, dpo::model::generic_layer::PassShared) = todo!();
-//! let y = dpo::model::generic_layer::forward(&layer, &x, &ctx, &mut dpo::lora::LoraMode::On)?;
+//! let y = dpo::model::generic_layer::forward(&layer, &x, &ctx, &mut dpo::nn::LoraMode::On)?;
 //! # Ok(()) }
 //! ```
 use super::arch::rope::RopeTables;
 use super::arch::{Activation, Architecture, Proj, QkNorm, RmsNormStyle};
 use super::causal_lm::DecoderLayer;
-use super::layout::TokenLayout;
-use super::ops::{repeat_kv, rope};
+use crate::nn::layout::TokenLayout;
+use crate::nn::ops::{repeat_kv, rope};
 use super::tiled_attention;
-use crate::lora::LoraMode;
+use crate::nn::LoraMode;
 use anyhow::Result;
 use candle_core::{D, DType, Device, Tensor};
 use std::sync::Arc;

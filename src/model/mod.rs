@@ -7,10 +7,7 @@ pub mod cpu_layer;
 pub mod fused;
 pub mod generic_layer;
 pub mod kernels;
-pub mod layout;
-pub mod ops;
 pub mod recompute;
-pub mod scoring;
 pub mod tiled_attention;
 pub mod weights;
 

@@ -23,8 +23,8 @@
 //! ```
 use super::causal_lm::DecoderLayer;
 use super::generic_layer::{self, PassShared};
-use crate::lora::LoraMode;
-use crate::lora::linear::LoraWeights;
+use crate::nn::LoraMode;
+use crate::nn::linear::LoraWeights;
 use crate::rng::SeededRng;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var, bail};
 use std::sync::{Arc, Mutex};

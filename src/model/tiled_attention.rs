@@ -10,7 +10,7 @@
 //! use candle_core::{Device, Tensor};
 //! let q = Tensor::ones((1, 1, 3, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
 //! let v = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((1, 1, 3, 2)).unwrap();
-//! let mask = dpo::model::layout::TokenLayout::causal(1, 3).mask(None, candle_core::DType::F32, &Device::Cpu).unwrap();
+//! let mask = dpo::nn::layout::TokenLayout::causal(1, 3).mask(None, candle_core::DType::F32, &Device::Cpu).unwrap();
 //! let o = dpo::model::tiled_attention::attention(&q, &q, &v, &mask, 1.0, None, 2).unwrap();
 //! // All scores are equal: each query averages the values it sees.
 //! let want = [0.0, 1.0, 1.0, 2.0, 2.0, 3.0];
@@ -137,7 +137,7 @@ impl Backward for TiledBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::layout::{PAD, TokenLayout};
+    use crate::nn::layout::{PAD, TokenLayout};
     use candle_core::{Device, Var};
 
     /// The composite attention candle differentiates itself.

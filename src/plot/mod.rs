@@ -9,7 +9,7 @@ pub mod draw;
 pub mod font;
 pub mod series;
 
-use crate::checkpoint::atomic;
+use crate::fsutil::atomic;
 use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@
 //! fp.insert("max_length", "512");
 //! assert_ne!(before, fp.digest());
 //! ```
-use crate::checkpoint::manifest::sha256_file;
+use crate::fsutil::sha256_file;
 use crate::config::CommonArgs;
 use crate::setup::Loaded;
 use anyhow::{Context, Result};

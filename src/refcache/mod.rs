@@ -11,9 +11,11 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! # let (loaded, pairs, batch, fp): (dpo::setup::Loaded, Vec<dpo::data::TokenizedPair>, dpo::data::PairBatch, dpo::refcache::Fingerprint) = todo!();
+//! # let (pairs, batch, fp, values): (Vec<dpo::data::TokenizedPair>, dpo::data::PairBatch, dpo::refcache::Fingerprint, Vec<f32>) = todo!();
 //! let mut cache = dpo::refcache::RefCache::open(std::path::Path::new("ref-cache"), fp)?;
-//! let reference = cache.reference(&loaded.model, &pairs, &batch)?; // [2·pairs] f32
+//! if cache.lookup(&pairs, &batch).is_none() {
+//!     cache.store(&pairs, &batch, &values)?; // [2·pairs] f32 from a reference forward
+//! }
 //! cache.flush()?;
 //! # Ok(()) }
 //! ```
@@ -22,11 +24,9 @@ pub mod segment;
 
 pub use fingerprint::Fingerprint;
 
-use crate::checkpoint::atomic;
+use crate::fsutil::atomic;
 use crate::data::{PairBatch, TokenizedPair};
-use crate::model::CausalLm;
 use anyhow::{Context, Result};
-use candle_core::{DType, Tensor};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -105,21 +105,22 @@ impl RefCache {
         self.entries.is_empty()
     }
 
-    /// The batch's reference log-probs `[2·pairs]` (chosen rows, then rejected rows): from the
-    /// cache when every pair is there, else from one reference forward whose values are kept.
-    pub fn reference(&mut self, model: &CausalLm, pairs: &[TokenizedPair], batch: &PairBatch) -> Result<Tensor> {
+    /// The batch's reference log-probs `[2·pairs]` (chosen rows, then rejected rows) when every
+    /// pair of it is cached (a hit), else `None`.
+    pub fn lookup(&mut self, pairs: &[TokenizedPair], batch: &PairBatch) -> Option<Vec<f32>> {
         let keys = batch_keys(&self.digest, pairs);
-        let cached: Option<Vec<Entry>> = keys.iter().map(|k| self.entries.get(k).copied()).collect();
-        if let Some(entries) = cached.filter(|e| tokens_match(e, batch)) {
-            self.hits += pairs.len();
-            let chosen = entries.iter().map(|e| e.chosen);
-            let values: Vec<f32> = chosen.chain(entries.iter().map(|e| e.rejected)).collect();
-            return Ok(Tensor::from_vec(values, 2 * pairs.len(), model.device())?);
+        let entries: Vec<Entry> = keys.iter().map(|k| self.entries.get(k).copied()).collect::<Option<_>>()?;
+        if !tokens_match(&entries, batch) {
+            return None;
         }
-        let reference = crate::train::step::reference_logps(model, batch)?;
-        let values = reference.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.hits += pairs.len();
+        Some(entries.iter().map(|e| e.chosen).chain(entries.iter().map(|e| e.rejected)).collect())
+    }
+
+    /// Keeps a batch's computed reference values `[2·pairs]` (written out with the next flush).
+    pub fn store(&mut self, pairs: &[TokenizedPair], batch: &PairBatch, values: &[f32]) -> Result<()> {
         let n = pairs.len();
-        for (i, key) in keys.into_iter().enumerate() {
+        for (i, key) in batch_keys(&self.digest, pairs).into_iter().enumerate() {
             let e = Entry {
                 chosen: values[i],
                 rejected: values[n + i],
@@ -133,7 +134,7 @@ impl RefCache {
         if self.pending.len() >= FLUSH_EVERY {
             self.flush()?;
         }
-        Ok(reference)
+        Ok(())
     }
 
     /// Writes the entries computed since the last flush as one new segment (atomically).

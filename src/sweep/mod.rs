@@ -15,7 +15,7 @@ pub mod halving;
 pub mod plan;
 pub mod summary;
 
-use crate::checkpoint::atomic;
+use crate::fsutil::atomic;
 use crate::config::UsageError;
 use crate::train::Inputs;
 use anyhow::{Context, Result, bail};

@@ -8,7 +8,7 @@
 //! let s = Summary::new(vec![row("a", 0.6), row("b", 0.4)]);
 //! assert!(s.rows[1].best && s.all_finished());
 //! ```
-use crate::checkpoint::atomic;
+use crate::fsutil::atomic;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -17,7 +17,6 @@
 pub mod heldout;
 pub mod interrupt;
 pub mod memory;
-pub mod optimizer;
 pub mod plan;
 pub mod progress;
 pub mod resume;
@@ -29,12 +28,13 @@ use crate::data::order::PairOrder;
 use crate::lora::{LoraConfig, adapter};
 use crate::loss::RewardMetrics;
 use crate::rng::{SeededRng, Stream};
-use crate::checkpoint::{self, atomic};
+use crate::checkpoint;
+use crate::fsutil::atomic;
 use crate::refcache::{Fingerprint, RefCache};
 use crate::setup::{Dataset, Loaded};
 use anyhow::{Context, Result, bail};
 use candle_core::Var;
-use optimizer::AdamW;
+use crate::optim::AdamW;
 pub use plan::{StepPlan, StepWork};
 use progress::Progress;
 use schedule::{LrSchedule, Schedule};
@@ -436,7 +436,7 @@ fn provenance(args: &TrainArgs) -> Result<checkpoint::Provenance> {
         let mut files = crate::model::weights::safetensors_files(model)?;
         files.extend(["config.json", "tokenizer.json", "tokenizer_config.json"].iter().map(|f| model.join(f)));
         for f in files.iter().filter(|f| f.is_file()) {
-            model_files.insert(f.file_name().unwrap().to_string_lossy().into_owned(), checkpoint::manifest::sha256_file(f)?);
+            model_files.insert(f.file_name().unwrap().to_string_lossy().into_owned(), crate::fsutil::sha256_file(f)?);
         }
     }
     let dataset = Path::new(&args.dataset);
@@ -444,7 +444,7 @@ fn provenance(args: &TrainArgs) -> Result<checkpoint::Provenance> {
         model: model.display().to_string(),
         model_files,
         dataset: dataset.display().to_string(),
-        dataset_sha256: if dataset.is_file() { checkpoint::manifest::sha256_file(dataset)? } else { String::new() },
+        dataset_sha256: if dataset.is_file() { crate::fsutil::sha256_file(dataset)? } else { String::new() },
         template: args.template.clone(),
     })
 }

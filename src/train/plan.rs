@@ -9,9 +9,9 @@
 //! ```
 use super::step::{GradAccumulator, micro_step};
 use crate::config::TrainArgs;
-use crate::data::PairBatch;
+use crate::scoring::{micro_batches as micro_batches_of, reference_logps};
 use crate::data::order::PairOrder;
-use crate::lora::LoraMode;
+use crate::nn::LoraMode;
 use crate::loss::PairScore;
 use crate::refcache::RefCache;
 use crate::rng::SeededRng;
@@ -74,20 +74,16 @@ impl StepWork<'_> {
         dropout_rng: &mut SeededRng,
         mut cache: Option<&mut RefCache>,
     ) -> Result<(Vec<PairScore>, Vec<candle_core::Tensor>, usize)> {
-        let positions = self.plan.positions(step);
-        let micro_batches: Vec<&[usize]> = positions.chunks(self.plan.batch_size).collect();
+        let indices: Vec<usize> = self.plan.positions(step).into_iter().map(|pos| self.order.pair_at(pos)).collect();
+        let micro_batches = indices.len().div_ceil(self.plan.batch_size);
         let mut grads = GradAccumulator::new(self.vars.len());
         let (mut scores, mut tokens): (Vec<PairScore>, usize) = (Vec::new(), 0);
-        for chunk in &micro_batches {
-            let pairs = chunk.iter().map(|&pos| self.data.get(self.order.pair_at(pos))).collect::<Result<Vec<_>>>()?;
-            let batch = PairBatch::new(&pairs, self.pad_id, self.model.device())?;
+        for item in micro_batches_of(self.data, &indices, self.plan.batch_size, self.pad_id, self.model.device()) {
+            let (pairs, batch) = item?;
+            let reference = reference_logps(self.model, &pairs, &batch, cache.as_deref_mut())?;
             let mut mode = if dropout > 0.0 { LoraMode::Train(dropout_rng) } else { LoraMode::On };
-            let scale = 1.0 / micro_batches.len() as f64;
-            let reference = match cache.as_deref_mut() {
-                Some(c) => Some(c.reference(self.model, &pairs, &batch)?),
-                None => None,
-            };
-            scores.extend(micro_step(self.model, &batch, self.loss, self.vars, &mut mode, reference.as_ref(), scale, &mut grads)?);
+            let scale = 1.0 / micro_batches as f64;
+            scores.extend(micro_step(self.model, &batch, self.loss, self.vars, &mut mode, &reference, scale, &mut grads)?);
             tokens += batch.tokens;
         }
         Ok((scores, grads.into_grads()?, tokens))

@@ -11,7 +11,7 @@ use crate::checkpoint::{Checkpoint, PRE_STEP_FILE};
 use crate::lora::adapter::NamedParam;
 use crate::loss::RewardMetrics;
 use crate::rng::{SeededRng, Stream};
-use crate::checkpoint::atomic;
+use crate::fsutil::atomic;
 use crate::config::TrainArgs;
 use anyhow::{Context, Result, bail};
 use std::path::Path;

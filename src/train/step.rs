@@ -1,61 +1,27 @@
-//! The DPO step: score a micro-batch with the reference (adapters off, no graph) and the
-//! policy (adapters on), take the loss, backpropagate into the LoRA tensors only.
+//! The DPO step's backward: score a micro-batch with the policy (adapters on) against its
+//! reference log-probs, take the loss, backpropagate into the LoRA tensors only; gradient
+//! accumulation, the global norm and clipping.
 //!
 //! ```no_run
 //! # use dpo::train::step::{micro_step, GradAccumulator};
 //! # fn main() -> anyhow::Result<()> {
 //! # let (model, batch, loss, params): (dpo::model::CausalLm, dpo::data::PairBatch, dpo::loss::DpoLoss, Vec<candle_core::Var>) = todo!();
+//! # let reference: candle_core::Tensor = todo!();
 //! let mut grads = GradAccumulator::new(params.len());
-//! let scores = micro_step(&model, &batch, &loss, &params, &mut dpo::lora::LoraMode::On, None, 1.0, &mut grads)?;
+//! let scores = micro_step(&model, &batch, &loss, &params, &mut dpo::nn::LoraMode::On, &reference, 1.0, &mut grads)?;
 //! # Ok(()) }
 //! ```
 use crate::data::PairBatch;
-use crate::lora::LoraMode;
-use crate::loss::{DpoLoss, PairLogps, PairScore};
+use crate::nn::LoraMode;
+use crate::loss::{DpoLoss, PairScore};
 use crate::model::CausalLm;
-use crate::model::scoring::{response_logps, split_pairs};
+use crate::scoring::score;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 
-/// The frozen reference's summed response log-probs `[2·pairs]` (chosen rows, then rejected):
-/// the base model with adapters off, no graph. They depend on neither β nor the learning rate,
-/// so they can be computed once and cached.
-pub fn reference_logps(model: &CausalLm, batch: &PairBatch) -> Result<Tensor> {
-    Ok(response_logps(model, batch, &mut LoraMode::Off)?.detach())
-}
-
-/// Reference and policy log-probs of a batch, and the per-pair losses.
-pub fn score(model: &CausalLm, batch: &PairBatch, loss: &DpoLoss, policy: &mut LoraMode) -> Result<(PairLogps, Tensor)> {
-    let reference = reference_logps(model, batch)?;
-    score_against(model, batch, loss, policy, &reference)
-}
-
-/// As [`score`], with the reference log-probs `[2·pairs]` given (e.g. from a cache).
-pub fn score_against(
-    model: &CausalLm,
-    batch: &PairBatch,
-    loss: &DpoLoss,
-    policy: &mut LoraMode,
-    reference: &Tensor,
-) -> Result<(PairLogps, Tensor)> {
-    let (ref_chosen, ref_rejected) = split_pairs(&reference.detach(), batch.pairs)?;
-    let (policy_chosen, policy_rejected) = split_pairs(&response_logps(model, batch, policy)?, batch.pairs)?;
-    let (chosen_tokens, rejected_tokens) = batch.response_tokens.split_at(batch.pairs);
-    let logps = PairLogps {
-        policy_chosen,
-        policy_rejected,
-        ref_chosen,
-        ref_rejected,
-        chosen_tokens: chosen_tokens.to_vec(),
-        rejected_tokens: rejected_tokens.to_vec(),
-    };
-    let losses = loss.per_pair(&logps)?;
-    Ok((logps, losses))
-}
-
-/// One micro-batch: forward both models (the reference only when `reference` is not given),
-/// backpropagate `mean(loss) · loss_scale` (`1 / micro-batches` under gradient accumulation)
-/// and add the gradients to `grads`.
+/// One micro-batch: the policy forward against the given reference log-probs, backpropagate
+/// `mean(loss) · loss_scale` (`1 / micro-batches` under gradient accumulation) and add the
+/// gradients to `grads`.
 #[allow(clippy::too_many_arguments)]
 pub fn micro_step(
     model: &CausalLm,
@@ -63,14 +29,11 @@ pub fn micro_step(
     loss: &DpoLoss,
     params: &[Var],
     policy: &mut LoraMode,
-    reference: Option<&Tensor>,
+    reference: &Tensor,
     loss_scale: f64,
     grads: &mut GradAccumulator,
 ) -> Result<Vec<PairScore>> {
-    let (logps, losses) = match reference {
-        Some(r) => score_against(model, batch, loss, policy, r)?,
-        None => score(model, batch, loss, policy)?,
-    };
+    let (logps, losses) = score(model, batch, loss, policy, reference)?;
     let objective = (losses.mean_all()? * loss_scale)?;
     let store = objective.backward()?;
     for (i, p) in params.iter().enumerate() {

@@ -4,7 +4,7 @@
 //! saved log-sum-exp). Scores are `scale·q·kᵀ`, soft-capped as `cap·tanh(s/cap)` when the
 //! family caps them; backward multiplies by the cap's derivative `1 − (capped/cap)²`.
 use crate::model::kernels::{self, Gemm, SharedMut};
-use crate::model::layout::TokenLayout;
+use crate::nn::layout::TokenLayout;
 use rayon::prelude::*;
 
 /// Query rows per attention tile: keys past a tile's last visible one are never touched.

@@ -16,7 +16,7 @@
 //! ```no_run
 //! # fn main() -> candle_core::Result<()> {
 //! # let (layer, x, geometry): (dpo::model::cpu_layer::LayerParams, candle_core::Tensor, std::sync::Arc<dpo::model::cpu_layer::Geometry>) = todo!();
-//! let y = dpo::model::cpu_layer::forward(&layer, &geometry, None, &x, &mut dpo::lora::LoraMode::On)?;
+//! let y = dpo::model::cpu_layer::forward(&layer, &geometry, None, &x, &mut dpo::nn::LoraMode::On)?;
 //! # Ok(()) }
 //! ```
 mod attention;
@@ -28,8 +28,8 @@ use super::arch::rope::RopeTables;
 use super::arch::{Activation, Architecture, NormPlacement, Proj, ProjInput, QkNorm, RmsNormStyle};
 use super::causal_lm::DecoderLayer;
 use super::kernels::{self, Gemm, cpu_storage_f32, rms_norm, rms_norm_backward, storage_f32};
-use crate::lora::LoraMode;
-use crate::lora::linear::{LoraWeights, dropout_mask};
+use crate::nn::LoraMode;
+use crate::nn::linear::{LoraWeights, dropout_mask};
 use attention::Heads;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, bail};
 use lora::{Adapter, LoraGrads};

@@ -12,7 +12,7 @@
 //! # fn main() -> candle_core::Result<()> {
 //! let w = Tensor::ones((8, 4), candle_core::DType::F32, &Device::Cpu)?; // [out, in]
 //! let x = Tensor::ones((3, 4), candle_core::DType::F32, &Device::Cpu)?;
-//! let y = dpo::model::ops::frozen_matmul(&x, &w)?; // [3, 8]
+//! let y = dpo::nn::ops::frozen_matmul(&x, &w)?; // [3, 8]
 //! # Ok(()) }
 //! ```
 use candle_core::backend::BackendStorage;
@@ -136,15 +136,13 @@ mod tests {
     #[test]
     fn rope_carries_gradients_and_leaves_position_zero() {
         let x = Var::from_tensor(&Tensor::arange(0f32, 16., &Device::Cpu).unwrap().reshape((1, 1, 2, 8)).unwrap()).unwrap();
-        let rope_cfg = crate::model::arch::Rope {
-            theta: 10000.0,
-            rotary_dim: 8,
-            scaling: crate::model::arch::RopeScaling::Default,
-            max_position_embeddings: 4,
+        // cos/sin rows for positions 0 and 1, HF layout cat(freqs, freqs).
+        let freqs: Vec<f32> = (0..4).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 8.0)).collect();
+        let table = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = [0.0f32, 1.0].iter().flat_map(|&p| freqs.iter().chain(&freqs).map(move |w| f(p * w))).collect();
+            Tensor::from_vec(v, (1, 1, 2, 8), &Device::Cpu).unwrap()
         };
-        let t = rope_cfg.tables(&[0, 1]).unwrap();
-        let cos = Tensor::from_vec(t.cos, (1, 1, 2, 8), &Device::Cpu).unwrap();
-        let sin = Tensor::from_vec(t.sin, (1, 1, 2, 8), &Device::Cpu).unwrap();
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
         let y = rope(x.as_tensor(), &cos, &sin).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&x).is_some());

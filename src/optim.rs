@@ -5,7 +5,7 @@
 //!
 //! ```
 //! # use candle_core::{Device, Tensor, Var};
-//! # use dpo::train::optimizer::AdamW;
+//! # use dpo::optim::AdamW;
 //! let p = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
 //! let mut opt = AdamW::new(&[p.clone()], 0.9, 0.999, 1e-8, 0.0).unwrap();
 //! opt.step(&[p.clone()], &[Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap()], 0.1).unwrap();

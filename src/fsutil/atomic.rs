@@ -5,7 +5,7 @@
 //! ```
 //! let dir = std::env::temp_dir().join(format!("dpo-atomic-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir).unwrap();
-//! dpo::checkpoint::atomic::write_bytes(&dir.join("a.txt"), b"hello").unwrap();
+//! dpo::fsutil::atomic::write_bytes(&dir.join("a.txt"), b"hello").unwrap();
 //! assert_eq!(std::fs::read(dir.join("a.txt")).unwrap(), b"hello");
 //! std::fs::remove_dir_all(&dir).unwrap();
 //! ```

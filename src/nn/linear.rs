@@ -2,7 +2,7 @@
 //!
 //! ```no_run
 //! # use candle_core::{Device, DType, Tensor};
-//! # use dpo::lora::{LoraLinear, LoraMode};
+//! # use dpo::nn::{LoraLinear, LoraMode};
 //! # fn main() -> anyhow::Result<()> {
 //! let w = Tensor::zeros((16, 8), DType::F32, &Device::Cpu)?;
 //! let layer = LoraLinear::frozen(w, None);
@@ -10,7 +10,7 @@
 //! let y = layer.forward(&x, &mut LoraMode::Off)?; // [2, 3, 16]
 //! # Ok(()) }
 //! ```
-use crate::model::ops::frozen_matmul;
+use crate::nn::ops::frozen_matmul;
 use crate::rng::SeededRng;
 use candle_core::{DType, Result, Tensor, Var};
 

@@ -4,7 +4,7 @@
 //! response sees the prompt and itself, never the other response.
 //!
 //! ```
-//! use dpo::model::layout::{TokenLayout, PAD};
+//! use dpo::nn::layout::{TokenLayout, PAD};
 //! // One row: prompt of 2, chosen of 2, rejected of 1, one pad.
 //! let l = TokenLayout::new(1, 6, vec![0, 1, 2, 3, 2, 0], vec![0, 0, 1, 1, 2, PAD]);
 //! assert!(l.visible(0, 4, 0, None));  // rejected sees the prompt
