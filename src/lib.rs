@@ -25,6 +25,7 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod plot;
+pub mod provenance;
 pub mod refcache;
 pub mod rng;
 pub mod scoring;

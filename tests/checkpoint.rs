@@ -83,7 +83,8 @@ fn checkpoints_hold_a_peft_adapter_a_manifest_and_respect_the_limit() {
     let manifest = read_json(&ckpt.join("manifest.json"));
     assert_eq!(manifest["step"], 18);
     assert_eq!(manifest["files"].as_object().unwrap().len(), 6);
-    assert_eq!(manifest["model_files"]["model.safetensors"].as_str().unwrap().len(), 64);
+    assert_eq!(manifest["provenance"]["model"]["files"]["model.safetensors"].as_str().unwrap().len(), 64);
+    assert_eq!(manifest["provenance"]["dataset"]["files"]["train.jsonl"].as_str().unwrap().len(), 64);
     assert_eq!(manifest["metrics"]["step"], 18);
     let state = read_json(&ckpt.join("trainer_state.json"));
     assert_eq!(state["stream_position"], 72);
@@ -218,11 +219,13 @@ fn verify_resume_recomputes_the_logged_step_and_catches_changed_data() {
     let o = dpo(&["train".into(), "--resume".into(), p(&out).into(), "--verify-resume".into(), "--stop-after-steps".into(), "10".into()]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("verified: step 6"), "{}", String::from_utf8_lossy(&o.stderr));
 
-    // The same path, other contents (rows reordered): the recomputed step no longer matches.
+    // The same path, other contents (rows reordered): the recorded sha256 no longer matches,
+    // and the dataset file is named.
     let text = std::fs::read_to_string(&data).unwrap();
     let reversed: String = text.lines().rev().map(|l| format!("{l}\n")).collect();
     std::fs::write(&data, reversed).unwrap();
     let o = dpo(&["train".into(), "--resume".into(), p(&out).into(), "--verify-resume".into()]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--verify-resume: step 9"), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--verify-resume") && e.contains("the dataset") && e.contains("train.jsonl has sha256"), "{e}");
 }

@@ -122,3 +122,66 @@ fn library_resolves_the_fixture_cache() {
     assert!(!dpo::hub::is_repo_id(Path::new(env!("CARGO_MANIFEST_DIR"))));
     assert!(dpo::hub::is_repo_id(Path::new("meta-llama/Llama-2-7b-hf")));
 }
+
+/// A copy of the fixture cache that a test may change (symlinks kept as symlinks).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
+        } else if kind.is_dir() {
+            copy_tree(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+/// A run from Hub repo ids records, in every checkpoint manifest, both resolved commits and the
+/// sha256 of every file read; a cached dataset file changed afterwards makes
+/// `--resume --verify-resume` refuse, naming the dataset and the file.
+#[test]
+fn hub_inputs_are_recorded_by_commit_and_hash_and_a_changed_one_is_refused() {
+    let dir = scratch("hub_provenance");
+    let home = dir.join("hf_home");
+    copy_tree(&hf_home(), &home);
+    let out = dir.join("out");
+    let o = dpo_with_home(&home, &[
+        "train", "--model", "tiny/llama", "--dataset", "tiny/orca_dpo_pairs", "--offline", "--save-steps", "2",
+        "--max-steps", "4", "--stop-after-steps", "2", "--output-dir", out.to_str().unwrap(),
+    ]);
+    assert!(stderr(&o).contains("stopped after step 2"), "{}", stderr(&o));
+    let manifest = read_json(&out.join("checkpoint-2/manifest.json"));
+    let p = &manifest["provenance"];
+    let commit = |repo: &str| std::fs::read_to_string(home.join(format!("hub/{repo}/refs/main"))).unwrap();
+    assert_eq!(p["model"]["source"], "tiny/llama");
+    assert_eq!(p["model"]["commit"].as_str(), Some(commit("models--tiny--llama").trim()));
+    assert_eq!(p["dataset"]["commit"].as_str(), Some(commit("datasets--tiny--orca_dpo_pairs").trim()));
+    let snapshot = |repo: &str, file: &str| home.join(format!("hub/{repo}/snapshots/{}/{file}", commit(repo).trim()));
+    for file in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"] {
+        let want = dpo::fsutil::sha256_file(&snapshot("models--tiny--llama", file)).unwrap();
+        assert_eq!(p["model"]["files"][file].as_str(), Some(want.as_str()), "{file}");
+    }
+    let data = snapshot("datasets--tiny--orca_dpo_pairs", "orca_rlhf.jsonl");
+    let want = dpo::fsutil::sha256_file(&data).unwrap();
+    assert_eq!(p["dataset"]["files"]["orca_rlhf.jsonl"].as_str(), Some(want.as_str()));
+
+    // Unchanged inputs verify; a changed cached data file is refused, naming the dataset.
+    let resume = |extra: &[&str]| {
+        let mut a = vec!["train", "--resume", out.to_str().unwrap(), "--verify-resume", "--offline"];
+        a.extend(extra);
+        dpo_with_home(&home, &a)
+    };
+    let o = resume(&["--stop-after-steps", "3"]);
+    assert!(stderr(&o).contains("verified: step 2"), "{}", stderr(&o));
+    let blob = std::fs::canonicalize(&data).unwrap();
+    let text = std::fs::read_to_string(&blob).unwrap();
+    std::fs::write(&blob, text.lines().rev().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let o = resume(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("the dataset tiny/orca_dpo_pairs changed") && e.contains("orca_rlhf.jsonl"), "{e}");
+}

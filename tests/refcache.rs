@@ -6,7 +6,7 @@ use clap::Parser;
 use common::*;
 use dpo::config::TrainArgs;
 use dpo::data::PairBatch;
-use dpo::refcache::{Fingerprint, RefCache};
+use dpo::refcache::RefCache;
 
 fn args(out: &std::path::Path, extra: &[&str]) -> TrainArgs {
     let model = model_dir("tiny-llama");
@@ -24,7 +24,7 @@ fn cache_hit_skips_the_reference_forward_and_is_bit_identical() {
     let data = dpo::setup::load_pairs(&a, &loaded).unwrap();
     let pairs: Vec<_> = (0..4).map(|i| data.get(i).unwrap()).collect();
     let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
-    let fp = Fingerprint::for_run(&a, &loaded).unwrap();
+    let fp = dpo::train::reference_fingerprint(&a, &loaded).unwrap();
     let mut cache = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
     let before = reference_forwards();
     let computed = reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache)).unwrap();
@@ -48,7 +48,7 @@ fn corrupt_or_foreign_cache_is_detected_and_rebuilt() {
     let data = dpo::setup::load_pairs(&a, &loaded).unwrap();
     let pairs: Vec<_> = (0..2).map(|i| data.get(i).unwrap()).collect();
     let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
-    let fp = Fingerprint::for_run(&a, &loaded).unwrap();
+    let fp = dpo::train::reference_fingerprint(&a, &loaded).unwrap();
     let mut cache = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
     reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache)).unwrap();
     cache.flush().unwrap();

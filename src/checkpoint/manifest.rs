@@ -17,13 +17,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub struct Manifest {
     pub dpo_version: String,
     pub step: usize,
-    /// Base model: the `--model` given, and sha256 of its config, tokenizer and weight files.
-    pub model: String,
-    pub model_files: BTreeMap<String, String>,
-    /// Dataset: the `--dataset` given and the sha256 of the file.
-    pub dataset: String,
-    pub dataset_sha256: String,
-    pub template: String,
+    /// The model and dataset (as given, Hub commit, sha256 of every file read) and template.
+    pub provenance: crate::provenance::Provenance,
     /// The metrics line of this step, as written to metrics.jsonl.
     pub metrics: serde_json::Value,
     /// sha256 of every other file in the checkpoint folder.

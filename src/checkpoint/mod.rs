@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use manifest::{Manifest, hash_dir};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -46,15 +46,7 @@ pub struct TrainerState {
     pub optimizer_steps: u64,
 }
 
-/// Provenance recorded in every manifest, computed once per run.
-#[derive(Debug, Clone)]
-pub struct Provenance {
-    pub model: String,
-    pub model_files: BTreeMap<String, String>,
-    pub dataset: String,
-    pub dataset_sha256: String,
-    pub template: String,
-}
+pub use crate::provenance::Provenance;
 
 pub struct Snapshot<'a> {
     pub params: &'a [NamedParam],
@@ -76,7 +68,7 @@ pub fn dir_for(output_dir: &Path, step: usize) -> PathBuf {
 pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
     let dir = dir_for(output_dir, snap.state.step);
     atomic::write_dir(&dir, |tmp| {
-        adapter::save(tmp, snap.params, snap.lora, &snap.provenance.model)?;
+        adapter::save(tmp, snap.params, snap.lora, &snap.provenance.model.source)?;
         save_optimizer(&tmp.join(OPTIMIZER_FILE), snap.params, snap.optimizer)?;
         if let Some(pre) = snap.pre_step {
             let tensors: Vec<(String, Tensor)> = snap.params.iter().zip(pre).map(|(p, t)| (p.name.clone(), t.clone())).collect();
@@ -84,15 +76,10 @@ pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
         }
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&snap.state)?)?;
         std::fs::write(tmp.join(CONFIG_FILE), snap.config_toml)?;
-        let p = snap.provenance;
         let manifest = Manifest {
             dpo_version: env!("CARGO_PKG_VERSION").to_string(),
             step: snap.state.step,
-            model: p.model.clone(),
-            model_files: p.model_files.clone(),
-            dataset: p.dataset.clone(),
-            dataset_sha256: p.dataset_sha256.clone(),
-            template: p.template.clone(),
+            provenance: snap.provenance.clone(),
             metrics: snap.metrics.clone(),
             files: hash_dir(tmp)?,
         };

@@ -10,13 +10,11 @@
 //! assert_ne!(before, fp.digest());
 //! ```
 use crate::fsutil::sha256_file;
-use crate::config::CommonArgs;
-use crate::setup::Loaded;
+use crate::provenance::Source;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::path::Path;
 
 /// Named components (file hashes, settings); the digest is over all of them, in key order.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -45,36 +43,21 @@ impl Fingerprint {
         self.digest()[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// The fingerprint of a run's reference log-probs (hashes every model file: once per run).
-    pub fn for_run(common: &CommonArgs, loaded: &Loaded) -> Result<Self> {
+    /// The fingerprint of reference log-probs computed with the model `model` (every file it
+    /// was read from) under `settings`, by this dpo build.
+    pub fn new(model: &Source, settings: &[(&str, String)]) -> Result<Self> {
         let mut fp = Self::default();
-        model_files(&mut fp, &loaded.model_dir)?;
-        fp.insert("model", loaded.model_dir.display().to_string());
-        if let Some(t) = &common.template_file {
-            fp.insert("template_file", sha256_file(t).with_context(|| format!("hashing --template-file {}", t.display()))?);
+        for (name, hash) in &model.files {
+            fp.insert(&format!("file:{name}"), hash.clone());
         }
-        fp.insert("template", common.template.clone());
-        fp.insert("format", common.format.clone());
-        fp.insert("max_length", common.max_length.to_string());
-        fp.insert("max_prompt_length", common.max_prompt_length.to_string());
-        fp.insert("dtype", format!("{:?}", loaded.model.dtype()));
-        fp.insert("device", if loaded.device.is_cpu() { "cpu" } else { "cuda" });
-        fp.insert("pad_id", loaded.pad_id.to_string());
+        fp.insert("model", model.source.clone());
+        for (key, value) in settings {
+            fp.insert(key, value.clone());
+        }
         fp.insert("dpo_version", env!("CARGO_PKG_VERSION"));
         fp.insert("dpo_build", build_id()?);
         Ok(fp)
     }
-}
-
-/// sha256 of every weight, config and tokenizer file of the model folder.
-fn model_files(fp: &mut Fingerprint, dir: &Path) -> Result<()> {
-    let mut files = crate::model::weights::safetensors_files(dir)?;
-    files.extend(["config.json", "tokenizer.json", "tokenizer_config.json"].iter().map(|f| dir.join(f)));
-    for f in files.iter().filter(|f| f.is_file()) {
-        let name = f.file_name().unwrap_or_default().to_string_lossy();
-        fp.insert(&format!("file:{name}"), sha256_file(f)?);
-    }
-    Ok(())
 }
 
 /// sha256 of the running executable: another build may round differently, so its values are

@@ -30,6 +30,7 @@ use crate::loss::RewardMetrics;
 use crate::rng::{SeededRng, Stream};
 use crate::checkpoint;
 use crate::fsutil::atomic;
+use crate::provenance::Source;
 use crate::refcache::{Fingerprint, RefCache};
 use crate::setup::{Dataset, Loaded};
 use anyhow::{Context, Result, bail};
@@ -162,9 +163,28 @@ pub fn load_eval_pairs(args: &TrainArgs, loaded: &Loaded) -> Result<Option<Datas
 /// The reference cache `--ref-cache` names, opened for this model and these data settings.
 pub fn open_cache(args: &TrainArgs, loaded: &Loaded) -> Result<Option<RefCache>> {
     let Some(dir) = args.ref_cache_dir() else { return Ok(None) };
-    let cache = RefCache::open(&dir, Fingerprint::for_run(args, loaded)?)?;
+    let cache = RefCache::open(&dir, reference_fingerprint(args, loaded)?)?;
     eprintln!("reference cache {}: {} pairs cached", cache.dir().display(), cache.len());
     Ok(Some(cache))
+}
+
+/// What a run's reference log-probs depend on besides the pairs: the model (every file read),
+/// the template, truncation, dtype, device class, padding and the dpo build.
+pub fn reference_fingerprint(args: &crate::config::CommonArgs, loaded: &Loaded) -> Result<Fingerprint> {
+    let model = Source::model(&loaded.model_dir.display().to_string(), &loaded.model_dir)?;
+    let mut settings = vec![
+        ("template", args.template.clone()),
+        ("format", args.format.clone()),
+        ("max_length", args.max_length.to_string()),
+        ("max_prompt_length", args.max_prompt_length.to_string()),
+        ("dtype", format!("{:?}", loaded.model.dtype())),
+        ("device", if loaded.device.is_cpu() { "cpu" } else { "cuda" }.to_string()),
+        ("pad_id", loaded.pad_id.to_string()),
+    ];
+    if let Some(t) = &args.template_file {
+        settings.push(("template_file", crate::fsutil::sha256_file(t).with_context(|| format!("hashing --template-file {}", t.display()))?));
+    }
+    Fingerprint::new(&model, &settings)
 }
 
 /// Checked settings, the checkpoint to resume from, and the output folder made ready.
@@ -248,6 +268,9 @@ fn train_loop(
     let mut first_step = 1;
     if let Some(ckpt) = &resume {
         if args.verify_resume {
+            provenance(args, loaded)?
+                .check_same_as(&ckpt.manifest.provenance)
+                .with_context(|| format!("--verify-resume: the inputs of {} changed", ckpt.dir.display()))?;
             let work = StepWork { model: &loaded.model, pad_id: loaded.pad_id, data, order: &order, plan: &plan, loss: &loss, vars: &vars };
             resume::verify(ckpt, &params, &work, lora_cfg.dropout, &loaded.device)?;
         }
@@ -281,7 +304,7 @@ fn train_loop(
     );
     // Checkpoints (periodic, or the one a pause writes) carry the run's provenance.
     let checkpoints = args.save_steps.is_some() || args.pause_after_steps.is_some();
-    let provenance = checkpoints.then(|| provenance(args)).transpose()?;
+    let provenance = checkpoints.then(|| provenance(args, loaded)).transpose()?;
     let stop = interrupt::StopSignal::install()?;
 
     let mut progress = Progress::new(total_steps, args.logging_steps);
@@ -429,22 +452,10 @@ fn check_no_stale_adapters(model: &mut crate::model::CausalLm, params: usize) ->
 }
 
 /// What the manifests record about the run's inputs (hashed once, at the start).
-fn provenance(args: &TrainArgs) -> Result<checkpoint::Provenance> {
-    let model = Path::new(&args.model);
-    let mut model_files = std::collections::BTreeMap::new();
-    if model.is_dir() {
-        let mut files = crate::model::weights::safetensors_files(model)?;
-        files.extend(["config.json", "tokenizer.json", "tokenizer_config.json"].iter().map(|f| model.join(f)));
-        for f in files.iter().filter(|f| f.is_file()) {
-            model_files.insert(f.file_name().unwrap().to_string_lossy().into_owned(), crate::fsutil::sha256_file(f)?);
-        }
-    }
-    let dataset = Path::new(&args.dataset);
+fn provenance(args: &TrainArgs, loaded: &Loaded) -> Result<checkpoint::Provenance> {
     Ok(checkpoint::Provenance {
-        model: model.display().to_string(),
-        model_files,
-        dataset: dataset.display().to_string(),
-        dataset_sha256: if dataset.is_file() { crate::fsutil::sha256_file(dataset)? } else { String::new() },
+        model: Source::model(&args.model.display().to_string(), &loaded.model_dir)?,
+        dataset: Source::files(&args.dataset.display().to_string(), &crate::setup::dataset_files(args)?)?,
         template: args.template.clone(),
     })
 }
