@@ -19,13 +19,7 @@ fn run_args(out: &Path) -> Vec<String> {
     .collect()
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
-fn dpo(args: &[String]) -> Output {
-    Command::new(bin()).args(args).output().unwrap()
-}
 
 fn ok(o: &Output) {
     assert!(o.status.success(), "dpo failed: {}", String::from_utf8_lossy(&o.stderr));
@@ -64,7 +58,7 @@ fn resume_after_a_stop_is_bit_identical_at_several_points() {
         assert_eq!(o.status.code(), Some(1));
         assert!(!out.join("adapter_model.safetensors").exists());
         assert_eq!(metrics_without_timing(&out).len(), stop, "lines past the last checkpoint are on disk");
-        ok(&dpo(&["train".into(), "--resume".into(), p(&out).into()]));
+        ok(&dpo(&["train", "--resume", p(&out)]));
         assert_same_run(&reference, &out);
     }
 }
@@ -107,7 +101,7 @@ fn a_half_written_checkpoint_is_ignored_and_cleaned_up() {
     std::fs::create_dir_all(&torn).unwrap();
     std::fs::write(torn.join("adapter_model.safetensors"), b"half").unwrap();
     assert_eq!(checkpoints(&out), vec![3, 6, 9]);
-    let o = dpo(&["train".into(), "--resume".into(), p(&out).into()]);
+    let o = dpo(&["train", "--resume", p(&out)]);
     ok(&o);
     assert!(!torn.exists(), "temporary folder removed");
     assert!(String::from_utf8_lossy(&o.stderr).contains("resuming from"));
@@ -127,13 +121,13 @@ fn a_corrupt_checkpoint_is_named_and_fallback_needs_consent() {
     bytes[last] ^= 0x55;
     std::fs::write(&victim, bytes).unwrap();
 
-    let o = dpo(&["train".into(), "--resume".into(), p(&out).into()]);
+    let o = dpo(&["train", "--resume", p(&out)]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("checkpoint-6/adapter_model.safetensors") && err.contains("corrupt"), "{err}");
     assert!(err.contains("latest-valid"), "{err}");
 
-    ok(&dpo(&["train".into(), "--resume".into(), "latest-valid".into(), "--output-dir".into(), p(&out).into()]));
+    ok(&dpo(&["train", "--resume", "latest-valid", "--output-dir", p(&out)]));
     assert_same_run(&reference, &out);
 }
 
@@ -216,7 +210,7 @@ fn verify_resume_recomputes_the_logged_step_and_catches_changed_data() {
     let mut args = with_data(&out);
     args.extend(["--stop-after-steps".to_string(), "8".to_string()]);
     dpo(&args);
-    let o = dpo(&["train".into(), "--resume".into(), p(&out).into(), "--verify-resume".into(), "--stop-after-steps".into(), "10".into()]);
+    let o = dpo(&["train", "--resume", p(&out), "--verify-resume", "--stop-after-steps", "10"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("verified: step 6"), "{}", String::from_utf8_lossy(&o.stderr));
 
     // The same path, other contents (rows reordered): the recorded sha256 no longer matches,
@@ -224,7 +218,7 @@ fn verify_resume_recomputes_the_logged_step_and_catches_changed_data() {
     let text = std::fs::read_to_string(&data).unwrap();
     let reversed: String = text.lines().rev().map(|l| format!("{l}\n")).collect();
     std::fs::write(&data, reversed).unwrap();
-    let o = dpo(&["train".into(), "--resume".into(), p(&out).into(), "--verify-resume".into()]);
+    let o = dpo(&["train", "--resume", p(&out), "--verify-resume"]);
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("--verify-resume") && e.contains("the dataset") && e.contains("train.jsonl has sha256"), "{e}");

@@ -1,20 +1,6 @@
 //! The command line as scripts use it: exit codes, error messages, config precedence.
 mod common;
 use common::*;
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn dpo(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 #[test]
 fn bad_flags_exit_with_usage_code() {

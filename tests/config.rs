@@ -1,11 +1,6 @@
 //! Config files: presets parse, `--print-config` round-trips, precedence, errors name the key.
 mod common;
 use common::*;
-use std::process::{Command, Output};
-
-fn dpo(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
-}
 
 fn print_config(args: &[&str]) -> toml::Table {
     let o = dpo(&[&["train", "--print-config"], args].concat());

@@ -6,13 +6,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn dpo_with_home(home: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
+    dpo_command(args)
         .env("HF_HOME", home)
         .env_remove("HF_HUB_CACHE")
         .env_remove("HUGGINGFACE_HUB_CACHE")
         .env("HF_TOKEN", "hf_SECRETSECRETSECRET")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap()
 }
@@ -21,9 +19,6 @@ fn hf_home() -> std::path::PathBuf {
     fixtures().join("hf_home")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 #[test]
 fn fixture_cache_snapshots_are_symlinks_into_blobs() {

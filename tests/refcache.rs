@@ -2,18 +2,14 @@
 //! corruption is detected and rebuilt, and training with the cache matches training without.
 mod common;
 use dpo::scoring::{reference_forwards, reference_logps};
-use clap::Parser;
 use common::*;
 use dpo::config::TrainArgs;
 use dpo::data::PairBatch;
 use dpo::refcache::RefCache;
 
 fn args(out: &std::path::Path, extra: &[&str]) -> TrainArgs {
-    let model = model_dir("tiny-llama");
-    let data = orca("train");
-    let base = ["train", "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--output-dir", out.to_str().unwrap()];
     let fixed = ["--device", "cpu", "--batch-size", "4", "--lr", "5e-3", "--max-steps", "4", "--max-grad-norm", "0", "--lr-scheduler", "constant"];
-    TrainArgs::parse_from([&base[..], &fixed[..], extra].concat())
+    train_args(out, &[&fixed[..], extra].concat())
 }
 
 #[test]

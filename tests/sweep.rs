@@ -2,11 +2,7 @@
 //! dry-run and resume, and `dpo plot` on the result.
 mod common;
 use common::*;
-use std::process::{Command, Output};
 
-fn dpo(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
-}
 
 
 #[test]

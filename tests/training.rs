@@ -2,7 +2,6 @@
 mod common;
 use common::*;
 use candle_core::{Device, Tensor};
-use clap::Parser;
 use dpo::config::TrainArgs;
 use dpo::lora::{LoraConfig, adapter};
 use dpo::nn::LoraMode;
@@ -10,20 +9,6 @@ use dpo::loss::{DpoLoss, LossKind};
 use dpo::scoring::score_batch as score;
 use std::path::Path;
 use std::process::Command;
-
-fn train_args(out: &Path, extra: &[&str]) -> TrainArgs {
-    let mut argv = vec![
-        "train".to_string(),
-        "--model".into(),
-        model_dir("tiny-llama").display().to_string(),
-        "--dataset".into(),
-        orca("train").display().to_string(),
-        "--output-dir".into(),
-        out.display().to_string(),
-    ];
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    TrainArgs::try_parse_from(argv).unwrap()
-}
 
 /// train_ref.json's settings: golden LoRA init, AdamW lr 5e-3, constant, no clipping, batch 4, file order.
 fn golden_run_args(out: &Path, steps: usize) -> TrainArgs {

@@ -100,9 +100,6 @@ fn every_family_reproduces_the_five_step_run_on_both_paths() {
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
-fn run_dpo(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    std::process::Command::new(bin()).args(args).env_remove(dpo::model::causal_lm::PATH_ENV).output().unwrap()
-}
 
 /// `dpo eval` with the golden adapter: the first 8 training pairs' four log-probs.
 #[test]
@@ -112,7 +109,7 @@ fn dpo_eval_gives_golden_logps_for_every_family() {
     for family in ZOO {
         let out = scratch(&format!("zoo_eval_{family}")).join("pairs.jsonl");
         let (model, adapter, data) = (zoo_dir(family).join("model"), zoo_dir(family).join("adapter"), orca("train"));
-        let o = run_dpo(&["eval".as_ref(), "--model".as_ref(), model.as_os_str(), "--dataset".as_ref(), data.as_os_str(),
+        let o = dpo(&["eval".as_ref(), "--model".as_ref(), model.as_os_str(), "--dataset".as_ref(), data.as_os_str(),
             "--adapter".as_ref(), adapter.as_os_str(), "--template".as_ref(), "orca".as_ref(), "--output".as_ref(), out.as_os_str()]);
         assert!(o.status.success(), "{family}: {}", String::from_utf8_lossy(&o.stderr));
         let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -143,7 +140,7 @@ fn merged_model_scores_like_base_plus_adapter_for_every_family() {
     for family in ZOO {
         let out = scratch(&format!("zoo_merge_{family}")).join("merged");
         let (model, adapter) = (zoo_dir(family).join("model"), zoo_dir(family).join("adapter"));
-        let o = run_dpo(&["merge".as_ref(), "--model".as_ref(), model.as_os_str(), "--adapter".as_ref(), adapter.as_os_str(), "--output".as_ref(), out.as_os_str()]);
+        let o = dpo(&["merge".as_ref(), "--model".as_ref(), model.as_os_str(), "--adapter".as_ref(), adapter.as_os_str(), "--output".as_ref(), out.as_os_str()]);
         assert!(o.status.success(), "{family}: {}", String::from_utf8_lossy(&o.stderr));
         let merged = dpo::model::CausalLm::load(&out, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
         let g = &golden[family];
@@ -248,7 +245,7 @@ fn lora_targets_follow_each_familys_linears() {
     // Through the CLI: the default targets (q, v) train Phi-3's qkv_proj.
     let out = scratch("zoo_phi3_targets");
     let (model, data) = (zoo_dir("phi3").join("model"), orca("train"));
-    let o = run_dpo(&["train".as_ref(), "--model".as_ref(), model.as_os_str(), "--dataset".as_ref(), data.as_os_str(),
+    let o = dpo(&["train".as_ref(), "--model".as_ref(), model.as_os_str(), "--dataset".as_ref(), data.as_os_str(),
         "--output-dir".as_ref(), out.as_os_str(), "--max-steps".as_ref(), "1".as_ref(), "--lora-r".as_ref(), "4".as_ref()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let cfg = read_json(&out.join("adapter_config.json"));

@@ -60,6 +60,23 @@ pub struct Snapshot<'a> {
     pub metrics: serde_json::Value,
 }
 
+/// The checkpoint `--resume` names: a checkpoint folder, a run folder (its newest checkpoint,
+/// which must verify), or `latest-valid` (the newest that verifies in `output_dir`).
+pub fn resolve(resume: &str, output_dir: Option<&str>) -> Result<Checkpoint> {
+    if resume == "latest-valid" {
+        let dir = output_dir.context("--resume latest-valid needs --output-dir OUTPUT")?;
+        return newest(Path::new(dir), true);
+    }
+    let path = Path::new(resume);
+    if path.join(manifest::MANIFEST_FILE).exists() {
+        Checkpoint::open(path)
+    } else if path.is_dir() {
+        newest(path, false)
+    } else {
+        bail!("--resume {resume}: no such run or checkpoint folder")
+    }
+}
+
 pub fn dir_for(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(format!("{PREFIX}{step}"))
 }

@@ -7,6 +7,7 @@
 //! ```no_run
 //! std::process::exit(dpo::cli::main_with_args(std::env::args().collect()));
 //! ```
+pub mod inspect;
 mod refcache;
 
 use crate::config::{TrainArgs, expand_config_file};
@@ -44,7 +45,7 @@ enum Command {
 #[derive(Subcommand)]
 enum DataCommand {
     /// Pre-flight audit of a dataset with a model's tokenizer (--json for JSON).
-    Inspect(crate::data::inspect::InspectArgs),
+    Inspect(inspect::InspectArgs),
 }
 
 pub fn main_with_args(args: Vec<String>) -> i32 {
@@ -66,7 +67,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
         Command::Train(a) => train(&a),
         Command::Eval(a) => eval(&a),
         Command::Merge(a) => crate::merge::run(&a),
-        Command::Data(DataCommand::Inspect(a)) => crate::data::inspect::inspect(&a),
+        Command::Data(DataCommand::Inspect(a)) => inspect::inspect(&a),
         Command::Sweep(a) => sweep(&a),
         Command::Plot(a) => plot(&a),
         Command::RefCache(c) => refcache::run(c),
@@ -89,10 +90,17 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
 
 fn expand(args: Vec<String>) -> anyhow::Result<Vec<String>> {
     match args.get(1).map(String::as_str) {
-        Some("train") => expand_config_file::<TrainArgs>(args),
+        Some("train") => match crate::config::find_flag(&args, "--resume") {
+            // A resumed run's settings come from its checkpoint, in place of a config file.
+            Some(resume) => {
+                let ckpt = crate::checkpoint::resolve(&resume, crate::config::find_flag(&args, "--output-dir").as_deref())?;
+                crate::config::expand_with_file::<TrainArgs>(args, &ckpt.dir.join(crate::checkpoint::CONFIG_FILE))
+            }
+            None => expand_config_file::<TrainArgs>(args),
+        },
         Some("eval") => expand_config_file::<EvalArgs>(args),
         Some("data") if args.get(2).map(String::as_str) == Some("inspect") => {
-            expand_nested::<crate::data::inspect::InspectArgs>(args)
+            expand_nested::<inspect::InspectArgs>(args)
         }
         Some("ref-cache") if args.get(2).map(String::as_str) == Some("build") => expand_nested::<TrainArgs>(args),
         _ => Ok(args),
@@ -118,7 +126,16 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         // The plan was printed; a run that would not fit already failed.
         return crate::train::dry_run(args);
     }
-    let s = crate::train::run(args)?;
+    // Testing hook: stop after this step as if killed (checkpoints already written stay).
+    let stop_after_steps = std::env::var("DPO_STOP_AFTER_STEPS").ok().and_then(|v| v.parse().ok());
+    let control = crate::train::RunControl { pause_after_steps: None, stop_after_steps };
+    let s = match crate::train::run_with(args, control)? {
+        crate::train::Outcome::Finished(s) => s,
+        crate::train::Outcome::Interrupted(i) => return Err(i.into()),
+        crate::train::Outcome::Stopped { step } | crate::train::Outcome::Paused { step } => {
+            anyhow::bail!("stopped after step {step} (DPO_STOP_AFTER_STEPS)")
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {

@@ -147,15 +147,6 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
-    /// Testing hook: stop after this optimizer step as if killed (checkpoints already written stay).
-    #[arg(long, hide = true)]
-    #[serde(skip)]
-    pub stop_after_steps: Option<usize>,
-    /// Sweep hook (successive halving): after this step, score the held-out pairs, write a
-    /// checkpoint and return [`crate::train::interrupt::Paused`]. Set by `dpo sweep` only.
-    #[arg(skip)]
-    #[serde(skip)]
-    pub pause_after_steps: Option<usize>,
 }
 
 /// `--gradient-checkpointing`.
@@ -203,20 +194,17 @@ impl TrainArgs {
 }
 
 /// Expands `--config FILE` (anywhere in `args`, after the subcommand at `args[1]`) into flags
-/// placed before the user's own, for a subcommand whose flags are described by `C`. For
-/// `--resume`, the checkpoint's own resolved config plays the part of the config file.
+/// placed before the user's own, for a subcommand whose flags are described by `C`.
 pub fn expand_config_file<C: CommandFactory>(args: Vec<String>) -> Result<Vec<String>> {
-    let path = match find_flag(&args, "--resume") {
-        Some(resume) => {
-            let ckpt = resolve_resume(&resume, find_flag(&args, "--output-dir").as_deref())?;
-            ckpt.dir.join(crate::checkpoint::CONFIG_FILE)
-        }
-        None => match find_flag(&args, "--config") {
-            Some(p) => PathBuf::from(p),
-            None => return Ok(args),
-        },
-    };
-    let flags = config_file_flags::<C>(&path).map_err(|e| anyhow::Error::new(UsageError(format!("{e:#}"))))?;
+    match find_flag(&args, "--config") {
+        Some(p) => expand_with_file::<C>(args, Path::new(&p)),
+        None => Ok(args),
+    }
+}
+
+/// Places the flags of the TOML file `path` before the user's own in `args` (the user's win).
+pub fn expand_with_file<C: CommandFactory>(args: Vec<String>, path: &Path) -> Result<Vec<String>> {
+    let flags = config_file_flags::<C>(path).map_err(|e| anyhow::Error::new(UsageError(format!("{e:#}"))))?;
     let mut out = args[..2.min(args.len())].to_vec();
     out.extend(flags);
     out.extend(args.into_iter().skip(2));
@@ -235,7 +223,8 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
-fn find_flag(args: &[String], flag: &str) -> Option<String> {
+/// The value of `--flag VALUE` or `--flag=VALUE` after the subcommand.
+pub fn find_flag(args: &[String], flag: &str) -> Option<String> {
     let mut it = args.iter().skip(2);
     let with_eq = format!("{flag}=");
     while let Some(a) = it.next() {
@@ -247,24 +236,6 @@ fn find_flag(args: &[String], flag: &str) -> Option<String> {
         }
     }
     None
-}
-
-/// The checkpoint `--resume` names: a checkpoint folder, a run folder (its newest checkpoint,
-/// which must verify), or `latest-valid` (the newest that verifies in `output_dir`).
-pub fn resolve_resume(resume: &str, output_dir: Option<&str>) -> Result<crate::checkpoint::Checkpoint> {
-    use crate::checkpoint::{Checkpoint, manifest::MANIFEST_FILE, newest};
-    if resume == "latest-valid" {
-        let dir = output_dir.context("--resume latest-valid needs --output-dir OUTPUT")?;
-        return newest(Path::new(dir), true);
-    }
-    let path = Path::new(resume);
-    if path.join(MANIFEST_FILE).exists() {
-        Checkpoint::open(path)
-    } else if path.is_dir() {
-        newest(path, false)
-    } else {
-        bail!("--resume {resume}: no such run or checkpoint folder")
-    }
 }
 
 /// Turns a TOML table into `--key value` flags, checking every key against the flags of `C`.

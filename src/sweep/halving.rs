@@ -51,10 +51,8 @@ pub(crate) fn run(plan: &super::plan::Plan, runs: &[(PlannedRun, TrainArgs)], ro
                 continue;
             }
             eprintln!("sweep run {}: to step {rung}", planned.name);
-            let mut a = args.clone();
-            a.pause_after_steps = (!last).then_some(rung);
             let started = std::time::Instant::now();
-            let segment = train_segment(planned, a, shared);
+            let segment = train_segment(planned, args.clone(), (!last).then_some(rung), shared);
             spent[i] += started.elapsed().as_secs_f64();
             rows[i] = match segment {
                 Segment::Finished(row) | Segment::Failed(row) => Row { seconds: spent[i], ..row },

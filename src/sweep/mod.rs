@@ -17,7 +17,7 @@ pub mod summary;
 
 use crate::fsutil::atomic;
 use crate::config::UsageError;
-use crate::train::Inputs;
+use crate::train::{Inputs, Outcome};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use plan::{Grid, PLAN_FILE, Plan, Point};
@@ -158,7 +158,7 @@ pub fn run(args: &SweepArgs) -> Result<Summary> {
             eprintln!("sweep run {}/{}: {} ({})", i + 1, runs.len(), planned.name, planned.state);
             rows[i] = match planned.state {
                 "finished" => finished_row(planned, &read_run(&planned.output_dir)?),
-                _ => match train_segment(planned, train_args.clone(), &mut shared) {
+                _ => match train_segment(planned, train_args.clone(), None, &mut shared) {
                     Segment::Finished(row) | Segment::Failed(row) => row,
                     Segment::Paused => bail!("run {} paused without --early-stop", planned.name),
                     Segment::Interrupted(e) => {
@@ -195,9 +195,9 @@ pub(crate) enum Segment {
     Interrupted(anyhow::Error),
 }
 
-/// Trains (or resumes) one run with `args`, in the sweep's loaded model; a finished run gets
-/// its `run_summary.json`.
-pub(crate) fn train_segment(planned: &PlannedRun, mut args: crate::config::TrainArgs, shared: &mut Shared) -> Segment {
+/// Trains (or resumes) one run with `args`, in the sweep's loaded model, pausing after
+/// `pause_after` (a halving rung); a finished run gets its `run_summary.json`.
+pub(crate) fn train_segment(planned: &PlannedRun, mut args: crate::config::TrainArgs, pause_after: Option<usize>, shared: &mut Shared) -> Segment {
     match run_state(&planned.output_dir) {
         "resume" => args.resume = Some(planned.output_dir.display().to_string()),
         _ => args.overwrite_output_dir = true,
@@ -205,8 +205,9 @@ pub(crate) fn train_segment(planned: &PlannedRun, mut args: crate::config::Train
     let started = Instant::now();
     let inputs = Inputs { loaded: shared.loaded, data: shared.data, eval_data: shared.eval_data, cache: shared.cache.as_deref_mut() };
     let failed = |e: &anyhow::Error| Row { status: Status::Failed, error: Some(format!("{e:#}")), seconds: started.elapsed().as_secs_f64(), ..pending_row(planned) };
-    match crate::train::run_loaded(&args, inputs) {
-        Ok(s) => {
+    let control = crate::train::RunControl { pause_after_steps: pause_after, stop_after_steps: None };
+    match crate::train::run_loaded(&args, control, inputs) {
+        Ok(Outcome::Finished(s)) => {
             let written = serde_json::to_string_pretty(&s)
                 .map_err(anyhow::Error::from)
                 .and_then(|json| atomic::write_bytes(&planned.output_dir.join(RUN_FILE), json.as_bytes()))
@@ -216,15 +217,17 @@ pub(crate) fn train_segment(planned: &PlannedRun, mut args: crate::config::Train
                 Err(e) => Segment::Failed(failed(&e)),
             }
         }
+        Ok(Outcome::Paused { step }) => {
+            eprintln!("sweep run {}: paused after step {step} (successive halving)", planned.name);
+            Segment::Paused
+        }
+        Ok(Outcome::Interrupted(i)) => {
+            eprintln!("sweep run {}: {i}", planned.name);
+            Segment::Interrupted(i.into())
+        }
+        Ok(Outcome::Stopped { step }) => Segment::Failed(failed(&anyhow::anyhow!("stopped after step {step}"))),
         Err(e) => {
-            if let Some(p) = e.downcast_ref::<crate::train::interrupt::Paused>() {
-                eprintln!("sweep run {}: {p}", planned.name);
-                return Segment::Paused;
-            }
             eprintln!("sweep run {} failed: {e:#}", planned.name);
-            if e.downcast_ref::<crate::train::interrupt::Interrupted>().is_some() {
-                return Segment::Interrupted(e);
-            }
             Segment::Failed(failed(&e))
         }
     }

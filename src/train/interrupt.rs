@@ -60,18 +60,3 @@ impl std::fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
-
-/// The run paused after `step` as `pause_after_steps` asked: its held-out metrics at that step
-/// are in `eval_metrics.jsonl` and its checkpoint there resumes it.
-#[derive(Debug)]
-pub struct Paused {
-    pub step: usize,
-}
-
-impl std::fmt::Display for Paused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "paused after step {} (successive halving)", self.step)
-    }
-}
-
-impl std::error::Error for Paused {}

@@ -22,28 +22,21 @@ pub mod progress;
 pub mod resume;
 pub mod schedule;
 pub mod step;
+pub mod trainer;
 
-use crate::config::TrainArgs;
-use crate::data::order::PairOrder;
-use crate::lora::{LoraConfig, adapter};
-use crate::loss::RewardMetrics;
-use crate::rng::{SeededRng, Stream};
 use crate::checkpoint;
+use crate::config::TrainArgs;
 use crate::fsutil::atomic;
+use crate::lora::adapter;
+use crate::loss::RewardMetrics;
 use crate::provenance::Source;
 use crate::refcache::{Fingerprint, RefCache};
 use crate::setup::{Dataset, Loaded};
 use anyhow::{Context, Result, bail};
-use candle_core::Var;
-use crate::optim::AdamW;
 pub use plan::{StepPlan, StepWork};
-use progress::Progress;
-use schedule::{LrSchedule, Schedule};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
-use step::{clip, global_norm};
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const CONFIG_FILE: &str = checkpoint::CONFIG_FILE;
@@ -87,25 +80,64 @@ pub struct Inputs<'a> {
     pub cache: Option<&'a mut RefCache>,
 }
 
-/// Loads the model, data and (with `--ref-cache`) the reference cache, then trains.
+/// Hooks a caller (a sweep, a test) passes beside the run's settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunControl {
+    /// After this step: score the held-out pairs, write a checkpoint and return
+    /// [`Outcome::Paused`] (successive halving in `dpo sweep`).
+    pub pause_after_steps: Option<usize>,
+    /// Return [`Outcome::Stopped`] after this step, as if killed (checkpoints already written stay).
+    pub stop_after_steps: Option<usize>,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Finished(TrainSummary),
+    Paused { step: usize },
+    /// SIGINT/SIGTERM after the step in progress, with a checkpoint to resume from.
+    Interrupted(interrupt::Interrupted),
+    Stopped { step: usize },
+}
+
+/// Loads the model, data and (with `--ref-cache`) the reference cache, then trains to the end.
+/// Anything but a finished run is an error ([`interrupt::Interrupted`] for a signal).
 pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
-    let started = Instant::now();
-    let files = crate::setup::open_model(args)?;
-    let data = crate::setup::load_pairs_for(args, &files)?;
+    match run_with(args, RunControl::default())? {
+        Outcome::Finished(s) => Ok(s),
+        Outcome::Interrupted(i) => Err(i.into()),
+        Outcome::Paused { step } | Outcome::Stopped { step } => bail!("the run stopped after step {step}"),
+    }
+}
+
+/// As [`run`], with run-control hooks; says how the run ended.
+pub fn run_with(args: &TrainArgs, control: RunControl) -> Result<Outcome> {
+    let files = crate::setup::open_model(&args.common)?;
+    let data = crate::setup::load_pairs_for(&args.common, &files)?;
     check_memory(args, &files, &data)?;
     let prepared = prepare(args)?;
     let mut loaded = files.load()?;
     let eval_data = load_eval_pairs(args, &loaded)?;
     let mut cache = open_cache(args, &loaded)?;
     let inputs = Inputs { loaded: &mut loaded, data: &data, eval_data: eval_data.as_ref(), cache: cache.as_mut() };
-    train_prepared(args, prepared, inputs, started)
+    let outcome = trainer::Trainer::setup(args, control, inputs, prepared)?.run();
+    close_cache(cache)?;
+    outcome
+}
+
+/// Trains one run on an already loaded model (a sweep loads it once for all its runs).
+/// Adapters are attached afresh (replacing those of a previous run, which must have had the
+/// same targets), so runs are independent.
+pub fn run_loaded(args: &TrainArgs, control: RunControl, inputs: Inputs) -> Result<Outcome> {
+    let prepared = prepare(args)?;
+    trainer::Trainer::setup(args, control, inputs, prepared)?.run()
 }
 
 /// `--dry-run`: prints the memory plan of these settings, model and data (stdout), without
 /// loading weights; fails as a real run would when it does not fit.
 pub fn dry_run(args: &TrainArgs) -> Result<()> {
-    let files = crate::setup::open_model(args)?;
-    let data = crate::setup::load_pairs_for(args, &files)?;
+    let files = crate::setup::open_model(&args.common)?;
+    let data = crate::setup::load_pairs_for(&args.common, &files)?;
     println!("{}", check_memory(args, &files, &data)?);
     Ok(())
 }
@@ -135,12 +167,12 @@ fn check_memory(args: &TrainArgs, files: &crate::setup::ModelFiles, data: &Datas
     Ok(line)
 }
 
-/// Trains one run on an already loaded model. Adapters are attached afresh (replacing those of
-/// a previous run, which must have had the same targets), so runs are independent.
-pub fn run_loaded(args: &TrainArgs, inputs: Inputs) -> Result<TrainSummary> {
-    let started = Instant::now();
-    let prepared = prepare(args)?;
-    train_prepared(args, prepared, inputs, started)
+fn close_cache(cache: Option<RefCache>) -> Result<()> {
+    if let Some(mut c) = cache {
+        c.flush()?;
+        eprintln!("reference cache: {} pairs reused, {} computed", c.hits, c.misses);
+    }
+    Ok(())
 }
 
 /// The held-out pairs (`--eval-dataset` and/or `--eval-split`), read with the run's data settings.
@@ -188,15 +220,15 @@ pub fn reference_fingerprint(args: &crate::config::CommonArgs, loaded: &Loaded) 
 }
 
 /// Checked settings, the checkpoint to resume from, and the output folder made ready.
-struct Prepared {
-    resume: Option<checkpoint::Checkpoint>,
-    config_toml: String,
+pub struct Prepared {
+    pub resume: Option<checkpoint::Checkpoint>,
+    pub config_toml: String,
 }
 
 fn prepare(args: &TrainArgs) -> Result<Prepared> {
-    validate(args)?;
+    crate::config::validate(args)?;
     let resume = match &args.resume {
-        Some(r) => Some(crate::config::resolve_resume(r, Some(&args.output_dir.to_string_lossy()))?),
+        Some(r) => Some(crate::checkpoint::resolve(r, Some(&args.output_dir.to_string_lossy()))?),
         None => None,
     };
     if let Some(ckpt) = &resume {
@@ -220,218 +252,6 @@ fn neutral_as_saved(args: &TrainArgs, ckpt: &checkpoint::Checkpoint) -> Result<T
     Ok(view)
 }
 
-fn train_prepared(args: &TrainArgs, prepared: Prepared, inputs: Inputs, started: Instant) -> Result<TrainSummary> {
-    let Inputs { loaded, data, eval_data, mut cache } = inputs;
-    let result = train_loop(args, prepared, loaded, data, eval_data, cache.as_deref_mut(), started);
-    if let Some(c) = cache {
-        c.flush()?;
-        eprintln!("reference cache: {} pairs reused, {} computed", c.hits, c.misses);
-    }
-    result
-}
-
-fn train_loop(
-    args: &TrainArgs,
-    prepared: Prepared,
-    loaded: &mut Loaded,
-    data: &Dataset,
-    eval_data: Option<&Dataset>,
-    mut cache: Option<&mut RefCache>,
-    started: Instant,
-) -> Result<TrainSummary> {
-    let Prepared { resume, config_toml } = prepared;
-    let loss = crate::setup::dpo_loss(args)?;
-    let (lora_cfg, params) = match &args.init_adapter {
-        Some(dir) => adapter::attach_from_dir(&mut loaded.model, dir, Some(args.lora_dropout))?,
-        None => {
-            let cfg = LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?;
-            adapter::attach_fresh(&mut loaded.model, &cfg, args.seed)?
-        }
-    };
-    check_no_stale_adapters(&mut loaded.model, params.len())?;
-    loaded.model.set_recompute(args.gradient_checkpointing.enabled(&loaded.device));
-    let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
-
-    let n = data.len();
-    let plan = StepPlan::new(args, n);
-    let (per_step, total_steps) = (plan.per_step, plan.total_steps);
-    let order = PairOrder::new(n, (!args.no_shuffle).then_some(args.seed));
-    let schedule = LrSchedule {
-        kind: Schedule::parse(&args.lr_scheduler)?,
-        base_lr: args.lr,
-        warmup_steps: plan.warmup(args),
-        total_steps,
-    };
-    let mut optimizer = AdamW::new(&vars, 0.9, 0.999, 1e-8, args.weight_decay)?;
-    let mut dropout_rng = SeededRng::new(args.seed, Stream::Dropout);
-    let metrics_path = args.output_dir.join(METRICS_FILE);
-    let mut first_step = 1;
-    if let Some(ckpt) = &resume {
-        if args.verify_resume {
-            provenance(args, loaded)?
-                .check_same_as(&ckpt.manifest.provenance)
-                .with_context(|| format!("--verify-resume: the inputs of {} changed", ckpt.dir.display()))?;
-            let work = StepWork { model: &loaded.model, pad_id: loaded.pad_id, data, order: &order, plan: &plan, loss: &loss, vars: &vars };
-            resume::verify(ckpt, &params, &work, lora_cfg.dropout, &loaded.device)?;
-        }
-        ckpt.restore(&params, &mut optimizer, &loaded.device)?;
-        dropout_rng.set_word_pos(ckpt.state.dropout_rng_position.parse().context("corrupt RNG position")?);
-        resume::trim_metrics(&metrics_path, ckpt.state.step)?;
-        let curve = args.output_dir.join(EVAL_CURVE_FILE);
-        if curve.exists() {
-            resume::trim_metrics(&curve, ckpt.state.step)?;
-        }
-        first_step = ckpt.state.step + 1;
-        eprintln!("resuming from {} (step {})", ckpt.dir.display(), ckpt.state.step);
-    } else {
-        std::fs::write(&metrics_path, b"").with_context(|| format!("creating {}", metrics_path.display()))?;
-        let curve = args.output_dir.join(EVAL_CURVE_FILE);
-        if curve.exists() {
-            std::fs::remove_file(&curve).with_context(|| format!("removing the old {}", curve.display()))?;
-        }
-    }
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
-    if data.truncated > 0 {
-        eprintln!("{} of {n} pairs were truncated to --max-length {}", data.truncated, args.max_length);
-    }
-    eprintln!(
-        "training {} LoRA tensors ({} parameters) on {n} pairs for {total_steps} steps",
-        vars.len(),
-        vars.iter().map(|v| v.elem_count()).sum::<usize>()
-    );
-    // Checkpoints (periodic, or the one a pause writes) carry the run's provenance.
-    let checkpoints = args.save_steps.is_some() || args.pause_after_steps.is_some();
-    let provenance = checkpoints.then(|| provenance(args, loaded)).transpose()?;
-    let stop = interrupt::StopSignal::install()?;
-
-    let mut progress = Progress::new(total_steps, args.logging_steps);
-    let (mut last, mut all_tokens) = (None, 0usize);
-    let mut last_eval: Option<(usize, RewardMetrics)> = None;
-    for step in first_step..=total_steps {
-        let step_start = Instant::now();
-        let rng_before_step = dropout_rng.word_pos();
-        let first = (step - 1) * per_step;
-        let positions = plan.positions(step);
-        let work = StepWork { model: &loaded.model, pad_id: loaded.pad_id, data, order: &order, plan: &plan, loss: &loss, vars: &vars };
-        let (scores, grads, tokens) = work.forward_backward(step, lora_cfg.dropout, &mut dropout_rng, cache.as_deref_mut())?;
-        let grad_norm = global_norm(&grads)?;
-        if !grad_norm.is_finite() {
-            bail!("step {step}: gradient norm is {grad_norm}; stopping before the adapter is corrupted");
-        }
-        // What --verify-resume needs to recompute this step: the adapter before its update.
-        let pre_step = match provenance {
-            Some(_) => Some(vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?),
-            None => None,
-        };
-        let lr = schedule.lr_at(step);
-        optimizer.step(&vars, &clip(grads, grad_norm, args.max_grad_norm)?, lr)?;
-
-        let seconds = step_start.elapsed().as_secs_f64();
-        let metrics = StepMetrics {
-            step,
-            lr,
-            rewards: RewardMetrics::mean(&scores, loss.beta),
-            grad_norm,
-            tokens,
-            tokens_per_sec: tokens as f64 / seconds,
-        };
-        let line = serde_json::to_string(&metrics)?;
-        writeln!(metrics_file, "{line}")?;
-        metrics_file.flush()?;
-        progress.step(step, metrics.rewards.loss, metrics.rewards.rewards_accuracies, metrics.tokens_per_sec);
-        all_tokens += tokens;
-        last = Some(metrics);
-        let paused = args.pause_after_steps == Some(step) && step < total_steps;
-        // Evaluation reads the adapter and draws no random numbers: it never changes the run.
-        let eval_due = paused || args.eval_steps.is_some_and(|every| step % every == 0 || step == total_steps);
-        if let (true, Some(d)) = (eval_due, eval_data) {
-            let m = heldout::evaluate(loaded, d, &loss, args.batch_size, cache.as_deref_mut())?;
-            append_eval_line(&args.output_dir, step, &m)?;
-            last_eval = Some((step, m));
-        }
-
-        let signal = stop.received();
-        let due = paused || args.save_steps.is_some_and(|every| step % every == 0 && step < total_steps);
-        if let Some(provenance) = provenance.as_ref().filter(|_| due || signal.is_some()) {
-            let stream_position = positions.last().map_or(first, |p| p + 1);
-            let state = crate::checkpoint::TrainerState {
-                step,
-                stream_position,
-                epoch: stream_position / n,
-                index_in_epoch: stream_position % n,
-                dropout_rng_position: dropout_rng.word_pos().to_string(),
-                dropout_rng_position_before_step: rng_before_step.to_string(),
-                optimizer_steps: optimizer.steps(),
-            };
-            let snapshot = checkpoint::Snapshot {
-                params: &params,
-                pre_step: pre_step.as_deref(),
-                lora: &lora_cfg,
-                optimizer: &optimizer,
-                state,
-                config_toml: &config_toml,
-                provenance,
-                metrics: serde_json::from_str(&line)?,
-            };
-            let dir = checkpoint::save(&args.output_dir, &snapshot)?;
-            if let Some(keep) = args.save_total_limit {
-                checkpoint::prune(&args.output_dir, keep, resume.as_ref().map(|c| c.dir.as_path()))?;
-            }
-            if let Some(signal) = signal {
-                progress.finish();
-                metrics_file.sync_all()?;
-                return Err(interrupt::Interrupted { signal, checkpoint: dir, output_dir: args.output_dir.clone() }.into());
-            }
-            if paused {
-                progress.finish();
-                metrics_file.sync_all()?;
-                return Err(interrupt::Paused { step }.into());
-            }
-        }
-        if let Some(signal) = signal {
-            bail!("interrupted by signal {signal} at step {step}; no checkpoint written (pass --save-steps to make runs resumable)");
-        }
-        if args.stop_after_steps == Some(step) {
-            progress.finish();
-            bail!("stopped after step {step} (--stop-after-steps)");
-        }
-    }
-    progress.finish();
-    metrics_file.sync_all()?;
-    adapter::save(&args.output_dir, &params, &lora_cfg, &Path::new(&args.model).display().to_string())?;
-
-    let final_metrics = match last {
-        Some(m) => m.rewards,
-        None => bail!("nothing to do: the run already finished {total_steps} steps"),
-    };
-    let eval = match eval_data {
-        Some(d) => {
-            let m = match last_eval {
-                Some((step, m)) if step == total_steps => m,
-                _ => heldout::evaluate(loaded, d, &loss, args.batch_size, cache)?,
-            };
-            atomic::write_bytes(&args.output_dir.join(EVAL_FILE), serde_json::to_string_pretty(&m)?.as_bytes())?;
-            Some(m)
-        }
-        None => None,
-    };
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(TrainSummary {
-        steps: total_steps,
-        pairs: n,
-        truncated_pairs: data.truncated,
-        final_loss: final_metrics.loss,
-        final_reward_accuracy: final_metrics.rewards_accuracies,
-        seconds,
-        tokens_per_sec: all_tokens as f64 / seconds,
-        output_dir: args.output_dir.clone(),
-        eval,
-    })
-}
-
 pub(crate) fn append_eval_line(output_dir: &Path, step: usize, m: &RewardMetrics) -> Result<()> {
     let mut line = serde_json::to_value(m)?;
     line["step"] = step.into();
@@ -443,7 +263,7 @@ pub(crate) fn append_eval_line(output_dir: &Path, step: usize, m: &RewardMetrics
 
 /// Every adapter on the model belongs to this run (a previous run of a sweep with other
 /// targets would leave its own behind, silently training a different model).
-fn check_no_stale_adapters(model: &mut crate::model::CausalLm, params: usize) -> Result<()> {
+pub(crate) fn check_no_stale_adapters(model: &mut crate::model::CausalLm, params: usize) -> Result<()> {
     let attached = model.linear_layers_mut().iter().filter(|(_, _, l)| l.lora().is_some()).count();
     if attached * 2 != params {
         bail!("the model carries {attached} adapters but this run attached {}: runs sharing a loaded model must target the same layers", params / 2);
@@ -452,36 +272,12 @@ fn check_no_stale_adapters(model: &mut crate::model::CausalLm, params: usize) ->
 }
 
 /// What the manifests record about the run's inputs (hashed once, at the start).
-fn provenance(args: &TrainArgs, loaded: &Loaded) -> Result<checkpoint::Provenance> {
+pub(crate) fn provenance(args: &TrainArgs, loaded: &Loaded) -> Result<checkpoint::Provenance> {
     Ok(checkpoint::Provenance {
         model: Source::model(&args.model.display().to_string(), &loaded.model_dir)?,
         dataset: Source::files(&args.dataset.display().to_string(), &crate::setup::dataset_files(args)?)?,
         template: args.template.clone(),
     })
-}
-
-fn validate(args: &TrainArgs) -> Result<()> {
-    crate::config::validate(args)?;
-    let positive = [("batch-size", args.batch_size), ("grad-accum", args.grad_accum), ("epochs", args.epochs)];
-    for (name, v) in positive {
-        if v == 0 {
-            bail!("--{name} must be at least 1");
-        }
-    }
-    for (name, v) in [("max-steps", args.max_steps), ("save-steps", args.save_steps), ("save-total-limit", args.save_total_limit)] {
-        if v == Some(0) {
-            bail!("--{name} must be at least 1");
-        }
-    }
-    if !(args.lr.is_finite() && args.lr > 0.0) {
-        bail!("--lr must be positive, got {}", args.lr);
-    }
-    if !(args.weight_decay >= 0.0 && args.max_grad_norm >= 0.0) {
-        bail!("--weight-decay and --max-grad-norm must not be negative");
-    }
-    Schedule::parse(&args.lr_scheduler)?;
-    crate::setup::dpo_loss(args)?;
-    Ok(())
 }
 
 /// Refuses to mix a new run into a folder that holds another run's results, unless asked

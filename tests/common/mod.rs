@@ -160,3 +160,41 @@ pub fn norm_close(got: &[f64], want: &[f64], tol: f64) -> Result<(), String> {
     let diff = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
     if got.len() == want.len() && diff <= tol * norm.max(1e-12) { Ok(()) } else { Err(format!("|Δ| {diff:e} vs {tol:e}·|g| {norm:e}")) }
 }
+
+/// The dpo binary as a script runs it, from the repository root. `--stop-after-steps N` among
+/// the arguments becomes the testing hook `DPO_STOP_AFTER_STEPS=N` ("stop as if killed after
+/// step N"); the layer-path switch is cleared so a test's environment never leaks in.
+pub fn dpo_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).env_remove(dpo::model::causal_lm::PATH_ENV).env_remove("DPO_STOP_AFTER_STEPS");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a.as_ref() == "--stop-after-steps" {
+            cmd.env("DPO_STOP_AFTER_STEPS", it.next().expect("--stop-after-steps N"));
+        } else {
+            cmd.arg(a);
+        }
+    }
+    cmd
+}
+
+/// Runs [`dpo_command`] and returns its output.
+pub fn dpo<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    dpo_command(args).output().unwrap()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `train` settings on tiny-llama and the orca train split, into `out`, plus `extra` flags.
+pub fn train_args(out: &Path, extra: &[&str]) -> dpo::config::TrainArgs {
+    use clap::Parser;
+    let (model, data) = (model_dir("tiny-llama"), orca("train"));
+    let base = ["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(out)];
+    dpo::config::TrainArgs::try_parse_from([&base[..], extra].concat()).unwrap()
+}
