@@ -18,7 +18,9 @@ use anyhow::{Result, bail};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `--loss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LossKind {
     Sigmoid,
     Ipo,
@@ -26,14 +28,11 @@ pub enum LossKind {
 }
 
 impl LossKind {
-    pub const NAMES: &'static [&'static str] = &["sigmoid", "ipo", "hinge"];
-
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "sigmoid" => Ok(Self::Sigmoid),
-            "ipo" => Ok(Self::Ipo),
-            "hinge" => Ok(Self::Hinge),
-            other => bail!("unknown loss {other:?}: choose from {}", Self::NAMES.join(", ")),
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sigmoid => "sigmoid",
+            Self::Ipo => "ipo",
+            Self::Hinge => "hinge",
         }
     }
 }

@@ -32,9 +32,9 @@ pub struct MergeArgs {
     /// Folder to write the merged model to (must not exist yet).
     #[arg(long)]
     pub output: PathBuf,
-    /// Stored dtype of the merged weights: f32 | bf16 | f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// Stored dtype of the merged weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: crate::device::StoredDType,
     /// Largest shard, in bytes (transformers' default is 5 GB).
     #[arg(long, default_value_t = 5_000_000_000)]
     pub max_shard_size: u64,
@@ -44,12 +44,7 @@ const COPIED_FILES: &[&str] =
     &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "tokenizer.model"];
 
 pub fn run(args: &MergeArgs) -> Result<()> {
-    let dtype = match args.dtype.as_str() {
-        "f32" | "float32" => DType::F32,
-        "bf16" | "bfloat16" => DType::BF16,
-        "f16" | "float16" => DType::F16,
-        other => bail!("unknown --dtype {other:?}: choose f32, bf16 or f16"),
-    };
+    let dtype = args.dtype.dtype();
     if args.output.exists() {
         bail!("{} already exists; choose a new --output folder", args.output.display());
     }

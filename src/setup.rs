@@ -13,9 +13,8 @@ use crate::config::CommonArgs;
 use crate::data::audit::Audit;
 use crate::data::pipeline::Pipeline;
 use crate::data::{PairTokenizer, TokenizedPair};
-use crate::device::{parse_device, parse_dtype};
 use crate::hub::{self, Hub};
-use crate::loss::{DpoLoss, LossKind};
+use crate::loss::DpoLoss;
 use crate::model::weights::mmap_weights;
 use crate::model::{Architecture, CausalLm};
 use anyhow::{Context, Result};
@@ -67,8 +66,8 @@ pub struct ModelFiles {
 
 /// Resolves `--model`, reads its config.json and tokenizer; no weights yet.
 pub fn open_model(common: &CommonArgs) -> Result<ModelFiles> {
-    let device = parse_device(&common.device)?;
-    let dtype = parse_dtype(&common.dtype, &device)?;
+    let device = common.device.open()?;
+    let dtype = common.dtype.resolve(&device);
     let dir = model_dir(common)?;
     let arch = Architecture::from_file(&dir.join("config.json"))?;
     let tokenizer = PairTokenizer::from_model_dir(&dir)?;
@@ -139,7 +138,7 @@ fn read_pairs(common: &CommonArgs, tokenizer: &PairTokenizer, vocab_size: usize,
 }
 
 pub fn dpo_loss(common: &CommonArgs) -> Result<DpoLoss> {
-    let loss = DpoLoss { kind: LossKind::parse(&common.loss)?, beta: common.beta, label_smoothing: common.label_smoothing };
+    let loss = DpoLoss { kind: common.loss, beta: common.beta, label_smoothing: common.label_smoothing };
     loss.validate()?;
     Ok(loss)
 }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 fn build(files: &[PathBuf], template: &str) -> anyhow::Result<(Pipeline, dpo::data::audit::Audit)> {
     let dir = model_dir("tiny-llama");
     let tok = PairTokenizer::from_model_dir(&dir).unwrap();
-    Pipeline::build(files, Settings { template: template.into(), ..Settings::default() }, tok, &dir)
+    let template = <dpo::data::template::TemplateChoice as clap::ValueEnum>::from_str(template, true).unwrap();
+    Pipeline::build(files, Settings { template, ..Settings::default() }, tok, &dir)
 }
 
 fn pairs(file: &Path, template: &str) -> Vec<TokenizedPair> {
@@ -63,7 +64,7 @@ fn chat_template_renders_what_transformers_renders() {
     let dir = model_dir("tiny-llama");
     let src = dpo::data::chat::find_template(&dir).unwrap();
     let t = dpo::data::chat::ChatTemplate::new(&src, "<s>", "</s>").unwrap();
-    let tpl = Template::resolve("chat", dpo::data::schema::Format::Orca, Some(t)).unwrap();
+    let tpl = Template::resolve(dpo::data::template::TemplateChoice::Chat, dpo::data::schema::Format::Orca, Some(t)).unwrap();
     let r = tpl.render(&Example::orca("Be kind.", "What is 1 plus 1?", "It is 2.", "3")).unwrap();
     assert_eq!(r.prompt, "<s><|system|>\nBe kind.</s>\n<|user|>\nWhat is 1 plus 1?</s>\n<|assistant|>\n");
     assert_eq!(r.chosen, "It is 2.</s>\n");
@@ -116,9 +117,10 @@ fn bad_inputs_fail_naming_file_line_and_field() {
     std::fs::write(&zero, "not json\n").unwrap();
     assert!(err(&[zero]).contains("no usable rows"));
     let tok = PairTokenizer::from_model_dir(&model_dir("tiny-llama")).unwrap();
-    let bad_format = Settings { format: "alpaca".into(), ..Settings::default() };
-    let e = Pipeline::build(&[orca("test")], bad_format, tok.clone(), &model_dir("tiny-llama")).err().unwrap();
-    assert!(format!("{e:#}").contains("unknown --format \"alpaca\""), "{e:#}");
+    // An unknown --format is a usage error (exit 2) listing the formats.
+    let o = dpo(&["data", "inspect", "--model", p(&model_dir("tiny-llama")), "--dataset", p(&orca("test")), "--format", "alpaca"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("alpaca") && stderr(&o).contains("hh-rlhf"), "{}", stderr(&o));
     let tpl = dir.join("t.jinja");
     std::fs::write(&tpl, "{{ raise_exception('roles must alternate') }}").unwrap();
     let s = Settings { template_file: Some(tpl), ..Settings::default() };

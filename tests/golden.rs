@@ -25,8 +25,8 @@ fn tokenization_matches_golden_ids() {
         "--dataset",
         orca("train").to_str().unwrap(),
     ]);
-    let loaded = dpo::setup::load_model(&args).unwrap();
-    let data = dpo::setup::load_pairs(&args, &loaded).unwrap();
+    let loaded = dpo::setup::load_model(&args.common).unwrap();
+    let data = dpo::setup::load_pairs(&args.common, &loaded).unwrap();
     assert_eq!(data.len(), 64);
     assert_eq!(data.truncated, 0);
     let first8: Vec<_> = (0..8).map(|i| data.get(i).unwrap()).collect();

@@ -16,11 +16,11 @@ fn args(out: &std::path::Path, extra: &[&str]) -> TrainArgs {
 fn cache_hit_skips_the_reference_forward_and_is_bit_identical() {
     let dir = scratch("refcache-hit");
     let a = args(&dir.join("run"), &[]);
-    let loaded = dpo::setup::load_model(&a).unwrap();
-    let data = dpo::setup::load_pairs(&a, &loaded).unwrap();
+    let loaded = dpo::setup::load_model(&a.common).unwrap();
+    let data = dpo::setup::load_pairs(&a.common, &loaded).unwrap();
     let pairs: Vec<_> = (0..4).map(|i| data.get(i).unwrap()).collect();
     let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
-    let fp = dpo::train::reference_fingerprint(&a, &loaded).unwrap();
+    let fp = dpo::train::reference_fingerprint(&a.common, &loaded).unwrap();
     let mut cache = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
     let before = reference_forwards();
     let computed = reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache)).unwrap();
@@ -40,11 +40,11 @@ fn cache_hit_skips_the_reference_forward_and_is_bit_identical() {
 fn corrupt_or_foreign_cache_is_detected_and_rebuilt() {
     let dir = scratch("refcache-corrupt");
     let a = args(&dir.join("run"), &[]);
-    let loaded = dpo::setup::load_model(&a).unwrap();
-    let data = dpo::setup::load_pairs(&a, &loaded).unwrap();
+    let loaded = dpo::setup::load_model(&a.common).unwrap();
+    let data = dpo::setup::load_pairs(&a.common, &loaded).unwrap();
     let pairs: Vec<_> = (0..2).map(|i| data.get(i).unwrap()).collect();
     let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
-    let fp = dpo::train::reference_fingerprint(&a, &loaded).unwrap();
+    let fp = dpo::train::reference_fingerprint(&a.common, &loaded).unwrap();
     let mut cache = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
     reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache)).unwrap();
     cache.flush().unwrap();

@@ -58,8 +58,8 @@ fn build(args: &TrainArgs) -> Result<()> {
         args.ref_cache = Some(PathBuf::from("auto"));
     }
     crate::config::validate(&args)?;
-    let loaded = crate::setup::load_model(&args)?;
-    let data = crate::setup::load_pairs(&args, &loaded)?;
+    let loaded = crate::setup::load_model(&args.common)?;
+    let data = crate::setup::load_pairs(&args.common, &loaded)?;
     let mut cache = crate::train::open_cache(&args, &loaded)?.context("no --ref-cache")?;
     let plan = StepPlan::new(&args, data.len());
     let order = PairOrder::new(data.len(), (!args.no_shuffle).then_some(args.seed));

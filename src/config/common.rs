@@ -40,9 +40,9 @@ pub struct CommonArgs {
     /// Use only the Hub cache, never the network (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
-    /// Row schema: auto | orca | messages | hh-rlhf | explicit.
-    #[arg(long, default_value = "auto")]
-    pub format: String,
+    /// Row schema.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: crate::data::schema::FormatChoice,
     /// Column holding the prompt (default: question for orca, prompt otherwise).
     #[arg(long)]
     pub prompt_column: Option<String>,
@@ -52,18 +52,18 @@ pub struct CommonArgs {
     /// Column holding the rejected response (default: rejected).
     #[arg(long)]
     pub rejected_column: Option<String>,
-    /// Prompt template: auto | chat | orca | raw (auto: chat for conversational data with a chat template, orca for orca rows, raw for string prompts).
-    #[arg(long, default_value = "auto")]
-    pub template: String,
+    /// Prompt template (auto: chat for conversational data with a chat template, orca for orca rows, raw for string prompts).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub template: crate::data::template::TemplateChoice,
     /// A Jinja chat template file used instead of the tokenizer's.
     #[arg(long)]
     pub template_file: Option<PathBuf>,
     /// Refuse to run when more than this fraction of rows is unusable.
     #[arg(long, default_value_t = 0.01)]
     pub max_skip_ratio: f64,
-    /// sigmoid | ipo | hinge.
-    #[arg(long, default_value = "sigmoid")]
-    pub loss: String,
+    /// The DPO loss.
+    #[arg(long, value_enum, default_value = "sigmoid")]
+    pub loss: crate::loss::LossKind,
     /// DPO temperature β.
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
@@ -78,23 +78,23 @@ pub struct CommonArgs {
     pub max_prompt_length: usize,
     /// cpu | cuda | cuda:N | auto.
     #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Base-weight dtype: f32 | bf16 | f16 | auto (f32 on CPU, bf16 on CUDA).
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    pub device: crate::device::DeviceSpec,
+    /// Base-weight compute dtype (auto: f32 on CPU, bf16 on CUDA).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: crate::device::DTypeChoice,
 }
 
 impl CommonArgs {
     /// The data settings of these flags.
     pub fn data_settings(&self, vocab_size: Option<usize>) -> crate::data::pipeline::Settings {
         crate::data::pipeline::Settings {
-            format: self.format.clone(),
+            format: self.format,
             columns: crate::data::schema::Columns {
                 prompt: self.prompt_column.clone(),
                 chosen: self.chosen_column.clone(),
                 rejected: self.rejected_column.clone(),
             },
-            template: self.template.clone(),
+            template: self.template,
             template_file: self.template_file.clone(),
             max_length: self.max_length,
             max_prompt_length: self.max_prompt_length,

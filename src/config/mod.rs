@@ -7,7 +7,7 @@
 //! ```
 //! use clap::Parser;
 //! let args = dpo::config::TrainArgs::try_parse_from(["train", "--model", "m", "--dataset", "d.jsonl", "--beta", "0.2"]).unwrap();
-//! assert_eq!(args.beta, 0.2);
+//! assert_eq!(args.common.beta, 0.2);
 //! ```
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, Parser};
@@ -63,9 +63,9 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 5e-5)]
     pub lr: f64,
-    /// constant | linear | cosine (transformers' *_with_warmup semantics).
-    #[arg(long, default_value = "linear")]
-    pub lr_scheduler: String,
+    /// Learning-rate schedule (transformers' *_with_warmup semantics).
+    #[arg(long, value_enum, default_value = "linear")]
+    pub lr_scheduler: crate::optim::schedule::Schedule,
     /// Linear warmup over this many optimizer steps.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
@@ -149,6 +149,11 @@ pub struct TrainArgs {
     pub print_config: bool,
 }
 
+/// The command-line name of a choice (`hh-rlhf`, `bf16`).
+pub fn name_of<T: clap::ValueEnum>(choice: &T) -> String {
+    choice.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+}
+
 /// `--gradient-checkpointing`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -166,13 +171,6 @@ impl Checkpointing {
             Checkpointing::On => true,
             Checkpointing::Off => false,
         }
-    }
-}
-
-impl std::ops::Deref for TrainArgs {
-    type Target = CommonArgs;
-    fn deref(&self) -> &CommonArgs {
-        &self.common
     }
 }
 

@@ -28,20 +28,13 @@ fn in_range(key: &str, v: f64, lo: f64, hi: f64, hi_inclusive: bool, want: &str)
     if ok { Ok(()) } else { Err(out_of_range(key, v, want)) }
 }
 
-fn one_of(key: &str, v: &str, names: &[&str]) -> Result<(), String> {
-    if names.contains(&v) {
-        Ok(())
-    } else {
-        Err(format!("{key} = {v:?} is not one of {} (config key {key}, flag --{})", names.join(", "), key.replace('_', "-")))
-    }
-}
 
 fn check(a: &TrainArgs) -> Result<(), String> {
     let inf = f64::INFINITY;
     for (key, v) in [("batch_size", a.batch_size), ("grad_accum", a.grad_accum), ("epochs", a.epochs), ("lora_r", a.lora_r)] {
         at_least_one(key, v)?;
     }
-    for (key, v) in [("logging_steps", a.logging_steps), ("max_length", a.max_length), ("max_prompt_length", a.max_prompt_length)] {
+    for (key, v) in [("logging_steps", a.logging_steps), ("max_length", a.common.max_length), ("max_prompt_length", a.common.max_prompt_length)] {
         at_least_one(key, v)?;
     }
     for (key, v) in [("max_steps", a.max_steps), ("save_steps", a.save_steps), ("save_total_limit", a.save_total_limit), ("eval_steps", a.eval_steps)] {
@@ -52,22 +45,20 @@ fn check(a: &TrainArgs) -> Result<(), String> {
     if !(a.lr.is_finite() && a.lr > 0.0) {
         return Err(out_of_range("lr", a.lr, "must be a positive number"));
     }
-    if !(a.beta.is_finite() && a.beta > 0.0) {
-        return Err(out_of_range("beta", a.beta, "must be a positive number"));
+    if !(a.common.beta.is_finite() && a.common.beta > 0.0) {
+        return Err(out_of_range("beta", a.common.beta, "must be a positive number"));
     }
     if !(a.lora_alpha.is_finite() && a.lora_alpha > 0.0) {
         return Err(out_of_range("lora_alpha", a.lora_alpha, "must be a positive number"));
     }
     in_range("lora_dropout", a.lora_dropout, 0.0, 1.0, false, "must be in [0, 1)")?;
-    in_range("label_smoothing", a.label_smoothing, 0.0, 0.5, false, "must be in [0, 0.5)")?;
+    in_range("label_smoothing", a.common.label_smoothing, 0.0, 0.5, false, "must be in [0, 0.5)")?;
     in_range("warmup_ratio", a.warmup_ratio, 0.0, 1.0, false, "must be in [0, 1)")?;
     in_range("weight_decay", a.weight_decay, 0.0, inf, false, "must not be negative")?;
     in_range("max_grad_norm", a.max_grad_norm, 0.0, inf, false, "must not be negative (0 disables clipping)")?;
-    in_range("max_skip_ratio", a.max_skip_ratio, 0.0, 1.0, true, "must be in [0, 1]")?;
-    one_of("loss", &a.loss, &["sigmoid", "ipo", "hinge"])?;
-    one_of("lr_scheduler", &a.lr_scheduler, &["constant", "linear", "cosine"])?;
-    if a.label_smoothing > 0.0 && a.loss != "sigmoid" {
-        return Err(format!("label_smoothing = {} applies to loss = \"sigmoid\" only (cDPO), not {:?}", a.label_smoothing, a.loss));
+    in_range("max_skip_ratio", a.common.max_skip_ratio, 0.0, 1.0, true, "must be in [0, 1]")?;
+    if a.common.label_smoothing > 0.0 && a.common.loss != crate::loss::LossKind::Sigmoid {
+        return Err(format!("label_smoothing = {} applies to loss = \"sigmoid\" only (cDPO), not {:?}", a.common.label_smoothing, a.common.loss.name()));
     }
     Ok(())
 }

@@ -15,6 +15,8 @@ use super::chat::{ChatTemplate, find_template};
 use super::reader::{self, BadRow, FileType, Row};
 use super::schema::{Columns, Schema};
 use super::store::{Backing, RowStore, Spill};
+use super::schema::FormatChoice;
+use super::template::TemplateChoice;
 use super::{PairTokenizer, Template, TokenizedPair};
 use anyhow::{Context, Result, bail};
 use std::io::BufReader;
@@ -23,9 +25,9 @@ use std::path::{Path, PathBuf};
 /// How rows become pairs (the data flags of `CommonArgs`).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub format: String,
+    pub format: FormatChoice,
     pub columns: Columns,
-    pub template: String,
+    pub template: TemplateChoice,
     pub template_file: Option<PathBuf>,
     pub max_length: usize,
     pub max_prompt_length: usize,
@@ -36,9 +38,9 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            format: "auto".into(),
+            format: FormatChoice::Auto,
             columns: Columns::default(),
-            template: "auto".into(),
+            template: TemplateChoice::Auto,
             template_file: None,
             max_length: 1024,
             max_prompt_length: 512,
@@ -91,7 +93,7 @@ impl Pipeline {
                     }
                 };
                 if ready.is_none() {
-                    let schema = Schema::detect(&settings.format, settings.columns.clone(), &row.value)
+                    let schema = Schema::detect(settings.format, settings.columns.clone(), &row.value)
                         .with_context(|| format!("{}", row.at))?;
                     let template = resolve_template(&settings, &schema, &tokenizer, model_dir)?;
                     audit.format = schema.format.name().into();
@@ -180,8 +182,11 @@ fn resolve_template(settings: &Settings, schema: &Schema, tok: &PairTokenizer, m
             None => None,
         },
     };
-    let name = if settings.template_file.is_some() && settings.template == "auto" { "chat" } else { settings.template.as_str() };
-    Template::resolve(name, schema.format, chat)
+    let choice = match (settings.template_file.is_some(), settings.template) {
+        (true, TemplateChoice::Auto) => TemplateChoice::Chat,
+        (_, c) => c,
+    };
+    Template::resolve(choice, schema.format, chat)
 }
 
 fn first_example(row: &Row, p: &Processed) -> FirstExample {

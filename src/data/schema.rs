@@ -10,9 +10,9 @@
 //! - `explicit`: `prompt`, `chosen`, `rejected` strings.
 //!
 //! ```
-//! use dpo::data::schema::{Columns, Schema};
+//! use dpo::data::schema::{Columns, FormatChoice, Schema};
 //! let row = serde_json::json!({"prompt": "2+2?", "chosen": "4", "rejected": "5"});
-//! let schema = Schema::detect("auto", Columns::default(), &row).unwrap();
+//! let schema = Schema::detect(FormatChoice::Auto, Columns::default(), &row).unwrap();
 //! assert_eq!(schema.example(&row).unwrap().raw_prompt, "2+2?");
 //! ```
 use super::{Example, Message};
@@ -28,9 +28,34 @@ pub enum Format {
     Explicit,
 }
 
-impl Format {
-    pub const NAMES: &'static [&'static str] = &["auto", "orca", "messages", "hh-rlhf", "explicit"];
+/// `--format`: a format, or `auto` (detected from the first row's columns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FormatChoice {
+    Auto,
+    Orca,
+    #[value(aliases = ["preference-with-messages", "ultrafeedback"])]
+    Messages,
+    #[value(alias = "hh")]
+    HhRlhf,
+    #[value(alias = "prompt-chosen-rejected")]
+    Explicit,
+}
 
+impl FormatChoice {
+    /// `None` for `auto`.
+    pub fn format(self) -> Option<Format> {
+        match self {
+            Self::Auto => None,
+            Self::Orca => Some(Format::Orca),
+            Self::Messages => Some(Format::Messages),
+            Self::HhRlhf => Some(Format::HhRlhf),
+            Self::Explicit => Some(Format::Explicit),
+        }
+    }
+}
+
+impl Format {
     pub fn name(self) -> &'static str {
         match self {
             Self::Orca => "orca",
@@ -38,18 +63,6 @@ impl Format {
             Self::HhRlhf => "hh-rlhf",
             Self::Explicit => "explicit",
         }
-    }
-
-    /// `None` for `auto`.
-    pub fn parse(name: &str) -> Result<Option<Self>> {
-        Ok(Some(match name {
-            "auto" => return Ok(None),
-            "orca" => Self::Orca,
-            "messages" | "preference-with-messages" | "ultrafeedback" => Self::Messages,
-            "hh-rlhf" | "hh" => Self::HhRlhf,
-            "explicit" | "prompt-chosen-rejected" => Self::Explicit,
-            other => bail!("unknown --format {other:?}: choose from {}", Self::NAMES.join(", ")),
-        }))
     }
 }
 
@@ -72,12 +85,12 @@ pub struct Schema {
 
 impl Schema {
     /// Picks the format (`--format`, or from `first`'s columns) and checks `first` has its columns.
-    pub fn detect(format: &str, cols: Columns, first: &Value) -> Result<Self> {
+    pub fn detect(format: FormatChoice, cols: Columns, first: &Value) -> Result<Self> {
         let Some(obj) = first.as_object() else { bail!("rows must be JSON objects, found {}", kind(first)) };
         let found = || obj.keys().cloned().collect::<Vec<_>>().join(", ");
         let chosen = cols.chosen.clone().unwrap_or_else(|| "chosen".into());
         let rejected = cols.rejected.clone().unwrap_or_else(|| "rejected".into());
-        let format = match Format::parse(format)? {
+        let format = match format.format() {
             Some(f) => f,
             None => match obj.get(&chosen) {
                 Some(Value::Array(_)) => Format::Messages,

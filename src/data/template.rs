@@ -46,9 +46,19 @@ pub struct Rendered {
     pub append_eos: bool,
 }
 
-impl Template {
-    pub const NAMES: &'static [&'static str] = &["auto", "chat", "orca", "raw"];
+/// `--template`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TemplateChoice {
+    /// chat for conversational data when the tokenizer has a chat template, orca for orca
+    /// rows, raw for string prompts.
+    Auto,
+    Chat,
+    Orca,
+    Raw,
+}
 
+impl Template {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Orca => "orca",
@@ -58,20 +68,19 @@ impl Template {
     }
 
     /// Resolves `--template` for data of `format`; `chat` is the model's template or `--template-file`.
-    pub fn resolve(name: &str, format: Format, chat: Option<ChatTemplate>) -> Result<Self> {
-        match name {
-            "orca" => Ok(Self::Orca),
-            "raw" => Ok(Self::Raw),
-            "chat" => match chat {
+    pub fn resolve(choice: TemplateChoice, format: Format, chat: Option<ChatTemplate>) -> Result<Self> {
+        match choice {
+            TemplateChoice::Orca => Ok(Self::Orca),
+            TemplateChoice::Raw => Ok(Self::Raw),
+            TemplateChoice::Chat => match chat {
                 Some(c) => Ok(Self::Chat(Arc::new(c))),
                 None => bail!("--template chat: the tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja); pass --template-file or --template orca"),
             },
-            "auto" => Ok(match (format, chat) {
+            TemplateChoice::Auto => Ok(match (format, chat) {
                 (Format::Messages, Some(c)) => Self::Chat(Arc::new(c)),
                 (Format::Messages | Format::Orca, _) => Self::Orca,
                 (Format::HhRlhf | Format::Explicit, _) => Self::Raw,
             }),
-            other => bail!("unknown template {other:?}: choose from {}", Self::NAMES.join(", ")),
         }
     }
 

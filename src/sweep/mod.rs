@@ -137,8 +137,8 @@ pub fn run(args: &SweepArgs) -> Result<Summary> {
     std::fs::create_dir_all(&plan.output_dir).with_context(|| format!("creating {}", plan.output_dir.display()))?;
     atomic::write_bytes(&plan.output_dir.join(PLAN_FILE), serde_json::to_string_pretty(&plan)?.as_bytes())?;
     let first = &runs.first().context("the sweep has no runs")?.1;
-    let mut loaded = crate::setup::load_model(first)?;
-    let data = crate::setup::load_pairs(first, &loaded)?;
+    let mut loaded = crate::setup::load_model(&first.common)?;
+    let data = crate::setup::load_pairs(&first.common, &loaded)?;
     let eval_data = crate::train::load_eval_pairs(first, &loaded)?;
     let mut cache = crate::train::open_cache(first, &loaded)?;
     let stop = crate::train::interrupt::StopSignal::install()?;

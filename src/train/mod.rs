@@ -20,7 +20,6 @@ pub mod memory;
 pub mod plan;
 pub mod progress;
 pub mod resume;
-pub mod schedule;
 pub mod step;
 pub mod trainer;
 
@@ -195,7 +194,7 @@ pub fn load_eval_pairs(args: &TrainArgs, loaded: &Loaded) -> Result<Option<Datas
 /// The reference cache `--ref-cache` names, opened for this model and these data settings.
 pub fn open_cache(args: &TrainArgs, loaded: &Loaded) -> Result<Option<RefCache>> {
     let Some(dir) = args.ref_cache_dir() else { return Ok(None) };
-    let cache = RefCache::open(&dir, reference_fingerprint(args, loaded)?)?;
+    let cache = RefCache::open(&dir, reference_fingerprint(&args.common, loaded)?)?;
     eprintln!("reference cache {}: {} pairs cached", cache.dir().display(), cache.len());
     Ok(Some(cache))
 }
@@ -205,8 +204,8 @@ pub fn open_cache(args: &TrainArgs, loaded: &Loaded) -> Result<Option<RefCache>>
 pub fn reference_fingerprint(args: &crate::config::CommonArgs, loaded: &Loaded) -> Result<Fingerprint> {
     let model = Source::model(&loaded.model_dir.display().to_string(), &loaded.model_dir)?;
     let mut settings = vec![
-        ("template", args.template.clone()),
-        ("format", args.format.clone()),
+        ("template", crate::config::name_of(&args.template)),
+        ("format", crate::config::name_of(&args.format)),
         ("max_length", args.max_length.to_string()),
         ("max_prompt_length", args.max_prompt_length.to_string()),
         ("dtype", format!("{:?}", loaded.model.dtype())),
@@ -274,9 +273,9 @@ pub(crate) fn check_no_stale_adapters(model: &mut crate::model::CausalLm, params
 /// What the manifests record about the run's inputs (hashed once, at the start).
 pub(crate) fn provenance(args: &TrainArgs, loaded: &Loaded) -> Result<checkpoint::Provenance> {
     Ok(checkpoint::Provenance {
-        model: Source::model(&args.model.display().to_string(), &loaded.model_dir)?,
-        dataset: Source::files(&args.dataset.display().to_string(), &crate::setup::dataset_files(args)?)?,
-        template: args.template.clone(),
+        model: Source::model(&args.common.model.display().to_string(), &loaded.model_dir)?,
+        dataset: Source::files(&args.common.dataset.display().to_string(), &crate::setup::dataset_files(&args.common)?)?,
+        template: crate::config::name_of(&args.common.template),
     })
 }
 

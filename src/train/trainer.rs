@@ -16,7 +16,7 @@
 use super::interrupt::{Interrupted, StopSignal};
 use super::plan::{StepPlan, StepWork};
 use super::progress::Progress;
-use super::schedule::{LrSchedule, Schedule};
+use crate::optim::schedule::LrSchedule;
 use super::step::{clip, global_norm};
 use super::{EVAL_CURVE_FILE, EVAL_FILE, Inputs, METRICS_FILE, Outcome, Prepared, RunControl, StepMetrics, TrainSummary};
 use crate::checkpoint::{self, Checkpoint, Provenance};
@@ -90,7 +90,7 @@ impl<'a> Trainer<'a> {
         loaded.model.set_recompute(args.gradient_checkpointing.enabled(&loaded.device));
         let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
         let plan = StepPlan::new(args, data.len());
-        let schedule = LrSchedule { kind: Schedule::parse(&args.lr_scheduler)?, base_lr: args.lr, warmup_steps: plan.warmup(args), total_steps: plan.total_steps };
+        let schedule = LrSchedule { kind: args.lr_scheduler, base_lr: args.lr, warmup_steps: plan.warmup(args), total_steps: plan.total_steps };
         let writes_checkpoints = args.save_steps.is_some() || control.pause_after_steps.is_some() || args.verify_resume;
         let provenance = writes_checkpoints.then(|| super::provenance(args, loaded)).transpose()?;
         Ok(Self {
@@ -241,7 +241,7 @@ impl<'a> Trainer<'a> {
     pub fn finish(mut self) -> Result<TrainSummary> {
         self.close_log()?;
         let args = self.args;
-        adapter::save(&args.output_dir, &self.params, &self.lora, &args.model.display().to_string())?;
+        adapter::save(&args.output_dir, &self.params, &self.lora, &args.common.model.display().to_string())?;
         let total_steps = self.plan.total_steps;
         let Some(last) = self.last.take() else { bail!("nothing to do: the run already finished {total_steps} steps") };
         let eval = match self.eval_data {

@@ -11,6 +11,8 @@
 //! opt.step(&[p.clone()], &[Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap()], 0.1).unwrap();
 //! assert_eq!(opt.steps(), 1);
 //! ```
+pub mod schedule;
+
 use anyhow::{Result, ensure};
 use candle_core::{Tensor, Var};
 

@@ -3,33 +3,22 @@
 //! The rate of optimizer step `k` (1-based) is `lr · λ(k − 1)`, as `LambdaLR` gives it.
 //!
 //! ```
-//! use dpo::train::schedule::{LrSchedule, Schedule};
+//! use dpo::optim::schedule::{LrSchedule, Schedule};
 //! let s = LrSchedule { kind: Schedule::Linear, base_lr: 1.0, warmup_steps: 2, total_steps: 10 };
 //! assert_eq!(s.lr_at(1), 0.0);
 //! assert_eq!(s.lr_at(2), 0.5);
 //! assert_eq!(s.lr_at(3), 1.0);
 //! ```
-use anyhow::{Result, bail};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `--lr-scheduler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Schedule {
     Constant,
     Linear,
     Cosine,
 }
 
-impl Schedule {
-    pub const NAMES: &'static [&'static str] = &["constant", "linear", "cosine"];
-
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "constant" => Ok(Self::Constant),
-            "linear" => Ok(Self::Linear),
-            "cosine" => Ok(Self::Cosine),
-            other => bail!("unknown lr scheduler {other:?}: choose from {}", Self::NAMES.join(", ")),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
