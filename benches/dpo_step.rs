@@ -16,7 +16,8 @@
 //! `RAYON_NUM_THREADS` (default 2 here).
 //!
 //! `cargo bench --bench dpo_step` — the last line printed is one JSON object.
-use candle_core::{DType, Device, Tensor, Var};
+mod common;
+use candle_core::{Device, Tensor, Var};
 use dpo::data::{PairBatch, TokenizedPair};
 use dpo::lora::{LoraConfig, adapter};
 use dpo::nn::LoraMode;
@@ -25,44 +26,10 @@ use dpo::model::{Architecture, CausalLm, LayerPath};
 use dpo::rng::{SeededRng, Stream};
 use dpo::optim::AdamW;
 use dpo::train::step::global_norm;
-use std::collections::HashMap;
 use std::time::Instant;
 
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(format!("DPO_BENCH_{name}")).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn random_tensor(rng: &mut SeededRng, shape: &[usize], mean: f32, std: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    // Uniform with the given std (√3·std half-width): cheap, and any values do for timing.
-    let w = std * 3f32.sqrt();
-    let v: Vec<f32> = (0..n).map(|_| mean + (rng.uniform() * 2.0 - 1.0) * w).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-/// Random weights for every tensor the description lists (norm weights 1), in `dtype` on
-/// `device`: seeded uniform on CPU; cuRAND normals made on a GPU (never carried there).
-fn random_model(arch: &Architecture, device: &Device, dtype: DType) -> CausalLm {
-    let mut rng = SeededRng::new(0, Stream::LoraInit);
-    if device.is_cuda() {
-        device.set_seed(0).unwrap();
-    }
-    let w: HashMap<String, Tensor> = arch
-        .weight_shapes()
-        .into_iter()
-        .map(|(name, shape)| {
-            let t = if name.ends_with("norm.weight") {
-                Tensor::ones(shape.as_slice(), DType::F32, device).unwrap()
-            } else if device.is_cuda() {
-                Tensor::randn(0f32, 0.02, shape.as_slice(), device).unwrap()
-            } else {
-                random_tensor(&mut rng, &shape, 0.0, 0.02)
-            };
-            (name, t.to_dtype(dtype).unwrap())
-        })
-        .collect();
-    let vb = candle_nn::VarBuilder::from_tensors(w, dtype, device);
-    CausalLm::from_weights(arch.clone(), vb, dtype, device).unwrap()
 }
 
 /// The bench shape in the config.json of `family` (`DPO_BENCH_ARCH`): the zoo fixture's config
@@ -163,7 +130,7 @@ fn main() {
     eprintln!("{}", arch.summary());
     let device = dpo::device::parse_device(&std::env::var("DPO_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
     let dtype = dpo::device::parse_dtype(&std::env::var("DPO_BENCH_DTYPE").unwrap_or_else(|_| "f32".into()), &device).unwrap();
-    let mut model = random_model(&arch, &device, dtype);
+    let mut model = common::random_model(&arch, &device, dtype);
     let base_params: usize = arch.weight_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let targets = std::env::var("DPO_BENCH_TARGETS").unwrap_or_else(|_| "all".into());
     let lora = LoraConfig::new(16, 32.0, 0.0, &targets).unwrap();

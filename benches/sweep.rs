@@ -9,8 +9,7 @@
 //! `cargo build --release` first (it runs target/release/dpo). DPO_SWEEP_KEEP=1 keeps the runs.
 //!
 //! `cargo bench --bench sweep` — the last line printed is one JSON object.
-use candle_core::{Device, Tensor};
-use std::collections::HashMap;
+mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -22,55 +21,16 @@ fn knob(name: &str, default: usize) -> usize {
 /// A model folder: the tiny-llama tokenizer with a larger random decoder.
 fn write_model(dir: &Path, hidden: usize, layers: usize) {
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-llama");
-    std::fs::create_dir_all(dir).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
-        std::fs::copy(tiny.join(f), dir.join(f)).unwrap();
-    }
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
-    let (heads, inter, vocab) = (hidden / 32, hidden * 11 / 4, knob("VOCAB", 512));
+    let heads = hidden / 32;
     cfg["hidden_size"] = hidden.into();
-    cfg["intermediate_size"] = inter.into();
-    cfg["vocab_size"] = vocab.into();
+    cfg["intermediate_size"] = (hidden * 11 / 4).into();
+    cfg["vocab_size"] = knob("VOCAB", 512).into();
     cfg["num_hidden_layers"] = layers.into();
     cfg["num_attention_heads"] = heads.into();
     cfg["num_key_value_heads"] = heads.into();
     cfg["head_dim"] = 32.into();
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let mut state = 0x2545F4914F6CDD1Du64;
-    let mut random = |shape: &[usize], scale: f32| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    };
-    let mut w: HashMap<String, Tensor> = HashMap::new();
-    w.insert("model.embed_tokens.weight".into(), random(&[vocab, hidden], 0.05));
-    w.insert("lm_head.weight".into(), random(&[vocab, hidden], 0.05));
-    w.insert("model.norm.weight".into(), Tensor::ones(hidden, candle_core::DType::F32, &Device::Cpu).unwrap());
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [hidden, hidden]),
-            ("self_attn.k_proj", [hidden, hidden]),
-            ("self_attn.v_proj", [hidden, hidden]),
-            ("self_attn.o_proj", [hidden, hidden]),
-            ("mlp.gate_proj", [inter, hidden]),
-            ("mlp.up_proj", [inter, hidden]),
-            ("mlp.down_proj", [hidden, inter]),
-        ] {
-            w.insert(format!("{p}.{name}.weight"), random(&shape, 0.05));
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            w.insert(format!("{p}.{norm}.weight"), Tensor::ones(hidden, candle_core::DType::F32, &Device::Cpu).unwrap());
-        }
-    }
-    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    common::write_model_dir(dir, &cfg, 0.03);
 }
 
 fn dpo(args: &[String]) {

@@ -35,9 +35,7 @@ fn compare(what: &str, mut model: CausalLm, params: Vec<dpo::lora::adapter::Name
     let plain = logps_and_grads(&model, &params, &PairBatch::unshared(pairs, 3, &Device::Cpu).unwrap());
     assert_close(&format!("{what} logps"), &fast.0, &plain.0, 1e-4);
     for ((g_fast, g_plain), p) in fast.1.iter().zip(&plain.1).zip(&params) {
-        let norm = g_plain.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let diff = g_fast.iter().zip(g_plain).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-        assert!(diff <= 1e-4 * norm.max(1e-6), "{what} {}: |Δ| {diff:e} vs |g| {norm:e}", p.name);
+        norm_close(g_fast, g_plain, 1e-4).unwrap_or_else(|e| panic!("{what} {}: {e}", p.name));
     }
 }
 
@@ -94,9 +92,7 @@ fn lora_dropout_on_all_targets_is_the_same_on_the_cpu_layer_op_and_the_composite
     let plain = run(&model);
     assert_close("dropout logps", &fast.0, &plain.0, 1e-4);
     for ((a, b), p) in fast.1.iter().zip(&plain.1).zip(&params) {
-        let norm = b.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let diff = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
-        assert!(diff <= 1e-4 * norm.max(1e-6), "{}: |Δ| {diff:e} vs |g| {norm:e}", p.name);
+        norm_close(a, b, 1e-4).unwrap_or_else(|e| panic!("{}: {e}", p.name));
     }
     // Dropout really acted: without it the log-probs differ.
     let no_dropout = to_vec(&score(&model, &batch, &loss, &mut LoraMode::On).unwrap().0.policy_chosen);

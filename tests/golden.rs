@@ -130,10 +130,7 @@ fn lora_gradients_of_mean_sigmoid_loss_match_golden() {
         assert_eq!(want.len(), params.len(), "{golden_model}: one golden gradient per LoRA tensor");
         for p in &params {
             let got = to_vec(grads.get(&p.var).unwrap_or_else(|| panic!("{}: no gradient", p.name)));
-            let want = to_vec(&want[&p.name]);
-            let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-            assert!(diff <= 1e-4 * norm, "{golden_model} {}: |Δgrad| {diff:e} > 1e-4 × {norm:e}", p.name);
+            norm_close(&got, &to_vec(&want[&p.name]), 1e-4).unwrap_or_else(|e| panic!("{golden_model} {}: {e}", p.name));
         }
     }
 }

@@ -39,7 +39,7 @@ pub fn storage_f32<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f
     }
 }
 
-/// The shape and operand orientation of one `C (+)= β · op(A) · op(B)`, C `[m, n]` row-major.
+/// The shape and operand orientation of one `C (+)= scale · op(A) · op(B)`, C `[m, n]` row-major.
 #[derive(Debug, Clone, Copy)]
 pub struct Gemm {
     m: usize,
@@ -72,14 +72,14 @@ impl Gemm {
         self
     }
 
-    /// `C = β·op(A)·op(B)`, or `C += β·op(A)·op(B)` when `accumulate`; `ldX` are row strides.
+    /// `C = scale·op(A)·op(B)`, or `C += scale·op(A)·op(B)` when `accumulate`; `ldX` are row strides.
     #[allow(clippy::too_many_arguments)]
-    pub fn run(&self, c: &mut [f32], ldc: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, accumulate: bool, beta: f32) {
+    pub fn run(&self, c: &mut [f32], ldc: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, accumulate: bool, scale: f32) {
         let (a_rows, a_cols) = if self.a_t { (self.k, self.m) } else { (self.m, self.k) };
         let (b_rows, b_cols) = if self.b_t { (self.n, self.k) } else { (self.k, self.n) };
         assert!(needs(c.len(), self.m, self.n, ldc) && needs(a.len(), a_rows, a_cols, lda) && needs(b.len(), b_rows, b_cols, ldb), "gemm operand too small");
         // SAFETY: the asserts above keep every access inside the three slices.
-        unsafe { self.run_raw(c.as_mut_ptr(), ldc, a.as_ptr(), lda, b.as_ptr(), ldb, accumulate, beta) }
+        unsafe { self.run_raw(c.as_mut_ptr(), ldc, a.as_ptr(), lda, b.as_ptr(), ldb, accumulate, scale) }
     }
 
     /// As [`Gemm::run`] on raw pointers, for disjoint blocks of one buffer written in parallel.
@@ -88,7 +88,7 @@ impl Gemm {
     /// Every element the GEMM reads or writes must be in bounds, and no other thread may write
     /// the `C` block (or read it) while this runs.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn run_raw(&self, c: *mut f32, ldc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, accumulate: bool, beta: f32) {
+    pub unsafe fn run_raw(&self, c: *mut f32, ldc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, accumulate: bool, scale: f32) {
         if self.m == 0 || self.n == 0 {
             return;
         }
@@ -98,7 +98,7 @@ impl Gemm {
         let par = if self.threads > 1 && self.m * self.n * self.k >= 1 << 18 { Parallelism::Rayon(self.threads) } else { Parallelism::None };
         // SAFETY: the caller's contract.
         unsafe {
-            gemm::gemm(self.m, self.n, self.k, c, 1, ldc as isize, accumulate && self.k > 0, a, a_cs, a_rs, b, b_cs, b_rs, 1.0, beta, false, false, false, par);
+            gemm::gemm(self.m, self.n, self.k, c, 1, ldc as isize, accumulate && self.k > 0, a, a_cs, a_rs, b, b_cs, b_rs, 1.0, scale, false, false, false, par);
         }
         if self.k == 0 && !accumulate {
             for i in 0..self.m {
