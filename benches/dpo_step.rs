@@ -12,8 +12,10 @@
 //! qwen2-yarn, gemma, gemma2, gemma3, phi3, smollm3, olmo2), whose config is used at the bench
 //! shape; lever switches `DPO_BENCH_UNSHARED=1` (no prompt sharing) and `DPO_BENCH_COMPOSITE=1`
 //! (the generic candle layer instead of the CPU layer op and fused head) and
-//! `DPO_BENCH_CHECKPOINTING=1` (activation recomputation on either path). Threads:
-//! `RAYON_NUM_THREADS` (default 2 here).
+//! `DPO_BENCH_CHECKPOINTING=1` (activation recomputation on either path); the loss
+//! `DPO_BENCH_LOSS` (a `--loss` name, default `sigmoid`; reference-free ones — `simpo`, `cpo`,
+//! `orpo` — skip the reference forward, as `train` does). Threads: `RAYON_NUM_THREADS` (default
+//! 2 here).
 //!
 //! `cargo bench --bench dpo_step` — the last line printed is one JSON object.
 mod common;
@@ -21,7 +23,7 @@ use candle_core::{Device, Tensor, Var};
 use dpo::data::{PairBatch, TokenizedPair};
 use dpo::lora::{LoraConfig, adapter};
 use dpo::nn::LoraMode;
-use dpo::loss::{DpoLoss, LossKind};
+use dpo::loss::{LossKind, Objective};
 use dpo::model::{Architecture, CausalLm, LayerPath};
 use dpo::rng::{SeededRng, Stream};
 use dpo::optim::AdamW;
@@ -66,7 +68,7 @@ fn bench_config(family: &str, shape: &serde_json::Value) -> Architecture {
 /// One optimizer step, timed by phase (the device synchronised at each boundary): reference
 /// forward, policy forward, backward, gradient norm + AdamW. Tracks the least free device memory.
 #[allow(clippy::too_many_arguments)]
-fn timed_step(model: &CausalLm, batch: &PairBatch, loss: &DpoLoss, vars: &[Var], opt: &mut AdamW, lr: f64, device: &Device, min_free: &mut Option<u64>) -> [f64; 4] {
+fn timed_step(model: &CausalLm, batch: &PairBatch, loss: &Objective, vars: &[Var], opt: &mut AdamW, lr: f64, device: &Device, min_free: &mut Option<u64>) -> [f64; 4] {
     let mut marks = [0.0; 4];
     let mut t = Instant::now();
     let mut lap = |i: usize, marks: &mut [f64; 4]| {
@@ -77,9 +79,9 @@ fn timed_step(model: &CausalLm, batch: &PairBatch, loss: &DpoLoss, vars: &[Var],
         }
         t = Instant::now();
     };
-    let reference = dpo::scoring::reference_logps(model, &[], batch, None).unwrap();
+    let reference = dpo::scoring::reference_for(model, loss, &[], batch, None).unwrap();
     lap(0, &mut marks);
-    let (_, losses) = dpo::scoring::score(model, batch, loss, &mut LoraMode::On, &reference).unwrap();
+    let dpo::scoring::Scored { loss: losses, .. } = dpo::scoring::score(model, batch, loss, &mut LoraMode::On, reference.as_ref()).unwrap();
     lap(1, &mut marks);
     let store = losses.mean_all().unwrap().backward().unwrap();
     let grads: Vec<Tensor> = vars.iter().map(|v| store.get(v).unwrap().clone()).collect();
@@ -144,11 +146,18 @@ fn main() {
     // Lever switches, for measuring what each gives: DPO_BENCH_UNSHARED=1 (one row per
     // sequence, no prompt sharing), DPO_BENCH_COMPOSITE=1 (candle compositions, dense mask).
     let unshared = std::env::var("DPO_BENCH_UNSHARED").is_ok_and(|v| v == "1");
+    let loss_name = std::env::var("DPO_BENCH_LOSS").unwrap_or_else(|_| "sigmoid".into());
+    let kind = <LossKind as clap::ValueEnum>::from_str(&loss_name, false).unwrap_or_else(|e| panic!("DPO_BENCH_LOSS: {e}"));
+    let mut loss = Objective::single(kind, 0.1);
+    if kind == LossKind::ExoPair {
+        loss.params.label_smoothing = 1e-3;
+    }
     let batch = if unshared {
         PairBatch::unshared(&batch_pairs, 0, &device).unwrap()
     } else {
         PairBatch::new(&batch_pairs, 0, &device).unwrap()
     };
+    let batch = dpo::scoring::layout_for(batch, &batch_pairs, &loss).unwrap();
     if std::env::var("DPO_BENCH_COMPOSITE").is_ok_and(|v| v == "1") {
         model.set_path(LayerPath::Generic);
     }
@@ -168,7 +177,6 @@ fn main() {
     let setup = dpo::train::memory::Setup { path: model.path(), dtype, stored_bytes: dtype.size_in_bytes(), recompute, cuda: device.is_cuda() };
     let plan = dpo::train::memory::MemoryPlan::estimate(model.arch(), &setup, &geo);
     eprintln!("memory plan: {}", plan.describe());
-    let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
     let mut opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
     let tokens = 2 * pairs * (prompt_len + response_len);
 
@@ -201,12 +209,12 @@ fn main() {
     let (reference_seconds, forward_seconds, backward_seconds, optimizer_seconds) = (phase_median(0), phase_median(1), phase_median(2), phase_median(3));
     let policy_seconds = forward_seconds + backward_seconds;
     eprintln!("reference forward {reference_seconds:.3} s, policy forward {forward_seconds:.3} s, backward {backward_seconds:.3} s, grad norm + AdamW {optimizer_seconds:.3} s");
-    let reference = dpo::scoring::reference_logps(&model, &[], &batch, None).unwrap();
+    let reference = dpo::scoring::reference_for(&model, &loss, &[], &batch, None).unwrap();
     if std::env::var("DPO_BENCH_PROFILE").is_ok() {
         for _ in 0..2 {
             let t = Instant::now();
-            let (_, losses) =
-                dpo::scoring::score(&model, &batch, &loss, &mut LoraMode::On, &reference).unwrap();
+            let dpo::scoring::Scored { loss: losses, .. } =
+                dpo::scoring::score(&model, &batch, &loss, &mut LoraMode::On, reference.as_ref()).unwrap();
             let fwd = t.elapsed().as_secs_f64();
             let t = Instant::now();
             let g = losses.mean_all().unwrap().backward().unwrap();
@@ -219,6 +227,9 @@ fn main() {
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = times[times.len() / 2];
+    // 2·N FLOPs per token for each forward (reference, policy) and for the input-gradient backward.
+    let passes = if loss.needs_reference() { 3.0 } else { 2.0 };
+    let flops = 2.0 * passes * base_params as f64 * tokens as f64;
     let result = serde_json::json!({
         "impl": "dpo (candle)",
         "median_step_seconds": median,
@@ -235,9 +246,10 @@ fn main() {
         "device": format!("{device:?}"),
         "dtype": format!("{dtype:?}"),
         "base_params": base_params,
-        // 2·N FLOPs per token for each of the two forwards and for the input-gradient backward.
-        "model_tflops_per_step": 6.0 * base_params as f64 * tokens as f64 / 1e12,
-        "mfu_at_790_tflops": 6.0 * base_params as f64 * tokens as f64 / median / 790e12,
+        "loss": loss_name,
+        "reference_forward": loss.needs_reference(),
+        "model_tflops_per_step": flops / 1e12,
+        "mfu_at_790_tflops": flops / median / 790e12,
         "device_memory_used_mib_at_phase_ends": min_free.zip(device_total(&device)).map(|(free, total)| (total - free) as f64 / 1048576.0),
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
         "prompt_sharing": !unshared,

@@ -1,5 +1,6 @@
 //! `dpo eval`: score every pair with the policy (base + adapter) and the reference (base),
-//! write one JSON line per pair, and report the mean loss and reward metrics.
+//! write one JSON line per pair, and report the loss (the mean over `--batch-size` batches, each
+//! as the loss defines a batch's value) and the metrics TRL logs for it.
 //!
 //! ```no_run
 //! use clap::Parser;
@@ -37,32 +38,39 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
+/// One pair's line of `--output`.
 #[derive(Debug, Serialize)]
 struct PairLine {
     index: usize,
     policy_chosen_logp: f64,
     policy_rejected_logp: f64,
-    reference_chosen_logp: f64,
-    reference_rejected_logp: f64,
+    /// Absent for reference-free losses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference_chosen_logp: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference_rejected_logp: Option<f64>,
     chosen_tokens: usize,
     rejected_tokens: usize,
-    loss: f64,
+    reward_chosen: f64,
+    reward_rejected: f64,
+    /// The pair's loss as a batch of one; null for losses that sort the batch (aot, aot_unpaired).
+    loss: Option<f64>,
 }
 
 pub fn run(args: &EvalArgs) -> Result<RewardMetrics> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     let common = &args.common;
+    let objective = crate::setup::objective(common)?;
     let mut loaded = crate::setup::load_model(common)?;
     if let Some(dir) = &args.adapter {
         adapter::attach_from_dir(&mut loaded.model, dir, None)?;
     }
     let data = crate::setup::load_pairs(common, &loaded)?;
-    let loss = crate::setup::dpo_loss(common)?;
     let indices: Vec<usize> = (0..data.len()).collect();
-    let scores = score_all(&loaded.model, loaded.pad_id, &data, &indices, args.batch_size, &loss, None)?;
+    let batches = score_all(&loaded.model, loaded.pad_id, &data, &indices, args.batch_size, &objective, None)?;
     if let Some(path) = &args.output {
         let mut text = Vec::new();
-        for (index, s) in scores.iter().enumerate() {
+        for (index, s) in batches.iter().flat_map(|b| &b.pairs).enumerate() {
             let line = PairLine {
                 index,
                 policy_chosen_logp: s.policy_chosen,
@@ -71,11 +79,13 @@ pub fn run(args: &EvalArgs) -> Result<RewardMetrics> {
                 reference_rejected_logp: s.ref_rejected,
                 chosen_tokens: s.chosen_tokens,
                 rejected_tokens: s.rejected_tokens,
+                reward_chosen: s.reward_chosen,
+                reward_rejected: s.reward_rejected,
                 loss: s.loss,
             };
             writeln!(text, "{}", serde_json::to_string(&line)?)?;
         }
         atomic::write_bytes(path, &text)?;
     }
-    Ok(RewardMetrics::mean(&scores, loss.beta))
+    Ok(RewardMetrics::mean(&batches))
 }

@@ -14,7 +14,7 @@ use crate::data::audit::Audit;
 use crate::data::pipeline::Pipeline;
 use crate::data::{PairTokenizer, TokenizedPair};
 use crate::hub::{self, Hub};
-use crate::loss::DpoLoss;
+use crate::loss::Objective;
 use crate::model::weights::mmap_weights;
 use crate::model::{Architecture, CausalLm};
 use anyhow::{Context, Result};
@@ -137,8 +137,7 @@ fn read_pairs(common: &CommonArgs, tokenizer: &PairTokenizer, vocab_size: usize,
     Ok(Dataset { pipeline, truncated: audit.truncated, audit })
 }
 
-pub fn dpo_loss(common: &CommonArgs) -> Result<DpoLoss> {
-    let loss = DpoLoss { kind: common.loss, beta: common.beta, label_smoothing: common.label_smoothing };
-    loss.validate()?;
-    Ok(loss)
+/// The objective `--loss` and its parameters describe; a bad combination is a usage error.
+pub fn objective(common: &CommonArgs) -> Result<Objective> {
+    common.objective().map_err(|msg| crate::config::UsageError(msg).into())
 }

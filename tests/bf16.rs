@@ -11,7 +11,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use dpo::nn::LoraMode;
-use dpo::loss::{DpoLoss, LossKind};
+use dpo::loss::{LossKind, Objective};
 use dpo::model::CausalLm;
 use dpo::scoring::response_logps;
 use dpo::optim::AdamW;
@@ -39,11 +39,11 @@ fn bf16_reference_logps_match_golden_within_stated_tolerance() {
 #[test]
 fn bf16_policy_step_keeps_adapters_gradients_and_optimizer_in_f32() {
     let b = batch(&golden_pairs());
-    let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
+    let loss = Objective::single(LossKind::Sigmoid, 0.1);
     let run = |dtype: DType, recompute: bool| {
         let (mut model, params) = load(dtype);
         model.set_recompute(recompute);
-        let (logps, losses) = score(&model, &b, &loss, &mut LoraMode::On).unwrap();
+        let dpo::scoring::Scored { logps, loss: losses, .. } = score(&model, &b, &loss, &mut LoraMode::On).unwrap();
         let grads = losses.mean_all().unwrap().backward().unwrap();
         let grads: Vec<candle_core::Tensor> = params.iter().map(|p| grads.get(&p.var).unwrap().clone()).collect();
         let mean_loss = losses.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;

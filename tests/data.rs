@@ -59,6 +59,37 @@ fn every_format_yields_the_same_ids_where_templates_agree() {
     assert_eq!(pairs(&orca("train"), "auto")[..8], golden_pairs()[..]);
 }
 
+/// The orca pairs rewritten in LLaMA-Factory's Alpaca ranking layout and in Argilla's give the
+/// orca layout's token ids, under the default template and under the chat template.
+#[test]
+fn alpaca_ranking_and_argilla_layouts_give_the_orca_ids() {
+    let dir = scratch("data_layouts");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(orca("train")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let write = |name: &str, f: &dyn Fn(&serde_json::Value) -> serde_json::Value| {
+        let path = dir.join(name);
+        std::fs::write(&path, rows.iter().map(|r| format!("{}\n", f(r))).collect::<String>()).unwrap();
+        path
+    };
+    let alpaca = write("alpaca.jsonl", &|r| {
+        serde_json::json!({"system": r["system"], "instruction": r["question"], "input": "", "output": [r["chosen"], r["rejected"]], "history": []})
+    });
+    let argilla = write("argilla.jsonl", &|r| {
+        serde_json::json!({"system": r["system"], "instruction": r["question"], "chosen_response": r["chosen"], "rejected_response": r["rejected"]})
+    });
+    for template in ["auto", "chat"] {
+        let want = pairs(&orca("train"), template);
+        assert_eq!(pairs(&alpaca, template), want, "alpaca-ranking, --template {template}");
+        assert_eq!(pairs(&argilla, template), want, "argilla, --template {template}");
+    }
+    // A malformed ranking row is named by file:line and field.
+    let bad = dir.join("bad.jsonl");
+    let mut text = std::fs::read_to_string(&alpaca).unwrap();
+    text.push_str("{\"instruction\": \"q\", \"input\": \"\", \"output\": [\"only one\"]}\n");
+    std::fs::write(&bad, text).unwrap();
+    let e = err(&[bad]);
+    assert!(e.contains("bad.jsonl:65") && e.contains("output"), "{e}");
+}
+
 #[test]
 fn chat_template_renders_what_transformers_renders() {
     let dir = model_dir("tiny-llama");
@@ -118,9 +149,9 @@ fn bad_inputs_fail_naming_file_line_and_field() {
     assert!(err(&[zero]).contains("no usable rows"));
     let tok = PairTokenizer::from_model_dir(&model_dir("tiny-llama")).unwrap();
     // An unknown --format is a usage error (exit 2) listing the formats.
-    let o = dpo(&["data", "inspect", "--model", p(&model_dir("tiny-llama")), "--dataset", p(&orca("test")), "--format", "alpaca"]);
+    let o = dpo(&["data", "inspect", "--model", p(&model_dir("tiny-llama")), "--dataset", p(&orca("test")), "--format", "sharegpt"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("alpaca") && stderr(&o).contains("hh-rlhf"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("sharegpt") && stderr(&o).contains("hh-rlhf"), "{}", stderr(&o));
     let tpl = dir.join("t.jinja");
     std::fs::write(&tpl, "{{ raise_exception('roles must alternate') }}").unwrap();
     let s = Settings { template_file: Some(tpl), ..Settings::default() };

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use dpo::data::PairBatch;
 use dpo::nn::LoraMode;
-use dpo::loss::{DpoLoss, LossKind};
+use dpo::loss::{LossKind, Objective};
 use dpo::model::CausalLm;
 use dpo::scoring::score_batch as score;
 use serde_json::json;
@@ -28,8 +28,8 @@ struct Check {
 /// of `model` on `pairs`, against golden values.
 fn logps_and_grads(model: &CausalLm, params: &[dpo::lora::adapter::NamedParam], pairs: &[dpo::data::TokenizedPair], want_logps: &[f64], grads_file: &std::path::Path) -> (f64, f64) {
     let batch = PairBatch::new(pairs, 3, model.device()).unwrap();
-    let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
-    let (logps, losses) = score(model, &batch, &loss, &mut LoraMode::On).unwrap();
+    let loss = Objective::single(LossKind::Sigmoid, 0.1);
+    let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, &batch, &loss, &mut LoraMode::On).unwrap();
     let got = to_vec(&Tensor::cat(&[&logps.ref_chosen, &logps.ref_rejected, &logps.policy_chosen, &logps.policy_rejected], 0).unwrap());
     let logp_err = got.iter().zip(want_logps).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     let grads = losses.mean_all().unwrap().backward().unwrap();

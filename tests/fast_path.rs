@@ -6,7 +6,7 @@ use common::*;
 use candle_core::{DType, Device, Tensor};
 use dpo::data::{PairBatch, TokenizedPair};
 use dpo::nn::LoraMode;
-use dpo::loss::{DpoLoss, LossKind};
+use dpo::loss::{LossKind, Objective};
 use dpo::model::{Architecture, CausalLm, LayerPath};
 use dpo::scoring::score_batch as score;
 
@@ -22,8 +22,8 @@ fn with_sliding_window(model: &str, window: usize) -> CausalLm {
 
 /// Log-probs and every LoRA gradient of the mean sigmoid loss.
 fn logps_and_grads(model: &CausalLm, params: &[dpo::lora::adapter::NamedParam], batch: &PairBatch) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
-    let (logps, losses) = score(model, batch, &loss, &mut LoraMode::On).unwrap();
+    let loss = Objective::single(LossKind::Sigmoid, 0.1);
+    let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, batch, &loss, &mut LoraMode::On).unwrap();
     let grads = losses.mean_all().unwrap().backward().unwrap();
     let all = Tensor::cat(&[&logps.policy_chosen, &logps.policy_rejected, &logps.ref_chosen, &logps.ref_rejected], 0).unwrap();
     (to_vec(&all), params.iter().map(|p| to_vec(grads.get(&p.var).unwrap())).collect())
@@ -79,10 +79,10 @@ fn lora_dropout_on_all_targets_is_the_same_on_the_cpu_layer_op_and_the_composite
         let t = p.var.as_tensor();
         p.var.set(&Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu).unwrap()).unwrap();
     }
-    let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
+    let loss = Objective::single(LossKind::Sigmoid, 0.1);
     let run = |model: &CausalLm| {
         let mut rng = SeededRng::new(11, Stream::Dropout);
-        let (logps, losses) = score(model, &batch, &loss, &mut LoraMode::Train(&mut rng)).unwrap();
+        let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, &batch, &loss, &mut LoraMode::Train(&mut rng)).unwrap();
         let grads = losses.mean_all().unwrap().backward().unwrap();
         let g: Vec<Vec<f64>> = params.iter().map(|p| to_vec(grads.get(&p.var).unwrap())).collect();
         (to_vec(&logps.policy_chosen), g)
@@ -95,6 +95,6 @@ fn lora_dropout_on_all_targets_is_the_same_on_the_cpu_layer_op_and_the_composite
         norm_close(a, b, 1e-4).unwrap_or_else(|e| panic!("{}: {e}", p.name));
     }
     // Dropout really acted: without it the log-probs differ.
-    let no_dropout = to_vec(&score(&model, &batch, &loss, &mut LoraMode::On).unwrap().0.policy_chosen);
+    let no_dropout = to_vec(&score(&model, &batch, &loss, &mut LoraMode::On).unwrap().logps.policy_chosen);
     assert!(no_dropout.iter().zip(&plain.0).any(|(a, b)| (a - b).abs() > 1e-4));
 }

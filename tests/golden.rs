@@ -4,7 +4,7 @@ use common::*;
 use candle_core::Tensor;
 use clap::Parser;
 use dpo::nn::LoraMode;
-use dpo::loss::{DpoLoss, LossKind, PairScore, RewardMetrics};
+use dpo::loss::{LossKind, Objective, RewardMetrics};
 use dpo::scoring::{response_logps, split_pairs};
 use dpo::scoring::score_batch as score;
 
@@ -93,14 +93,15 @@ fn losses_and_metrics_match_golden() {
         let m = &g["models"][golden_model];
         let (model, _) = load_with_golden_adapter(model, golden_model);
         for (name, kind, ls) in kinds {
-            let loss = DpoLoss { kind, beta: 0.1, label_smoothing: ls };
-            let (logps, losses) = score(&model, &batch, &loss, &mut LoraMode::On).unwrap();
+            let mut objective = Objective::single(kind, 0.1);
+            objective.params.label_smoothing = ls;
+            let scored = score(&model, &batch, &objective, &mut LoraMode::On).unwrap();
             let want = &m["losses"][name];
-            for (i, (got, want)) in to_vec(&losses).iter().zip(f64s(&want["per_pair"])).enumerate() {
+            let per_pair = objective.per_pair(&scored.logps, None).unwrap().expect("a loss per pair");
+            for (i, (got, want)) in per_pair.iter().zip(f64s(&want["per_pair"])).enumerate() {
                 assert_rel(&format!("{golden_model} {name} pair {i}"), *got, want, 1e-5);
             }
-            let scores = PairScore::collect(&logps, &losses).unwrap();
-            let metrics = RewardMetrics::mean(&scores, 0.1);
+            let metrics = RewardMetrics::mean(&[scored.collect(&objective, &batch, false).unwrap()]);
             assert_rel(&format!("{golden_model} {name} mean"), metrics.loss, want["mean"].as_f64().unwrap(), 1e-5);
             if name == "sigmoid" {
                 let gm = &m["metrics"];
@@ -123,8 +124,8 @@ fn lora_gradients_of_mean_sigmoid_loss_match_golden() {
     let batch = batch(&golden_pairs());
     for (model, golden_model) in MODELS {
         let (model, params) = load_with_golden_adapter(model, golden_model);
-        let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
-        let (_, losses) = score(&model, &batch, &loss, &mut LoraMode::On).unwrap();
+        let loss = Objective::single(LossKind::Sigmoid, 0.1);
+        let dpo::scoring::Scored { loss: losses, .. } = score(&model, &batch, &loss, &mut LoraMode::On).unwrap();
         let grads = losses.mean_all().unwrap().backward().unwrap();
         let want = load_safetensors(&golden_dir(golden_model).join("grads_sigmoid_mean.safetensors"));
         assert_eq!(want.len(), params.len(), "{golden_model}: one golden gradient per LoRA tensor");

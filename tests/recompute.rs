@@ -4,15 +4,15 @@
 mod common;
 use common::*;
 use dpo::nn::LoraMode;
-use dpo::loss::{DpoLoss, LossKind};
+use dpo::loss::{LossKind, Objective};
 use dpo::model::{CausalLm, LayerPath};
 use dpo::rng::{SeededRng, Stream};
 use dpo::scoring::score_batch as score;
 
 fn logps_and_grads(model: &CausalLm, params: &[dpo::lora::adapter::NamedParam], pairs: &[dpo::data::TokenizedPair]) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
+    let loss = Objective::single(LossKind::Sigmoid, 0.1);
     let mut rng = SeededRng::new(3, Stream::Dropout);
-    let (logps, losses) = score(model, &batch(pairs), &loss, &mut LoraMode::Train(&mut rng)).unwrap();
+    let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, &batch(pairs), &loss, &mut LoraMode::Train(&mut rng)).unwrap();
     let grads = losses.mean_all().unwrap().backward().unwrap();
     (to_vec(&logps.policy_chosen), params.iter().map(|p| to_vec(grads.get(&p.var).expect("a gradient per LoRA tensor"))).collect())
 }

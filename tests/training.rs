@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use dpo::config::TrainArgs;
 use dpo::lora::{LoraConfig, adapter};
 use dpo::nn::LoraMode;
-use dpo::loss::{DpoLoss, LossKind};
+use dpo::loss::{LossKind, Objective};
 use dpo::scoring::score_batch as score;
 use std::path::Path;
 use std::process::Command;
@@ -124,9 +124,9 @@ fn every_lora_tensor_receives_a_gradient_on_every_target() {
         let noise = Tensor::randn(0f32, 0.1, p.var.shape(), &Device::Cpu).unwrap();
         p.var.set(&noise).unwrap();
     }
-    let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
+    let loss = Objective::single(LossKind::Sigmoid, 0.1);
     let mut rng = dpo::rng::SeededRng::new(1, dpo::rng::Stream::Dropout);
-    let (_, losses) = score(&model, &batch(&golden_pairs()[..2]), &loss, &mut LoraMode::Train(&mut rng)).unwrap();
+    let dpo::scoring::Scored { loss: losses, .. } = score(&model, &batch(&golden_pairs()[..2]), &loss, &mut LoraMode::Train(&mut rng)).unwrap();
     let grads = losses.mean_all().unwrap().backward().unwrap();
     for p in &params {
         let g = grads.get(&p.var).unwrap_or_else(|| panic!("{} got no gradient: the graph is cut", p.name));

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use dpo::nn::LoraMode;
-use dpo::loss::{DpoLoss, LossKind};
+use dpo::loss::{LossKind, Objective};
 use dpo::model::LayerPath;
 use dpo::scoring::score_batch as score;
 
@@ -16,8 +16,8 @@ fn check_family(family: &str, path: LayerPath, golden: &serde_json::Value) -> Ve
     let (model, params) = load_zoo(family, path);
     let pairs = zoo_pairs(g);
     let batch = batch(&pairs);
-    let loss = DpoLoss { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0 };
-    let (logps, losses) = score(&model, &batch, &loss, &mut LoraMode::On).unwrap();
+    let loss = Objective::single(LossKind::Sigmoid, 0.1);
+    let dpo::scoring::Scored { logps, loss: losses, .. } = score(&model, &batch, &loss, &mut LoraMode::On).unwrap();
     let mut failures = Vec::new();
     let mut close = |what: &str, got: &candle_core::Tensor, want: &serde_json::Value, tol: f64| {
         let (got, want) = (to_vec(got), f64s(want));

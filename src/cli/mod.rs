@@ -162,6 +162,10 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             "loss {:.6}  rewards/accuracies {:.4}  rewards/margins {:.6}  rewards/chosen {:.6}  rewards/rejected {:.6}  logps/chosen {:.4}  logps/rejected {:.4}",
             m.loss, m.rewards_accuracies, m.rewards_margins, m.rewards_chosen, m.rewards_rejected, m.logps_chosen, m.logps_rejected
         );
+        let extra: Vec<String> = m.extra.iter().map(|(k, v)| format!("{k} {v:.6}")).collect();
+        if !extra.is_empty() {
+            println!("{}", extra.join("  "));
+        }
     }
     Ok(())
 }

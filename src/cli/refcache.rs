@@ -58,6 +58,10 @@ fn build(args: &TrainArgs) -> Result<()> {
         args.ref_cache = Some(PathBuf::from("auto"));
     }
     crate::config::validate(&args)?;
+    let objective = crate::setup::objective(&args.common)?;
+    if !objective.needs_reference() {
+        bail!(crate::config::UsageError(format!("--loss {} is reference-free: it needs no reference cache", objective.name())));
+    }
     let loaded = crate::setup::load_model(&args.common)?;
     let data = crate::setup::load_pairs(&args.common, &loaded)?;
     let mut cache = crate::train::open_cache(&args, &loaded)?.context("no --ref-cache")?;
@@ -65,7 +69,7 @@ fn build(args: &TrainArgs) -> Result<()> {
     let order = PairOrder::new(data.len(), (!args.no_shuffle).then_some(args.seed));
     // The micro-batches the run will score, training steps then the held-out pairs.
     let mut fill = |data: &crate::setup::Dataset, indices: &[usize]| -> Result<()> {
-        for item in micro_batches(data, indices, plan.batch_size, loaded.pad_id, &loaded.device) {
+        for item in micro_batches(data, indices, plan.batch_size, loaded.pad_id, &loaded.device, &objective) {
             let (pairs, batch) = item?;
             reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache))?;
         }

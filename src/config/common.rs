@@ -61,15 +61,41 @@ pub struct CommonArgs {
     /// Refuse to run when more than this fraction of rows is unusable.
     #[arg(long, default_value_t = 0.01)]
     pub max_skip_ratio: f64,
-    /// The DPO loss.
-    #[arg(long, value_enum, default_value = "sigmoid")]
-    pub loss: crate::loss::LossKind,
-    /// DPO temperature β.
+    /// The preference loss, by TRL's name; a comma list mixes losses (TRL's MPO) with --loss-weights.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "sigmoid")]
+    #[serde(serialize_with = "comma_list")]
+    pub loss: Vec<crate::loss::LossKind>,
+    /// Weight of each loss of --loss, in order (default: 1 each).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loss_weights: Vec<f64>,
+    /// DPO temperature β (ORPO's λ, IPO's τ).
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
-    /// cDPO label smoothing ε (sigmoid loss only).
+    /// Label smoothing ε: cDPO for sigmoid; exo_pair, robust, aot, aot_unpaired, simpo, cpo.
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
+    /// f-divergence of the log-ratios (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop).
+    #[arg(long, value_enum, default_value = "reverse_kl")]
+    pub f_divergence: crate::loss::FDivergence,
+    /// α of --f-divergence alpha_divergence [default: 1.0].
+    #[arg(long)]
+    pub f_alpha: Option<f64>,
+    /// DiscoPOP's temperature τ [default: 0.05].
+    #[arg(long)]
+    pub discopop_tau: Option<f64>,
+    /// SimPO's target reward margin γ [default: 0.5].
+    #[arg(long)]
+    pub simpo_gamma: Option<f64>,
+    /// Weight of the chosen NLL added to cpo [default: 1.0] or simpo [default: 0].
+    #[arg(long)]
+    pub cpo_alpha: Option<f64>,
+    /// LD-DPO: response tokens past the shorter response's length weigh α in every sum.
+    #[arg(long)]
+    pub ld_alpha: Option<f64>,
+    /// WPO: weight each pair's loss by the policy's (detached) probability of both responses.
+    #[arg(long)]
+    pub use_weighting: bool,
     /// Longest prompt + response, in tokens; longer pairs are truncated.
     #[arg(long, default_value_t = 1024)]
     pub max_length: usize,
@@ -84,7 +110,26 @@ pub struct CommonArgs {
     pub dtype: crate::device::DTypeChoice,
 }
 
+/// `loss = "sigmoid"`, `loss = "sigmoid,sft"`: written as the flag takes it.
+fn comma_list<S: serde::Serializer>(kinds: &[crate::loss::LossKind], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(","))
+}
+
 impl CommonArgs {
+    /// The training objective these flags describe; a bad combination is a [`super::UsageError`]
+    /// naming the flags.
+    pub fn objective(&self) -> std::result::Result<crate::loss::Objective, String> {
+        let mut params = crate::loss::LossParams::new(self.beta);
+        params.label_smoothing = self.label_smoothing;
+        params.f_divergence = self.f_divergence;
+        params.f_alpha = self.f_alpha.unwrap_or(1.0);
+        params.discopop_tau = self.discopop_tau.unwrap_or(0.05);
+        params.simpo_gamma = self.simpo_gamma.unwrap_or(0.5);
+        params.cpo_alpha = self.cpo_alpha;
+        let explicit = crate::loss::Explicit { f_alpha: self.f_alpha.is_some(), discopop_tau: self.discopop_tau.is_some(), simpo_gamma: self.simpo_gamma.is_some() };
+        crate::loss::Objective::new(&self.loss, &self.loss_weights, params, self.ld_alpha, self.use_weighting, explicit)
+    }
+
     /// The data settings of these flags.
     pub fn data_settings(&self, vocab_size: Option<usize>) -> crate::data::pipeline::Settings {
         crate::data::pipeline::Settings {

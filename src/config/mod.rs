@@ -264,6 +264,8 @@ pub fn table_flags<C: CommandFactory>(table: toml::Table, origin: &dyn Fn(&str) 
             (toml::Value::String(s), true) => s.clone(),
             (toml::Value::Integer(i), true) => i.to_string(),
             (toml::Value::Float(f), true) => f.to_string(),
+            // An empty list is the flag's default (nothing given).
+            (toml::Value::Array(items), true) if items.is_empty() => continue,
             (toml::Value::Array(items), true) => items
                 .iter()
                 .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))

@@ -45,20 +45,14 @@ fn check(a: &TrainArgs) -> Result<(), String> {
     if !(a.lr.is_finite() && a.lr > 0.0) {
         return Err(out_of_range("lr", a.lr, "must be a positive number"));
     }
-    if !(a.common.beta.is_finite() && a.common.beta > 0.0) {
-        return Err(out_of_range("beta", a.common.beta, "must be a positive number"));
-    }
     if !(a.lora_alpha.is_finite() && a.lora_alpha > 0.0) {
         return Err(out_of_range("lora_alpha", a.lora_alpha, "must be a positive number"));
     }
     in_range("lora_dropout", a.lora_dropout, 0.0, 1.0, false, "must be in [0, 1)")?;
-    in_range("label_smoothing", a.common.label_smoothing, 0.0, 0.5, false, "must be in [0, 0.5)")?;
     in_range("warmup_ratio", a.warmup_ratio, 0.0, 1.0, false, "must be in [0, 1)")?;
     in_range("weight_decay", a.weight_decay, 0.0, inf, false, "must not be negative")?;
     in_range("max_grad_norm", a.max_grad_norm, 0.0, inf, false, "must not be negative (0 disables clipping)")?;
     in_range("max_skip_ratio", a.common.max_skip_ratio, 0.0, 1.0, true, "must be in [0, 1]")?;
-    if a.common.label_smoothing > 0.0 && a.common.loss != crate::loss::LossKind::Sigmoid {
-        return Err(format!("label_smoothing = {} applies to loss = \"sigmoid\" only (cDPO), not {:?}", a.common.label_smoothing, a.common.loss.name()));
-    }
+    a.common.objective()?;
     Ok(())
 }

@@ -37,9 +37,24 @@ pub struct PairBatch {
     pub sequence_of_token: Tensor,
     /// Scored tokens per sequence (chosen sequences, then rejected).
     pub response_tokens: Vec<usize>,
+    /// Per scored token: its sequence, and its index within that response.
+    pub token_owner: Vec<(usize, usize)>,
+    /// The chosen sequences' prompt tokens after BOS, scored too (ORPO's NLL covers them).
+    pub prompt: Option<PromptScoring>,
     /// Tokens of the `2·pairs` prompt+response sequences (a shared prompt counts twice), the
     /// unit of tokens/s whatever the layout.
     pub tokens: usize,
+}
+
+/// Scored prompt tokens of the chosen sequences: token `t ≥ 1` of pair `i`'s prompt, predicted
+/// from position `t − 1` of the row holding pair `i`'s chosen sequence.
+pub struct PromptScoring {
+    pub predictor_rows: Tensor,
+    pub targets: Vec<u32>,
+    /// `[pairs, scored prompt tokens]` 0/1.
+    pub pair_of_token: Tensor,
+    /// Scored prompt tokens per pair (prompt length − 1).
+    pub tokens: Vec<usize>,
 }
 
 /// One row being assembled: tokens, positions, segments; and the scored tokens.
@@ -128,12 +143,12 @@ impl PairBatch {
                 let predictor = if k == 0 { s.first_predictor } else { s.start + k - 1 };
                 flat_rows.push((s.row * len + predictor) as u32);
                 targets.push(tok);
-                owner.push(s.sequence);
+                owner.push((s.sequence, k));
             }
         }
         let total = targets.len();
         let mut seg = vec![0f32; sequences * total];
-        for (j, &s) in owner.iter().enumerate() {
+        for (j, &(s, _)) in owner.iter().enumerate() {
             seg[s * total + j] = 1.0;
         }
         let n_rows = rows.len();
@@ -145,7 +160,49 @@ impl PairBatch {
             targets,
             sequence_of_token: Tensor::from_vec(seg, (sequences, total), device)?,
             response_tokens: scored.iter().map(|s| s.tokens.len()).collect(),
+            token_owner: owner,
+            prompt: None,
             tokens: pairs.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum(),
         })
+    }
+
+    /// LD-DPO's length-desensitised sums: in each pair, the response tokens past the shorter
+    /// response's length weigh `alpha` instead of 1 (policy and reference alike).
+    pub fn with_ld_alpha(mut self, alpha: f64) -> Result<Self> {
+        let (n, total) = (self.pairs, self.targets.len());
+        let shared: Vec<usize> = (0..n).map(|i| self.response_tokens[i].min(self.response_tokens[n + i])).collect();
+        let mut w = vec![0f32; 2 * n * total];
+        for (j, &(s, k)) in self.token_owner.iter().enumerate() {
+            w[s * total + j] = if k < shared[s % n] { 1.0 } else { alpha as f32 };
+        }
+        self.sequence_of_token = Tensor::from_vec(w, (2 * n, total), self.ids.device())?;
+        Ok(self)
+    }
+
+    /// Also scores each chosen sequence's prompt tokens after BOS (rows laid out by [`PairBatch::new`]
+    /// or [`PairBatch::unshared`]: pair `i`'s chosen sequence starts row `i`).
+    pub fn with_prompt_scoring(mut self, pairs: &[TokenizedPair]) -> Result<Self> {
+        let len = self.layout.len;
+        let (mut rows, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, p) in pairs.iter().enumerate() {
+            for t in 1..p.prompt.len() {
+                rows.push((i * len + t - 1) as u32);
+                targets.push(p.prompt[t]);
+                owner.push(i);
+            }
+        }
+        let m = targets.len();
+        let mut sum = vec![0f32; pairs.len() * m];
+        for (j, &i) in owner.iter().enumerate() {
+            sum[i * m + j] = 1.0;
+        }
+        let device = self.ids.device().clone();
+        self.prompt = Some(PromptScoring {
+            predictor_rows: Tensor::from_vec(rows, m, &device)?,
+            targets,
+            pair_of_token: Tensor::from_vec(sum, (pairs.len(), m), &device)?,
+            tokens: pairs.iter().map(|p| p.prompt.len().saturating_sub(1)).collect(),
+        });
+        Ok(self)
     }
 }

@@ -8,6 +8,10 @@
 //! - `hh-rlhf`: `chosen`/`rejected` full dialogues; the prompt is their longest common prefix
 //!   ending in `"\n\nAssistant:"` (Anthropic/hh-rlhf).
 //! - `explicit`: `prompt`, `chosen`, `rejected` strings.
+//! - `alpaca-ranking` (LLaMA-Factory): `instruction`, `input`, `output: [chosen, rejected]`,
+//!   optional `system` and `history: [[user, assistant], …]`; the user turn is `instruction`,
+//!   then `"\n"` and `input` when there is one (LLaMA-Factory's convention).
+//! - `argilla`: `instruction`, `chosen_response`, `rejected_response`, optional `system`.
 //!
 //! ```
 //! use dpo::data::schema::{Columns, FormatChoice, Schema};
@@ -26,6 +30,8 @@ pub enum Format {
     Messages,
     HhRlhf,
     Explicit,
+    AlpacaRanking,
+    Argilla,
 }
 
 /// `--format`: a format, or `auto` (detected from the first row's columns).
@@ -40,6 +46,9 @@ pub enum FormatChoice {
     HhRlhf,
     #[value(alias = "prompt-chosen-rejected")]
     Explicit,
+    #[value(alias = "alpaca")]
+    AlpacaRanking,
+    Argilla,
 }
 
 impl FormatChoice {
@@ -51,6 +60,8 @@ impl FormatChoice {
             Self::Messages => Some(Format::Messages),
             Self::HhRlhf => Some(Format::HhRlhf),
             Self::Explicit => Some(Format::Explicit),
+            Self::AlpacaRanking => Some(Format::AlpacaRanking),
+            Self::Argilla => Some(Format::Argilla),
         }
     }
 }
@@ -62,6 +73,8 @@ impl Format {
             Self::Messages => "messages",
             Self::HhRlhf => "hh-rlhf",
             Self::Explicit => "explicit",
+            Self::AlpacaRanking => "alpaca-ranking",
+            Self::Argilla => "argilla",
         }
     }
 }
@@ -88,11 +101,12 @@ impl Schema {
     pub fn detect(format: FormatChoice, cols: Columns, first: &Value) -> Result<Self> {
         let Some(obj) = first.as_object() else { bail!("rows must be JSON objects, found {}", kind(first)) };
         let found = || obj.keys().cloned().collect::<Vec<_>>().join(", ");
-        let chosen = cols.chosen.clone().unwrap_or_else(|| "chosen".into());
-        let rejected = cols.rejected.clone().unwrap_or_else(|| "rejected".into());
+        let instruction = cols.prompt.clone().unwrap_or_else(|| "instruction".into());
         let format = match format.format() {
             Some(f) => f,
-            None => match obj.get(&chosen) {
+            None if obj.contains_key(&instruction) && obj.get("output").is_some_and(Value::is_array) => Format::AlpacaRanking,
+            None if obj.contains_key(&instruction) && obj.contains_key("chosen_response") => Format::Argilla,
+            None => match obj.get(cols.chosen.as_deref().unwrap_or("chosen")) {
                 Some(Value::Array(_)) => Format::Messages,
                 Some(Value::String(_)) if cols.prompt.is_some() => Format::Explicit,
                 Some(Value::String(_)) if obj.contains_key("question") => Format::Orca,
@@ -100,16 +114,31 @@ impl Schema {
                 Some(Value::String(s)) if s.contains(HH_MARKER) => Format::HhRlhf,
                 _ => bail!(
                     "cannot tell the dataset format from its columns ({}): expected orca (system, question, chosen, rejected), \
-                     messages (prompt, chosen/rejected as [{{role, content}}]), hh-rlhf (chosen, rejected dialogues) or explicit \
-                     (prompt, chosen, rejected); pass --format and --prompt-column/--chosen-column/--rejected-column",
+                     messages (prompt, chosen/rejected as [{{role, content}}]), hh-rlhf (chosen, rejected dialogues), explicit \
+                     (prompt, chosen, rejected), alpaca-ranking (instruction, input, output: [chosen, rejected]) or argilla \
+                     (instruction, chosen_response, rejected_response); pass --format and --prompt-column/--chosen-column/--rejected-column",
                     found()
                 ),
             },
         };
-        let prompt = cols.prompt.unwrap_or_else(|| if format == Format::Orca { "question".into() } else { "prompt".into() });
+        if format == Format::AlpacaRanking {
+            if let Some(flag) = [("--chosen-column", &cols.chosen), ("--rejected-column", &cols.rejected)].iter().find(|(_, c)| c.is_some()).map(|(f, _)| f) {
+                bail!("{flag} does not apply to format alpaca-ranking: its \"output\" column holds [chosen, rejected]");
+            }
+        }
+        let (chosen, rejected) = match format {
+            Format::AlpacaRanking => ("output".to_string(), "output".to_string()),
+            Format::Argilla => (cols.chosen.unwrap_or_else(|| "chosen_response".into()), cols.rejected.unwrap_or_else(|| "rejected_response".into())),
+            _ => (cols.chosen.unwrap_or_else(|| "chosen".into()), cols.rejected.unwrap_or_else(|| "rejected".into())),
+        };
+        let prompt = match format {
+            Format::Orca => cols.prompt.unwrap_or_else(|| "question".into()),
+            Format::AlpacaRanking | Format::Argilla => instruction,
+            _ => cols.prompt.unwrap_or_else(|| "prompt".into()),
+        };
         let schema = Self { format, prompt, chosen, rejected };
         let mut needed = vec![&schema.chosen, &schema.rejected];
-        if matches!(format, Format::Orca | Format::Explicit) {
+        if matches!(format, Format::Orca | Format::Explicit | Format::AlpacaRanking | Format::Argilla) {
             needed.push(&schema.prompt);
         }
         if let Some(missing) = needed.iter().find(|c| !obj.contains_key(c.as_str())) {
@@ -136,6 +165,13 @@ impl Schema {
             }
             Format::HhRlhf => hh_example(&text(row, &self.chosen, true)?, &text(row, &self.rejected, true)?)?,
             Format::Messages => self.messages_example(row)?,
+            Format::AlpacaRanking => self.alpaca_example(row)?,
+            Format::Argilla => {
+                let mut ex = Example::orca(&text(row, "system", false)?, &text(row, &self.prompt, true)?, "", "");
+                ex.chosen = text(row, &self.chosen, true)?;
+                ex.rejected = text(row, &self.rejected, true)?;
+                ex
+            }
         };
         if ex.raw_prompt.trim().is_empty() && ex.prompt.iter().all(|m| m.content.trim().is_empty()) {
             bail!("empty prompt");
@@ -145,6 +181,35 @@ impl Schema {
                 bail!("field {name:?} has an empty response");
             }
         }
+        Ok(ex)
+    }
+
+    /// LLaMA-Factory's Alpaca ranking row: system, history turns, `instruction\ninput`, and
+    /// `output: [chosen, rejected]`.
+    fn alpaca_example(&self, row: &Value) -> Result<Example> {
+        let instruction = text(row, &self.prompt, true)?;
+        let input = text(row, "input", false)?;
+        let question = if input.is_empty() { instruction } else { format!("{instruction}\n{input}") };
+        let output = row.get("output").and_then(Value::as_array);
+        let (chosen, rejected) = match output.map(|o| o.as_slice()) {
+            Some([Value::String(c), Value::String(r)]) => (c.clone(), r.clone()),
+            _ => bail!("field \"output\" must be [chosen, rejected] (two strings), found {}", row.get("output").map_or("nothing", kind)),
+        };
+        let mut ex = Example::orca(&text(row, "system", false)?, &question, &chosen, &rejected);
+        let history = match row.get("history") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(turns)) => turns.clone(),
+            Some(other) => bail!("field \"history\" must be a list of [user, assistant] pairs, found {}", kind(other)),
+        };
+        let mut earlier = Vec::new();
+        for (i, turn) in history.iter().enumerate() {
+            match turn.as_array().map(|t| t.as_slice()) {
+                Some([Value::String(u), Value::String(a)]) => earlier.extend([Message::new("user", u), Message::new("assistant", a)]),
+                _ => bail!("field \"history\"[{i}] must be [user, assistant] (two strings)"),
+            }
+        }
+        let at = usize::from(ex.prompt.first().is_some_and(|m| m.role == "system"));
+        ex.prompt.splice(at..at, earlier);
         Ok(ex)
     }
 
@@ -269,5 +334,24 @@ mod tests {
         assert_eq!(ex.chosen, " 2");
         assert_eq!(ex.prompt, vec![Message::new("user", "hi"), Message::new("assistant", "yo"), Message::new("user", "1+1?")]);
         assert!(hh_example("a", "b").is_err());
+    }
+
+    #[test]
+    fn alpaca_ranking_and_argilla_rows_become_orca_examples() {
+        let alpaca = serde_json::json!({"instruction": "Add", "input": "2+2", "output": ["4", "5"], "system": "Be brief.",
+            "history": [["hi", "hello"]]});
+        let schema = Schema::detect(FormatChoice::Auto, Columns::default(), &alpaca).unwrap();
+        assert_eq!(schema.format, Format::AlpacaRanking);
+        let ex = schema.example(&alpaca).unwrap();
+        let mut want = Example::orca("Be brief.", "Add\n2+2", "4", "5");
+        want.prompt.splice(1..1, [Message::new("user", "hi"), Message::new("assistant", "hello")]);
+        assert_eq!(ex, want);
+        let bad = serde_json::json!({"instruction": "Add", "input": "", "output": ["4"]});
+        assert!(schema.example(&bad).unwrap_err().to_string().contains("output"));
+
+        let argilla = serde_json::json!({"instruction": "2+2?", "chosen_response": "4", "rejected_response": "5"});
+        let schema = Schema::detect(FormatChoice::Auto, Columns::default(), &argilla).unwrap();
+        assert_eq!(schema.format, Format::Argilla);
+        assert_eq!(schema.example(&argilla).unwrap(), Example::orca("", "2+2?", "4", "5"));
     }
 }

@@ -8,7 +8,8 @@
 //!   the generation prompt, check the rendered prompt is its prefix, take the rest (it carries the
 //!   template's own end-of-turn text, so no EOS is appended).
 //! - `auto` (default): `chat` for conversational (`messages`) data when the tokenizer has a chat
-//!   template, as TRL applies it; `orca` for orca data; `raw` for string prompts.
+//!   template, as TRL applies it; `orca` for orca, Alpaca-ranking and Argilla data (instruction
+//!   layouts; pass `--template chat` for the model's own template); `raw` for string prompts.
 //!
 //! ```
 //! use dpo::data::{Example, Template};
@@ -78,7 +79,7 @@ impl Template {
             },
             TemplateChoice::Auto => Ok(match (format, chat) {
                 (Format::Messages, Some(c)) => Self::Chat(Arc::new(c)),
-                (Format::Messages | Format::Orca, _) => Self::Orca,
+                (Format::Messages | Format::Orca | Format::AlpacaRanking | Format::Argilla, _) => Self::Orca,
                 (Format::HhRlhf | Format::Explicit, _) => Self::Raw,
             }),
         }

@@ -22,6 +22,7 @@ use super::arch::rope::RopeTables;
 use super::arch::{Architecture, LayerSpec, Proj};
 use super::chunked_head;
 use super::cpu_layer;
+use super::token_stats::TokenStats;
 use super::fused;
 use super::generic_layer::{self, PassShared};
 use super::recompute;
@@ -233,10 +234,23 @@ impl CausalLm {
     /// `log p(target | position)` for selected hidden states `[n, hidden]` and targets `[n]`:
     /// lm_head and the log-softmax run on these rows only (in f32).
     pub fn token_logps(&self, hidden_rows: &Tensor, targets: &[u32]) -> Result<Tensor> {
-        if self.path == LayerPath::CpuOp {
-            return Ok(fused::lm_head_logps(hidden_rows, &self.lm_head, targets, self.arch.final_softcap)?);
-        }
-        Ok(chunked_head::lm_head_logps(hidden_rows, &self.lm_head, targets, self.arch.final_softcap)?)
+        self.head(hidden_rows, targets, None)
+    }
+
+    /// As [`CausalLm::token_logps`], with what TRL logs about each scored token's distribution.
+    pub fn token_logps_with_stats(&self, hidden_rows: &Tensor, targets: &[u32]) -> Result<(Tensor, TokenStats)> {
+        let sink = fused::StatsSink::default();
+        let logps = self.head(hidden_rows, targets, Some(&sink))?;
+        let stats = sink.lock().expect("stats sink").take().unwrap_or_default();
+        Ok((logps, stats))
+    }
+
+    fn head(&self, hidden_rows: &Tensor, targets: &[u32], stats: Option<&fused::StatsSink>) -> Result<Tensor> {
+        let cap = self.arch.final_softcap;
+        Ok(match self.path {
+            LayerPath::CpuOp => fused::lm_head_logps(hidden_rows, &self.lm_head, targets, cap, stats)?,
+            LayerPath::Generic => chunked_head::lm_head_logps(hidden_rows, &self.lm_head, targets, cap, stats)?,
+        })
     }
 
     /// Every linear layer with its module path (`model.layers.3.mlp.up_proj`), in model order.

@@ -8,12 +8,14 @@
 //! use candle_core::{Device, Tensor};
 //! let w = Tensor::new(&[[0.0f32], [1.0], [2.0]], &Device::Cpu).unwrap(); // lm_head [vocab 3, hidden 1]
 //! let h = Tensor::new(&[[1.0f32]], &Device::Cpu).unwrap();
-//! let lp = dpo::model::chunked_head::lm_head_logps(&h, &w, &[2], None).unwrap();
+//! let lp = dpo::model::chunked_head::lm_head_logps(&h, &w, &[2], None, None).unwrap();
 //! let want = 2.0 - (1f32 + 1f32.exp() + 2f32.exp()).ln();
 //! assert!((lp.to_vec1::<f32>().unwrap()[0] - want).abs() < 1e-6);
 //! ```
 use super::generic_layer::softcap;
+use super::fused::StatsSink;
 use super::recompute::{Backward, attach};
+use super::token_stats::TokenStats;
 use candle_core::{D, DType, Result, Tensor};
 
 /// Logit elements per chunk (f32): 32 MiB, e.g. 256 rows of a 32k vocabulary.
@@ -21,13 +23,16 @@ const CHUNK_ELEMS: usize = 8 << 20;
 
 /// `[rows]` f32 log-probs of `targets` for hidden rows `[rows, hidden]` and the frozen lm_head
 /// `W` `[vocab, hidden]`.
-pub fn lm_head_logps(hidden: &Tensor, w: &Tensor, targets: &[u32], cap: Option<f64>) -> Result<Tensor> {
+pub fn lm_head_logps(hidden: &Tensor, w: &Tensor, targets: &[u32], cap: Option<f64>, stats: Option<&StatsSink>) -> Result<Tensor> {
     let (rows, vocab) = (hidden.dim(0)?, w.dim(0)?);
     if targets.len() != rows || targets.iter().any(|&t| t as usize >= vocab) {
         candle_core::bail!("lm_head_logps: {} targets for {rows} rows of a {vocab}-token vocabulary", targets.len());
     }
-    let head = Head { w: w.clone(), targets: Tensor::new(targets, hidden.device())?, cap, chunk: (CHUNK_ELEMS / vocab).max(1) };
-    let value = head.logps(&hidden.detach())?;
+    let head = Head { w: w.clone(), targets: Tensor::new(targets, hidden.device())?, cap, chunk: (CHUNK_ELEMS / vocab).max(1), stats: Default::default() };
+    let value = head.logps(&hidden.detach(), stats.map(|_| targets))?;
+    if let (Some(sink), Some(s)) = (stats, head.stats.lock().expect("stats").take()) {
+        *sink.lock().expect("stats sink") = Some(s);
+    }
     if !hidden.track_op() {
         return Ok(value);
     }
@@ -40,6 +45,7 @@ struct Head {
     targets: Tensor,
     cap: Option<f64>,
     chunk: usize,
+    stats: std::sync::Mutex<Option<TokenStats>>,
 }
 
 impl Head {
@@ -52,15 +58,43 @@ impl Head {
         (0..rows).step_by(self.chunk).map(move |r0| (r0, self.chunk.min(rows - r0)))
     }
 
-    fn logps(&self, hidden: &Tensor) -> Result<Tensor> {
+    /// The log-probs; with `targets`, also the chunks' [`TokenStats`] (kept in `self.stats`).
+    fn logps(&self, hidden: &Tensor, targets: Option<&[u32]>) -> Result<Tensor> {
         let mut out = Vec::new();
+        let mut stats = TokenStats::default();
         for (r0, n) in self.chunks(hidden.dim(0)?) {
-            let lp = candle_nn::ops::log_softmax(&self.logits(&hidden.narrow(0, r0, n)?)?, D::Minus1)?;
+            let logits = self.logits(&hidden.narrow(0, r0, n)?)?;
+            if let Some(t) = targets {
+                stats.extend(chunk_stats(&logits, &t[r0..r0 + n])?);
+            }
+            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let t = self.targets.narrow(0, r0, n)?.unsqueeze(1)?.contiguous()?;
             out.push(lp.gather(&t, 1)?.squeeze(1)?);
         }
+        if targets.is_some() {
+            *self.stats.lock().expect("stats") = Some(stats);
+        }
         Tensor::cat(&out, 0)
     }
+}
+
+/// [`TokenStats`] of a chunk's f32 logits `[n, vocab]`, reduced on the device (only `[n]`
+/// vectors come back).
+fn chunk_stats(z: &Tensor, targets: &[u32]) -> Result<TokenStats> {
+    let vocab = z.dim(1)? as f64;
+    let m = z.max_keepdim(D::Minus1)?;
+    let e = z.broadcast_sub(&m)?.exp()?;
+    let s1 = e.sum_keepdim(D::Minus1)?;
+    let s2 = (&e * z)?.sum_keepdim(D::Minus1)?;
+    let s3 = e.sqr()?.sum_keepdim(D::Minus1)?;
+    let lse = (s1.log()? + &m)?;
+    let v = |t: Tensor| t.squeeze(1)?.to_vec1::<f32>();
+    let entropy = v((lse - (s2 / &s1)?)?)?;
+    let log_sum_sq = v((s3.log()? - (s1.log()? * 2.0)?)?)?;
+    let mean_logit = v((z.sum_keepdim(D::Minus1)? / vocab)?)?;
+    let argmax = z.argmax_keepdim(D::Minus1)?.squeeze(1)?.to_vec1::<u32>()?;
+    let top1 = argmax.iter().zip(targets).map(|(a, t)| a == t).collect();
+    Ok(TokenStats { entropy, mean_logit, top1, log_sum_sq })
 }
 
 impl Backward for Head {
@@ -103,8 +137,8 @@ mod tests {
         let probe = Tensor::from_vec(r(rows), rows, &Device::Cpu).unwrap();
         let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 3) % vocab as u32).collect();
         for cap in [None, Some(1.5)] {
-            let head = Head { w: w.clone(), targets: Tensor::new(targets.as_slice(), &Device::Cpu).unwrap(), cap, chunk: 3 };
-            let chunked = attach(head.logps(&h.as_tensor().detach()).unwrap(), &[h.as_tensor()], head).unwrap();
+            let head = Head { w: w.clone(), targets: Tensor::new(targets.as_slice(), &Device::Cpu).unwrap(), cap, chunk: 3, stats: Default::default() };
+            let chunked = attach(head.logps(&h.as_tensor().detach(), None).unwrap(), &[h.as_tensor()], head).unwrap();
             let plain = {
                 let logits = softcap(&h.as_tensor().matmul(&w.t().unwrap()).unwrap(), cap).unwrap();
                 let t = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap().unsqueeze(1).unwrap();

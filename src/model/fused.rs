@@ -13,11 +13,15 @@
 //! # use candle_core::{Device, Tensor};
 //! let w = Tensor::new(&[[0.0f32], [1.0], [2.0]], &Device::Cpu).unwrap(); // lm_head [vocab 3, hidden 1]
 //! let h = Tensor::new(&[[1.0f32]], &Device::Cpu).unwrap();
-//! let lp = dpo::model::fused::lm_head_logps(&h, &w, &[2], None).unwrap();
+//! let lp = dpo::model::fused::lm_head_logps(&h, &w, &[2], None, None).unwrap();
 //! let want = 2.0 - (1f32 + 1f32.exp() + 2f32.exp()).ln();
 //! assert!((lp.to_vec1::<f32>().unwrap()[0] - want).abs() < 1e-6);
 //! ```
 use super::kernels::{self, Gemm, cpu_storage_f32};
+use super::token_stats::TokenStats;
+
+/// Where a head leaves its [`TokenStats`] (a head op cannot return them beside its tensor).
+pub type StatsSink = std::sync::Arc<std::sync::Mutex<Option<TokenStats>>>;
 use candle_core::{Context, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
@@ -27,13 +31,19 @@ use rayon::prelude::*;
 /// frozen lm_head `W` `[vocab, hidden]`; `softcap` is `cap·tanh(z/cap)` (Gemma 2) or none.
 /// Returns `[rows]`. The `[rows, vocab]` (capped) logits are kept inside the op for backward
 /// (and dropped with it when nothing records a graph).
-pub fn lm_head_logps(hidden: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<Tensor> {
+pub fn lm_head_logps(hidden: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>, stats: Option<&StatsSink>) -> Result<Tensor> {
     let rows = hidden.dim(0)?;
     let vocab = w.dim(0)?;
     if targets.len() != rows || targets.iter().any(|&t| t as usize >= vocab) {
         bail!("lm_head_logps: {} targets for {rows} rows of a {vocab}-token vocabulary", targets.len());
     }
-    let op = LmHeadLogps { w: w.contiguous()?, targets: targets.to_vec(), softcap: softcap.map(|c| c as f32), logits: std::sync::Mutex::new(None) };
+    let op = LmHeadLogps {
+        w: w.contiguous()?,
+        targets: targets.to_vec(),
+        softcap: softcap.map(|c| c as f32),
+        stats: stats.cloned(),
+        logits: std::sync::Mutex::new(None),
+    };
     hidden.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)))
 }
 
@@ -41,6 +51,8 @@ struct LmHeadLogps {
     w: Tensor,
     targets: Vec<u32>,
     softcap: Option<f32>,
+    /// Where the forward leaves the scored tokens' [`TokenStats`], when asked.
+    stats: Option<StatsSink>,
     /// The forward's (capped) logits `[rows, vocab]`, for backward.
     logits: std::sync::Mutex<Option<Vec<f32>>>,
 }
@@ -77,6 +89,20 @@ impl CustomOp1 for LmHeadLogps {
             .zip(self.targets.par_iter())
             .map(|(row, &t)| row[t as usize] - kernels::log_sum_exp(row))
             .collect();
+        if let Some(sink) = &self.stats {
+            let rows: Vec<TokenStats> = logits
+                .par_chunks(vocab)
+                .zip(self.targets.par_iter())
+                .map(|(row, &t)| {
+                    let mut s = TokenStats::default();
+                    s.push_row(row, t as usize);
+                    s
+                })
+                .collect();
+            let mut all = TokenStats::default();
+            rows.into_iter().for_each(|s| all.extend(s));
+            *sink.lock().expect("stats sink") = Some(all);
+        }
         *self.logits.lock().expect("logits lock") = Some(logits);
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }

@@ -313,6 +313,32 @@ fn softcapped_logit_grad_generic(row: &mut [f32], lse: f32, g: f32, cap: f32) {
 }
 
 #[inline(always)]
+fn softmax_moments_generic(xs: &[f32], shift: f32) -> [f32; 4] {
+    // (Σ e, Σ e·x, Σ e², Σ x) with e = exp(x − shift)
+    let (mut s1, mut s2, mut s3, mut s4) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            let e = exp_f32(c[i] - shift);
+            s1[i] += e;
+            s2[i] += e * c[i];
+            s3[i] += e * e;
+            s4[i] += c[i];
+        }
+    }
+    let mut out = [s1.iter().sum::<f32>(), s2.iter().sum::<f32>(), s3.iter().sum::<f32>(), s4.iter().sum::<f32>()];
+    for &x in tail {
+        let e = exp_f32(x - shift);
+        out[0] += e;
+        out[1] += e * x;
+        out[2] += e * e;
+        out[3] += x;
+    }
+    out
+}
+
+#[inline(always)]
 fn silu_mul_generic(out: &mut [f32], gate: &[f32], up: &[f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = g * sigmoid(g) * u;
@@ -346,6 +372,7 @@ fn add_mask_generic(s: &mut [f32], mask: &[f32]) {
 }
 
 dispatch!(row_max(xs: &[f32]) -> f32 = max_generic);
+dispatch!(softmax_moments(xs: &[f32], shift: f32) -> [f32; 4] = softmax_moments_generic);
 dispatch!(exp_shift_sum(xs: &mut [f32], shift: f32) -> f32 = exp_shift_sum_generic);
 dispatch!(sum_exp_shift(xs: &[f32], shift: f32) -> f32 = sum_exp_shift_generic);
 dispatch!(exp_shift_scale(xs: &mut [f32], shift: f32, factor: f32) -> () = exp_shift_scale_generic);

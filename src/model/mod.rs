@@ -9,6 +9,7 @@ pub mod generic_layer;
 pub mod kernels;
 pub mod recompute;
 pub mod tiled_attention;
+pub mod token_stats;
 pub mod weights;
 
 pub use arch::{Architecture, Family};

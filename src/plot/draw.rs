@@ -14,7 +14,7 @@
 //! }
 //! # Ok(()) }
 //! ```
-use super::series::{METRICS, RunSeries};
+use super::series::{RunSeries, metrics_of};
 use anyhow::{Result, anyhow};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -44,7 +44,12 @@ fn title(metric: &str) -> &'static str {
         "rewards/accuracies" => "reward accuracy",
         "rewards/margins" => "reward margin",
         "logps/chosen" => "log p(chosen)",
-        _ => "log p(rejected)",
+        "logps/rejected" => "log p(rejected)",
+        "nll_loss" => "NLL (chosen)",
+        "log_odds_ratio" => "log σ(log odds ratio)",
+        "entropy" => "policy entropy",
+        "mean_token_accuracy" => "token accuracy (chosen)",
+        _ => "metric",
     }
 }
 
@@ -52,27 +57,29 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing the plot: {e:?}")
 }
 
-/// Draws the whole figure on `root` (2 × 3 panels).
+/// Draws the whole figure on `root`: three panels a row, one per metric, then the heat map.
 pub fn figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, runs: &[RunSeries]) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let heading = if runs.len() == 1 { format!("dpo run {}", runs[0].name) } else { format!("dpo sweep: {} runs", runs.len()) };
     let body = root.titled(&format!("{heading}   (thick lines: train, per step; ×: held-out eval)"), ("sans-serif", 26)).map_err(err)?;
     let (plots, legend) = body.split_horizontally(body.dim_in_pixel().0.saturating_sub(LEGEND_WIDTH));
     legend_panel(&legend, runs)?;
-    let panels = plots.split_evenly((2, 3));
-    for (i, metric) in METRICS.iter().enumerate() {
+    let metrics = metrics_of(runs);
+    let panels = plots.split_evenly(((metrics.len() + 1).div_ceil(3), 3));
+    for (i, metric) in metrics.iter().enumerate() {
         line_panel(&panels[i], runs, metric)?;
     }
+    let last = &panels[metrics.len()];
     match heat_axes(runs) {
-        Some((betas, lrs)) => heat_map(&panels[5], runs, &betas, &lrs)?,
-        None => final_values(&panels[5], runs)?,
+        Some((betas, lrs)) => heat_map(last, runs, &betas, &lrs)?,
+        None => final_values(last, runs)?,
     }
     root.present().map_err(err)?;
     Ok(())
 }
 
 fn line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunSeries], metric: &str) -> Result<()> {
-    let mut values: Vec<f64> = runs.iter().flat_map(|r| r.train[metric].iter().copied()).collect();
+    let mut values: Vec<f64> = runs.iter().flat_map(|r| r.train.get(metric).into_iter().flatten().copied()).collect();
     values.extend(runs.iter().filter_map(|r| r.eval.as_ref().and_then(|e| e.get(metric).copied())));
     values.extend(runs.iter().flat_map(|r| r.eval_curve.get(metric).into_iter().flatten().copied()));
     values.retain(|v| v.is_finite());
@@ -100,7 +107,7 @@ fn line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunSeri
         .map_err(err)?;
     for (i, r) in runs.iter().enumerate() {
         let c = color(i);
-        let points = r.steps.iter().copied().zip(r.train[metric].iter().copied());
+        let points = r.steps.iter().copied().zip(r.train.get(metric).into_iter().flatten().copied());
         chart.draw_series(LineSeries::new(points, c.stroke_width(2))).map_err(err)?;
         if let Some(curve) = r.eval_curve.get(metric).filter(|c| !c.is_empty()) {
             // Held-out curve: thin line with a cross at each evaluation.

@@ -13,11 +13,21 @@ use std::path::Path;
 /// The metrics plotted, as named in metrics.jsonl.
 pub const METRICS: [&str; 5] = ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
 
+/// Loss-specific metrics, plotted when a run logs them (`sft`/`cpo`/`orpo`'s NLL, ORPO's log
+/// odds ratio, the DPO losses' policy entropy and token accuracy).
+pub const OPTIONAL_METRICS: [&str; 4] = ["nll_loss", "log_odds_ratio", "entropy", "mean_token_accuracy"];
+
+/// The metrics a set of runs has, in panel order.
+pub fn metrics_of(runs: &[RunSeries]) -> Vec<&'static str> {
+    let optional = OPTIONAL_METRICS.into_iter().filter(|m| runs.iter().any(|r| r.train.contains_key(m)));
+    METRICS.into_iter().chain(optional).collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct RunSeries {
     pub name: String,
     pub steps: Vec<f64>,
-    /// Per metric of [`METRICS`], one value per step.
+    /// Per metric of [`METRICS`] (and of [`OPTIONAL_METRICS`] the run logs), one value per step.
     pub train: BTreeMap<&'static str, Vec<f64>>,
     pub eval: Option<BTreeMap<&'static str, f64>>,
     /// Held-out metrics over training (`eval_metrics.jsonl`, from --eval-steps): steps and,
@@ -54,6 +64,8 @@ fn read_curve(path: &Path) -> Result<(Vec<f64>, BTreeMap<&'static str, Vec<f64>>
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut steps = Vec::new();
     let mut values: BTreeMap<&'static str, Vec<f64>> = METRICS.iter().map(|m| (*m, Vec::new())).collect();
+    let mut optional: BTreeMap<&'static str, Vec<f64>> = OPTIONAL_METRICS.iter().map(|m| (*m, Vec::new())).collect();
+    let mut lines = 0;
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
         let get = |key: &str| v[key].as_f64().with_context(|| format!("{}:{}: missing number {key:?}", path.display(), i + 1));
@@ -61,7 +73,15 @@ fn read_curve(path: &Path) -> Result<(Vec<f64>, BTreeMap<&'static str, Vec<f64>>
         for m in METRICS {
             values.get_mut(m).unwrap().push(get(m)?);
         }
+        for m in OPTIONAL_METRICS {
+            if let Some(x) = v[m].as_f64() {
+                optional.get_mut(m).unwrap().push(x);
+            }
+        }
+        lines += 1;
     }
+    // An optional metric is a series only when every line has it.
+    values.extend(optional.into_iter().filter(|(_, v)| v.len() == lines && lines > 0));
     Ok((steps, values))
 }
 
@@ -73,7 +93,7 @@ fn read_run(dir: &Path, name: String, params: BTreeMap<String, String>) -> Resul
     let eval = match std::fs::read_to_string(&eval_path) {
         Ok(t) => {
             let v: serde_json::Value = serde_json::from_str(&t).with_context(|| format!("{} is not JSON", eval_path.display()))?;
-            Some(METRICS.iter().filter_map(|m| v[*m].as_f64().map(|x| (*m, x))).collect())
+            Some(METRICS.iter().chain(&OPTIONAL_METRICS).filter_map(|m| v[*m].as_f64().map(|x| (*m, x))).collect())
         }
         Err(_) => None,
     };

@@ -41,7 +41,8 @@ pub struct SweepArgs {
     /// Comma list of peak learning rates.
     #[arg(long)]
     pub lr: Option<String>,
-    /// Comma list of losses (sigmoid, ipo, hinge).
+    /// Comma list of losses, by TRL's names (`sigmoid,ipo,simpo`); `a+b` is one run mixing a and b
+    /// (weights: the config's `loss_weights`).
     #[arg(long)]
     pub loss: Option<String>,
     /// A train setting for every run, as key=value (repeatable), over the config file.

@@ -48,6 +48,9 @@ impl Grid {
                 if numeric && !item.parse::<f64>().is_ok_and(|x| x.is_finite() && x > 0.0) {
                     bail!(UsageError(format!("--{flag} {v}: {item:?} is not a positive number")));
                 }
+                if !numeric {
+                    check_loss(item).map_err(|e| UsageError(format!("--{flag} {v}: {e}")))?;
+                }
             }
             if items.is_empty() {
                 bail!(UsageError(format!("--{flag} needs at least one value")));
@@ -55,6 +58,11 @@ impl Grid {
             Ok(items)
         };
         Ok(Self { beta: list("beta", beta, true)?, lr: list("lr", lr, true)?, loss: list("loss", loss, false)? })
+    }
+
+    /// The `train` flag of a grid value: a `+`-joined loss mix is `--loss a,b`.
+    fn flag(key: &str, value: &str) -> String {
+        if key == "loss" { format!("--loss={}", value.replace('+', ",")) } else { format!("--{key}={value}") }
     }
 
     fn values(&self, key: &str) -> &[String] {
@@ -80,6 +88,19 @@ impl Grid {
         }
         points
     }
+}
+
+/// A sweep's loss value: one of TRL's loss names, or a `+`-joined mix (`sigmoid+sft`, weighted
+/// by the config's `loss_weights`).
+fn check_loss(item: &str) -> std::result::Result<(), String> {
+    use clap::ValueEnum;
+    for name in item.split('+') {
+        if crate::loss::LossKind::from_str(name, false).is_err() {
+            let known: Vec<String> = crate::loss::LossKind::value_variants().iter().map(|k| k.name().to_string()).collect();
+            return Err(format!("{name:?} is not a loss; the losses are {}", known.join(", ")));
+        }
+    }
+    Ok(())
 }
 
 /// What a sweep runs, saved as `OUTPUT/sweep_plan.json` so `--resume OUTPUT` repeats it exactly.
@@ -120,7 +141,7 @@ impl Plan {
             flags.extend(table_flags::<TrainArgs>(table, &|_| format!("--set {set}")).map_err(|e| UsageError(format!("{e:#}")))?);
         }
         for (k, v) in &point.0 {
-            flags.push(format!("--{k}={v}"));
+            flags.push(Grid::flag(k, v));
         }
         if !self.output_dir.as_os_str().is_empty() {
             flags.push(format!("--output-dir={}", self.run_dir(point).display()));

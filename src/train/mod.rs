@@ -194,6 +194,10 @@ pub fn load_eval_pairs(args: &TrainArgs, loaded: &Loaded) -> Result<Option<Datas
 /// The reference cache `--ref-cache` names, opened for this model and these data settings.
 pub fn open_cache(args: &TrainArgs, loaded: &Loaded) -> Result<Option<RefCache>> {
     let Some(dir) = args.ref_cache_dir() else { return Ok(None) };
+    if !crate::setup::objective(&args.common)?.needs_reference() {
+        // Reference-free losses never run the reference: nothing to cache.
+        return Ok(None);
+    }
     let cache = RefCache::open(&dir, reference_fingerprint(&args.common, loaded)?)?;
     eprintln!("reference cache {}: {} pairs cached", cache.dir().display(), cache.len());
     Ok(Some(cache))
@@ -212,6 +216,10 @@ pub fn reference_fingerprint(args: &crate::config::CommonArgs, loaded: &Loaded) 
         ("device", if loaded.device.is_cpu() { "cpu" } else { "cuda" }.to_string()),
         ("pad_id", loaded.pad_id.to_string()),
     ];
+    if let Some(alpha) = args.ld_alpha {
+        // LD-DPO's weighted sums are what is cached.
+        settings.push(("ld_alpha", alpha.to_string()));
+    }
     if let Some(t) = &args.template_file {
         settings.push(("template_file", crate::fsutil::sha256_file(t).with_context(|| format!("hashing --template-file {}", t.display()))?));
     }

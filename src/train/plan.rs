@@ -9,10 +9,10 @@
 //! ```
 use super::step::{GradAccumulator, micro_step};
 use crate::config::TrainArgs;
-use crate::scoring::{micro_batches as micro_batches_of, reference_logps};
+use crate::scoring::{micro_batches as micro_batches_of, reference_for};
 use crate::data::order::PairOrder;
 use crate::nn::LoraMode;
-use crate::loss::PairScore;
+use crate::loss::BatchScore;
 use crate::refcache::RefCache;
 use crate::rng::SeededRng;
 use crate::setup::Dataset;
@@ -60,30 +60,30 @@ pub struct StepWork<'a> {
     pub data: &'a Dataset,
     pub order: &'a PairOrder,
     pub plan: &'a StepPlan,
-    pub loss: &'a crate::loss::DpoLoss,
+    pub objective: &'a crate::loss::Objective,
     pub vars: &'a [Var],
 }
 
 impl StepWork<'_> {
     /// Runs step `step`'s micro-batches (forward both models, backward), summing gradients.
-    /// Returns the pairs' scores, the summed gradients and the step's token count.
+    /// Returns the micro-batches' scores, the summed gradients and the step's token count.
     pub fn forward_backward(
         &self,
         step: usize,
         dropout: f64,
         dropout_rng: &mut SeededRng,
         mut cache: Option<&mut RefCache>,
-    ) -> Result<(Vec<PairScore>, Vec<candle_core::Tensor>, usize)> {
+    ) -> Result<(Vec<BatchScore>, Vec<candle_core::Tensor>, usize)> {
         let indices: Vec<usize> = self.plan.positions(step).into_iter().map(|pos| self.order.pair_at(pos)).collect();
         let micro_batches = indices.len().div_ceil(self.plan.batch_size);
         let mut grads = GradAccumulator::new(self.vars.len());
-        let (mut scores, mut tokens): (Vec<PairScore>, usize) = (Vec::new(), 0);
-        for item in micro_batches_of(self.data, &indices, self.plan.batch_size, self.pad_id, self.model.device()) {
+        let (mut scores, mut tokens): (Vec<BatchScore>, usize) = (Vec::new(), 0);
+        for item in micro_batches_of(self.data, &indices, self.plan.batch_size, self.pad_id, self.model.device(), self.objective) {
             let (pairs, batch) = item?;
-            let reference = reference_logps(self.model, &pairs, &batch, cache.as_deref_mut())?;
+            let reference = reference_for(self.model, self.objective, &pairs, &batch, cache.as_deref_mut())?;
             let mut mode = if dropout > 0.0 { LoraMode::Train(dropout_rng) } else { LoraMode::On };
             let scale = 1.0 / micro_batches as f64;
-            scores.extend(micro_step(self.model, &batch, self.loss, self.vars, &mut mode, &reference, scale, &mut grads)?);
+            scores.push(micro_step(self.model, &batch, self.objective, self.vars, &mut mode, reference.as_ref(), scale, &mut grads)?);
             tokens += batch.tokens;
         }
         Ok((scores, grads.into_grads()?, tokens))

@@ -86,7 +86,7 @@ pub fn verify(ckpt: &Checkpoint, params: &[NamedParam], work: &super::StepWork, 
     let mut rng = SeededRng::new(seed, Stream::Dropout);
     rng.set_word_pos(seed_pos);
     let (scores, grads, _) = work.forward_backward(step, dropout, &mut rng, None)?;
-    let rewards = RewardMetrics::mean(&scores, work.loss.beta);
+    let rewards = RewardMetrics::mean(&scores);
     let mut now = serde_json::to_value(rewards)?;
     now["grad_norm"] = super::step::global_norm(&grads)?.into();
     let logged = &ckpt.manifest.metrics;

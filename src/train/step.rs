@@ -5,43 +5,43 @@
 //! ```no_run
 //! # use dpo::train::step::{micro_step, GradAccumulator};
 //! # fn main() -> anyhow::Result<()> {
-//! # let (model, batch, loss, params): (dpo::model::CausalLm, dpo::data::PairBatch, dpo::loss::DpoLoss, Vec<candle_core::Var>) = todo!();
-//! # let reference: candle_core::Tensor = todo!();
+//! # let (model, batch, objective, params): (dpo::model::CausalLm, dpo::data::PairBatch, dpo::loss::Objective, Vec<candle_core::Var>) = todo!();
+//! # let reference: Option<candle_core::Tensor> = todo!();
 //! let mut grads = GradAccumulator::new(params.len());
-//! let scores = micro_step(&model, &batch, &loss, &params, &mut dpo::nn::LoraMode::On, &reference, 1.0, &mut grads)?;
+//! let score = micro_step(&model, &batch, &objective, &params, &mut dpo::nn::LoraMode::On, reference.as_ref(), 1.0, &mut grads)?;
 //! # Ok(()) }
 //! ```
 use crate::data::PairBatch;
 use crate::nn::LoraMode;
-use crate::loss::{DpoLoss, PairScore};
+use crate::loss::{BatchScore, Objective};
 use crate::model::CausalLm;
 use crate::scoring::score;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 
-/// One micro-batch: the policy forward against the given reference log-probs, backpropagate
-/// `mean(loss) · loss_scale` (`1 / micro-batches` under gradient accumulation) and add the
-/// gradients to `grads`.
+/// One micro-batch: the policy forward against the given reference log-probs (none for a
+/// reference-free objective), backpropagate the micro-batch's loss `· loss_scale` (`1 /
+/// micro-batches` under gradient accumulation: each micro-batch is a batch of its own, as in
+/// TRL) and add the gradients to `grads`.
 #[allow(clippy::too_many_arguments)]
 pub fn micro_step(
     model: &CausalLm,
     batch: &PairBatch,
-    loss: &DpoLoss,
+    objective: &Objective,
     params: &[Var],
     policy: &mut LoraMode,
-    reference: &Tensor,
+    reference: Option<&Tensor>,
     loss_scale: f64,
     grads: &mut GradAccumulator,
-) -> Result<Vec<PairScore>> {
-    let (logps, losses) = score(model, batch, loss, policy, reference)?;
-    let objective = (losses.mean_all()? * loss_scale)?;
-    let store = objective.backward()?;
+) -> Result<BatchScore> {
+    let scored = score(model, batch, objective, policy, reference)?;
+    let store = (&scored.loss * loss_scale)?.backward()?;
     for (i, p) in params.iter().enumerate() {
         // A LoRA tensor without a gradient means the graph was cut: fail loudly, never train silently wrong.
         let g = store.get(p).with_context(|| format!("LoRA parameter {i} received no gradient"))?;
         grads.add(i, g)?;
     }
-    PairScore::collect(&logps, &losses)
+    scored.collect(objective, batch, false)
 }
 
 /// Sums gradients over the micro-batches of one optimizer step.

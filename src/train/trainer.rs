@@ -25,7 +25,7 @@ use crate::data::order::PairOrder;
 use crate::fsutil::atomic;
 use crate::lora::adapter::{self, NamedParam};
 use crate::lora::LoraConfig;
-use crate::loss::{DpoLoss, RewardMetrics};
+use crate::loss::{Objective, RewardMetrics};
 use crate::optim::AdamW;
 use crate::refcache::RefCache;
 use crate::rng::{SeededRng, Stream};
@@ -46,7 +46,7 @@ pub struct Trainer<'a> {
     cache: Option<&'a mut RefCache>,
     resume: Option<Checkpoint>,
     config_toml: String,
-    loss: DpoLoss,
+    objective: Objective,
     lora: LoraConfig,
     params: Vec<NamedParam>,
     vars: Vec<Var>,
@@ -81,7 +81,7 @@ impl<'a> Trainer<'a> {
     /// optimizer and dropout stream.
     pub fn setup(args: &'a TrainArgs, control: RunControl, inputs: Inputs<'a>, prepared: Prepared) -> Result<Self> {
         let Inputs { loaded, data, eval_data, cache } = inputs;
-        let loss = crate::setup::dpo_loss(&args.common)?;
+        let objective = crate::setup::objective(&args.common)?;
         let (lora, params) = match &args.init_adapter {
             Some(dir) => adapter::attach_from_dir(&mut loaded.model, dir, Some(args.lora_dropout))?,
             None => adapter::attach_fresh(&mut loaded.model, &LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?, args.seed)?,
@@ -101,7 +101,7 @@ impl<'a> Trainer<'a> {
             stop: StopSignal::install()?,
             resume: prepared.resume,
             config_toml: prepared.config_toml,
-            args, control, loaded, data, eval_data, cache, loss, lora, params, vars, plan, schedule, provenance,
+            args, control, loaded, data, eval_data, cache, objective, lora, params, vars, plan, schedule, provenance,
             metrics: None,
             last: None,
             last_eval: None,
@@ -111,7 +111,7 @@ impl<'a> Trainer<'a> {
     }
 
     fn work(&self) -> StepWork<'_> {
-        StepWork { model: &self.loaded.model, pad_id: self.loaded.pad_id, data: self.data, order: &self.order, plan: &self.plan, loss: &self.loss, vars: &self.vars }
+        StepWork { model: &self.loaded.model, pad_id: self.loaded.pad_id, data: self.data, order: &self.order, plan: &self.plan, objective: &self.objective, vars: &self.vars }
     }
 
     fn metrics_path(&self) -> PathBuf {
@@ -157,7 +157,7 @@ impl<'a> Trainer<'a> {
         let started = Instant::now();
         let rng_before_step = self.dropout_rng.word_pos();
         let next_position = self.plan.positions(step).last().map_or((step - 1) * self.plan.per_step, |p| p + 1);
-        let work = StepWork { model: &self.loaded.model, pad_id: self.loaded.pad_id, data: self.data, order: &self.order, plan: &self.plan, loss: &self.loss, vars: &self.vars };
+        let work = StepWork { model: &self.loaded.model, pad_id: self.loaded.pad_id, data: self.data, order: &self.order, plan: &self.plan, objective: &self.objective, vars: &self.vars };
         let (scores, grads, tokens) = work.forward_backward(step, self.lora.dropout, &mut self.dropout_rng, self.cache.as_deref_mut())?;
         let grad_norm = global_norm(&grads)?;
         if !grad_norm.is_finite() {
@@ -169,7 +169,7 @@ impl<'a> Trainer<'a> {
         };
         let lr = self.schedule.lr_at(step);
         self.optimizer.step(&self.vars, &clip(grads, grad_norm, self.args.max_grad_norm)?, lr)?;
-        let rewards = RewardMetrics::mean(&scores, self.loss.beta);
+        let rewards = RewardMetrics::mean(&scores);
         let tokens_per_sec = tokens as f64 / started.elapsed().as_secs_f64();
         let metrics = StepMetrics { step, lr, rewards, grad_norm, tokens, tokens_per_sec };
         Ok(StepDone { metrics, pre_step, rng_before_step, next_position })
@@ -192,7 +192,7 @@ impl<'a> Trainer<'a> {
     pub fn evaluate(&mut self, step: usize, paused: bool) -> Result<()> {
         let due = paused || self.args.eval_steps.is_some_and(|every| step % every == 0 || step == self.plan.total_steps);
         let Some(data) = self.eval_data.filter(|_| due) else { return Ok(()) };
-        let m = super::heldout::evaluate(self.loaded, data, &self.loss, self.args.batch_size, self.cache.as_deref_mut())?;
+        let m = super::heldout::evaluate(self.loaded, data, &self.objective, self.args.batch_size, self.cache.as_deref_mut())?;
         super::append_eval_line(&self.args.output_dir, step, &m)?;
         self.last_eval = Some((step, m));
         Ok(())
@@ -248,7 +248,7 @@ impl<'a> Trainer<'a> {
             Some(d) => {
                 let m = match self.last_eval.take() {
                     Some((step, m)) if step == total_steps => m,
-                    _ => super::heldout::evaluate(self.loaded, d, &self.loss, args.batch_size, self.cache.as_deref_mut())?,
+                    _ => super::heldout::evaluate(self.loaded, d, &self.objective, args.batch_size, self.cache.as_deref_mut())?,
                 };
                 atomic::write_bytes(&args.output_dir.join(EVAL_FILE), serde_json::to_string_pretty(&m)?.as_bytes())?;
                 Some(m)
