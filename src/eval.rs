@@ -6,7 +6,7 @@
 //! use clap::Parser;
 //! let args = dpo::eval::EvalArgs::parse_from(["eval", "--model", "m", "--dataset", "d.jsonl", "--output", "pairs.jsonl"]);
 //! let metrics = dpo::eval::run(&args).unwrap();
-//! println!("accuracy {}", metrics.rewards_accuracies);
+//! println!("accuracy {}", metrics.accuracy());
 //! ```
 use crate::fsutil::atomic;
 use crate::config::CommonArgs;

@@ -108,6 +108,7 @@ fn losses_and_metrics_match_golden() {
                 let check = |key: &str, got: f64| {
                     assert_fixture_close(&format!("{golden_model} {key}"), got, gm[key].as_f64().unwrap(), 1e-5);
                 };
+                let metrics = metrics.pairwise.as_ref().expect("pair metrics");
                 check("rewards/chosen", metrics.rewards_chosen);
                 check("rewards/rejected", metrics.rewards_rejected);
                 check("rewards/accuracies", metrics.rewards_accuracies);

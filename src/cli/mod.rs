@@ -25,6 +25,10 @@ struct Cli {
 enum Command {
     /// Train a LoRA adapter with DPO.
     Train(TrainArgs),
+    /// Supervised fine-tuning of a LoRA adapter on prompt/completion or messages rows (the
+    /// loss on completion tokens, a token mean over the batch as TRL's SFTTrainer); takes
+    /// `train`'s flags, checkpoints and resumes the same way.
+    Sft(TrainArgs),
     /// Score preference pairs with a base model and (optionally) an adapter.
     Eval(EvalArgs),
     /// Fold an adapter into the base weights and write a plain model folder.
@@ -64,7 +68,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
         }
     };
     let result = match cli.command {
-        Command::Train(a) => train(&a),
+        Command::Train(a) | Command::Sft(a) => train(&a),
         Command::Eval(a) => eval(&a),
         Command::Merge(a) => crate::merge::run(&a),
         Command::Data(DataCommand::Inspect(a)) => inspect::inspect(&a),
@@ -90,6 +94,15 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
 
 fn expand(args: Vec<String>) -> anyhow::Result<Vec<String>> {
     match args.get(1).map(String::as_str) {
+        // `dpo sft` is `train` on completions; the stage comes last, so no config file changes it.
+        Some("sft") => {
+            let mut train = args.clone();
+            train[1] = "train".into();
+            let mut expanded = expand(train)?;
+            expanded[1] = "sft".into();
+            expanded.push("--stage=sft".into());
+            Ok(expanded)
+        }
         Some("train") => match crate::config::find_flag(&args, "--resume") {
             // A resumed run's settings come from its checkpoint, in place of a config file.
             Some(resume) => {
@@ -139,14 +152,17 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {
+        let (unit, accuracy) = match args.common.stage {
+            crate::config::Stage::Sft => ("examples", String::new()),
+            crate::config::Stage::Dpo => ("pairs", format!(", reward accuracy {:.3}", s.final_reward_accuracy)),
+        };
         println!(
-            "trained {} steps on {} pairs in {:.1}s ({:.0} tokens/s): final loss {:.4}, reward accuracy {:.3}; adapter in {}",
+            "trained {} steps on {} {unit} in {:.1}s ({:.0} tokens/s): final loss {:.4}{accuracy}; adapter in {}",
             s.steps,
             s.pairs,
             s.seconds,
             s.tokens_per_sec,
             s.final_loss,
-            s.final_reward_accuracy,
             s.output_dir.display()
         );
     }
@@ -158,10 +174,14 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&m)?);
     } else {
-        println!(
-            "loss {:.6}  rewards/accuracies {:.4}  rewards/margins {:.6}  rewards/chosen {:.6}  rewards/rejected {:.6}  logps/chosen {:.4}  logps/rejected {:.4}",
-            m.loss, m.rewards_accuracies, m.rewards_margins, m.rewards_chosen, m.rewards_rejected, m.logps_chosen, m.logps_rejected
-        );
+        print!("loss {:.6}", m.loss);
+        if let Some(p) = &m.pairwise {
+            print!(
+                "  rewards/accuracies {:.4}  rewards/margins {:.6}  rewards/chosen {:.6}  rewards/rejected {:.6}  logps/chosen {:.4}  logps/rejected {:.4}",
+                p.rewards_accuracies, p.rewards_margins, p.rewards_chosen, p.rewards_rejected, p.logps_chosen, p.logps_rejected
+            );
+        }
+        println!();
         let extra: Vec<String> = m.extra.iter().map(|(k, v)| format!("{k} {v:.6}")).collect();
         if !extra.is_empty() {
             println!("{}", extra.join("  "));

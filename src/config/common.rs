@@ -105,9 +105,21 @@ pub struct CommonArgs {
     /// cpu | cuda | cuda:N | auto.
     #[arg(long, default_value = "auto")]
     pub device: crate::device::DeviceSpec,
+    /// What is trained: `dpo` (preference pairs) or `sft` (completions); set by the subcommand
+    /// (`dpo sft` is `dpo train --stage sft`) and kept in a run's config for resuming.
+    #[arg(long, value_enum, default_value = "dpo", hide = true)]
+    pub stage: Stage,
     /// Base-weight compute dtype (auto: f32 on CPU, bf16 on CUDA).
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: crate::device::DTypeChoice,
+}
+
+/// The training stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    Dpo,
+    Sft,
 }
 
 /// `loss = "sigmoid"`, `loss = "sigmoid,sft"`: written as the flag takes it.
@@ -116,9 +128,23 @@ fn comma_list<S: serde::Serializer>(kinds: &[crate::loss::LossKind], s: S) -> Re
 }
 
 impl CommonArgs {
+    /// `dpo sft`'s objective; preference-loss flags are refused rather than ignored.
+    fn supervised_objective(&self) -> std::result::Result<crate::loss::Objective, String> {
+        let defaults = self.loss == [crate::loss::LossKind::Sigmoid] && self.loss_weights.is_empty() && self.label_smoothing == 0.0;
+        let defaults = defaults && self.f_divergence == crate::loss::FDivergence::ReverseKl && !self.use_weighting;
+        let unset = [self.f_alpha, self.discopop_tau, self.simpo_gamma, self.cpo_alpha, self.ld_alpha].iter().all(Option::is_none);
+        if !(defaults && unset) {
+            return Err("dpo sft trains on completions with the token-mean NLL: --loss and the preference-loss flags (--loss-weights, --label-smoothing, --f-divergence, --ld-alpha, --use-weighting, ...) do not apply".into());
+        }
+        Ok(crate::loss::Objective::supervised())
+    }
+
     /// The training objective these flags describe; a bad combination is a [`super::UsageError`]
     /// naming the flags.
     pub fn objective(&self) -> std::result::Result<crate::loss::Objective, String> {
+        if self.stage == Stage::Sft {
+            return self.supervised_objective();
+        }
         let mut params = crate::loss::LossParams::new(self.beta);
         params.label_smoothing = self.label_smoothing;
         params.f_divergence = self.f_divergence;
@@ -144,6 +170,7 @@ impl CommonArgs {
             max_length: self.max_length,
             max_prompt_length: self.max_prompt_length,
             vocab_size,
+            completions: self.stage == Stage::Sft,
         }
     }
 }

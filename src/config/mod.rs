@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 pub mod validate;
-pub use common::CommonArgs;
+pub use common::{CommonArgs, Stage};
 pub use validate::validate;
 
 #[derive(Debug, Clone, Parser, Serialize)]

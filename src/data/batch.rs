@@ -162,7 +162,8 @@ impl PairBatch {
             response_tokens: scored.iter().map(|s| s.tokens.len()).collect(),
             token_owner: owner,
             prompt: None,
-            tokens: pairs.iter().map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum(),
+            // A completion without a rejected response (supervised fine-tuning) is one sequence.
+            tokens: pairs.iter().map(|p| (1 + usize::from(!p.rejected.is_empty())) * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum(),
         })
     }
 

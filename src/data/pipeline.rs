@@ -33,6 +33,8 @@ pub struct Settings {
     pub max_prompt_length: usize,
     /// The model's vocabulary: ids at or beyond it mean tokenizer and model disagree.
     pub vocab_size: Option<usize>,
+    /// Supervised fine-tuning rows (prompt and completion) instead of preference pairs.
+    pub completions: bool,
 }
 
 impl Default for Settings {
@@ -45,6 +47,7 @@ impl Default for Settings {
             max_length: 1024,
             max_prompt_length: 512,
             vocab_size: None,
+            completions: false,
         }
     }
 }
@@ -93,7 +96,7 @@ impl Pipeline {
                     }
                 };
                 if ready.is_none() {
-                    let schema = Schema::detect(settings.format, settings.columns.clone(), &row.value)
+                    let schema = Schema::detect_for(settings.format, settings.columns.clone(), &row.value, settings.completions)
                         .with_context(|| format!("{}", row.at))?;
                     let template = resolve_template(&settings, &schema, &tokenizer, model_dir)?;
                     audit.format = schema.format.name().into();

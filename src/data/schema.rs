@@ -13,6 +13,13 @@
 //!   then `"\n"` and `input` when there is one (LLaMA-Factory's convention).
 //! - `argilla`: `instruction`, `chosen_response`, `rejected_response`, optional `system`.
 //!
+//! Supervised fine-tuning (`dpo sft`) reads completions instead of pairs (the completion takes
+//! the place of the chosen response, there is no rejected one):
+//! - `prompt-completion`: `prompt` and `completion` strings (TRL's prompt/completion layout);
+//! - `conversation`: `messages` (a list of `{role, content}` ending in the assistant turn
+//!   trained on), or `prompt` and `completion` as message lists (TRL's conversational
+//!   prompt/completion).
+//!
 //! ```
 //! use dpo::data::schema::{Columns, FormatChoice, Schema};
 //! let row = serde_json::json!({"prompt": "2+2?", "chosen": "4", "rejected": "5"});
@@ -32,6 +39,8 @@ pub enum Format {
     Explicit,
     AlpacaRanking,
     Argilla,
+    PromptCompletion,
+    Conversation,
 }
 
 /// `--format`: a format, or `auto` (detected from the first row's columns).
@@ -49,6 +58,9 @@ pub enum FormatChoice {
     #[value(alias = "alpaca")]
     AlpacaRanking,
     Argilla,
+    PromptCompletion,
+    #[value(alias = "messages-sft")]
+    Conversation,
 }
 
 impl FormatChoice {
@@ -62,6 +74,8 @@ impl FormatChoice {
             Self::Explicit => Some(Format::Explicit),
             Self::AlpacaRanking => Some(Format::AlpacaRanking),
             Self::Argilla => Some(Format::Argilla),
+            Self::PromptCompletion => Some(Format::PromptCompletion),
+            Self::Conversation => Some(Format::Conversation),
         }
     }
 }
@@ -75,7 +89,14 @@ impl Format {
             Self::Explicit => "explicit",
             Self::AlpacaRanking => "alpaca-ranking",
             Self::Argilla => "argilla",
+            Self::PromptCompletion => "prompt-completion",
+            Self::Conversation => "conversation",
         }
+    }
+
+    /// Rows of completions for supervised fine-tuning, not preference pairs.
+    pub fn is_completions(self) -> bool {
+        matches!(self, Self::PromptCompletion | Self::Conversation)
     }
 }
 
@@ -99,7 +120,18 @@ pub struct Schema {
 impl Schema {
     /// Picks the format (`--format`, or from `first`'s columns) and checks `first` has its columns.
     pub fn detect(format: FormatChoice, cols: Columns, first: &Value) -> Result<Self> {
+        Self::detect_for(format, cols, first, false)
+    }
+
+    /// As [`Schema::detect`], for preference pairs or (`completions`) supervised fine-tuning rows.
+    pub fn detect_for(format: FormatChoice, cols: Columns, first: &Value, completions: bool) -> Result<Self> {
         let Some(obj) = first.as_object() else { bail!("rows must be JSON objects, found {}", kind(first)) };
+        if completions {
+            return Self::detect_completions(format, cols, obj);
+        }
+        if let Some(f) = format.format().filter(|f| f.is_completions()) {
+            bail!("format {} holds completions, not preference pairs: train on it with `dpo sft`", f.name());
+        }
         let found = || obj.keys().cloned().collect::<Vec<_>>().join(", ");
         let instruction = cols.prompt.clone().unwrap_or_else(|| "instruction".into());
         let format = match format.format() {
@@ -147,6 +179,63 @@ impl Schema {
         Ok(schema)
     }
 
+    fn detect_completions(format: FormatChoice, cols: Columns, obj: &serde_json::Map<String, Value>) -> Result<Self> {
+        let found = || obj.keys().cloned().collect::<Vec<_>>().join(", ");
+        let prompt = cols.prompt.unwrap_or_else(|| "prompt".into());
+        let completion = cols.chosen.unwrap_or_else(|| "completion".into());
+        let format = match format.format() {
+            Some(f) if f.is_completions() => f,
+            Some(f) => bail!("format {} holds preference pairs: `dpo sft` reads prompt-completion or conversation rows", f.name()),
+            None if obj.get("messages").is_some_and(Value::is_array) => Format::Conversation,
+            None if obj.get(&prompt).is_some_and(Value::is_array) && obj.contains_key(&completion) => Format::Conversation,
+            None if obj.contains_key(&prompt) && obj.contains_key(&completion) => Format::PromptCompletion,
+            None => bail!(
+                "cannot tell the supervised fine-tuning format from the columns ({}): expected prompt-completion (prompt, completion) \
+                 or conversation (messages as [{{role, content}}], or prompt and completion as message lists); pass --format",
+                found()
+            ),
+        };
+        let messages = format == Format::Conversation && obj.contains_key("messages");
+        let schema = if messages {
+            Self { format, prompt: "messages".into(), chosen: "messages".into(), rejected: String::new() }
+        } else {
+            Self { format, prompt, chosen: completion, rejected: String::new() }
+        };
+        if let Some(missing) = [&schema.prompt, &schema.chosen].iter().find(|c| !obj.contains_key(c.as_str())) {
+            bail!("format {} needs column {missing:?}, but the columns are: {}", format.name(), found());
+        }
+        Ok(schema)
+    }
+
+    /// A supervised fine-tuning row: the prompt and the completion (in `chosen`).
+    fn completion_example(&self, row: &Value) -> Result<Example> {
+        let (prompt, completion) = if self.prompt == "messages" && self.chosen == "messages" {
+            let turns = messages(row, "messages")?;
+            let (before, last) = split_last_assistant(&turns, "messages")?;
+            if before.iter().any(|m| m.role == "assistant") {
+                bail!(
+                    "field \"messages\" has several assistant turns: training on every assistant turn of a conversation is not supported yet; \
+                     keep one conversation per assistant turn (the earlier turns as context)"
+                );
+            }
+            (before.to_vec(), last.to_string())
+        } else if self.format == Format::Conversation {
+            let prompt = messages(row, &self.prompt)?;
+            let completion = messages(row, &self.chosen)?;
+            match completion.as_slice() {
+                [m] if m.role == "assistant" => (prompt, m.content.clone()),
+                _ => bail!("field {:?} must be one assistant turn", self.chosen),
+            }
+        } else {
+            let p = text(row, &self.prompt, true)?;
+            let mut ex = Example::orca("", &p, &text(row, &self.chosen, true)?, "");
+            ex.prompt = vec![Message::new("user", &p)];
+            return Ok(ex);
+        };
+        let raw_prompt = prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
+        Ok(Example { prompt, raw_prompt, chosen: completion, rejected: String::new() })
+    }
+
     /// The row as an example; errors name the field.
     pub fn example(&self, row: &Value) -> Result<Example> {
         if !row.is_object() {
@@ -172,11 +261,13 @@ impl Schema {
                 ex.rejected = text(row, &self.rejected, true)?;
                 ex
             }
+            Format::PromptCompletion | Format::Conversation => self.completion_example(row)?,
         };
         if ex.raw_prompt.trim().is_empty() && ex.prompt.iter().all(|m| m.content.trim().is_empty()) {
             bail!("empty prompt");
         }
-        for (name, r) in [(&self.chosen, &ex.chosen), (&self.rejected, &ex.rejected)] {
+        let responses = if self.format.is_completions() { vec![(&self.chosen, &ex.chosen)] } else { vec![(&self.chosen, &ex.chosen), (&self.rejected, &ex.rejected)] };
+        for (name, r) in responses {
             if r.trim().is_empty() {
                 bail!("field {name:?} has an empty response");
             }

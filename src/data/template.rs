@@ -78,9 +78,9 @@ impl Template {
                 None => bail!("--template chat: the tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja); pass --template-file or --template orca"),
             },
             TemplateChoice::Auto => Ok(match (format, chat) {
-                (Format::Messages, Some(c)) => Self::Chat(Arc::new(c)),
-                (Format::Messages | Format::Orca | Format::AlpacaRanking | Format::Argilla, _) => Self::Orca,
-                (Format::HhRlhf | Format::Explicit, _) => Self::Raw,
+                (Format::Messages | Format::Conversation, Some(c)) => Self::Chat(Arc::new(c)),
+                (Format::Messages | Format::Conversation | Format::Orca | Format::AlpacaRanking | Format::Argilla, _) => Self::Orca,
+                (Format::HhRlhf | Format::Explicit | Format::PromptCompletion, _) => Self::Raw,
             }),
         }
     }
@@ -124,7 +124,8 @@ impl Template {
                 Ok(Rendered {
                     bos_in_text: !t.bos_token.is_empty() && prompt.starts_with(&t.bos_token),
                     chosen: response(&ex.chosen)?,
-                    rejected: response(&ex.rejected)?,
+                    // A supervised fine-tuning example has no rejected response.
+                    rejected: if ex.rejected.is_empty() { String::new() } else { response(&ex.rejected)? },
                     prompt,
                     append_eos: false,
                 })

@@ -130,7 +130,8 @@ impl PairTokenizer {
             Ok(ids)
         };
         let chosen = response(&r.chosen)?;
-        let rejected = response(&r.rejected)?;
+        // Empty only for supervised fine-tuning (pair formats refuse empty responses).
+        let rejected = if r.rejected.is_empty() { Vec::new() } else { response(&r.rejected)? };
         Ok((TokenizedPair { prompt, chosen, rejected }, checks))
     }
 

@@ -8,6 +8,8 @@
 //! - DPO losses: `entropy` (token-weighted over the chosen and rejected response tokens),
 //!   `logits/chosen|rejected` (mean over response tokens of the vocabulary-mean logit),
 //!   `mean_token_accuracy` (chosen response tokens whose target is the argmax);
+//! - supervised fine-tuning (`dpo sft`): `entropy` and `mean_token_accuracy` over the
+//!   completion tokens, and no rewards;
 //! - `cpo`/`simpo`: `nll_loss` (0 unless `cpo_alpha` > 0, as TRL logs it);
 //! - `orpo`: `nll_loss` (prompt included), `log_odds_ratio = mean logσ(log odds)`,
 //!   `log_odds_chosen = mean log odds` (TRL's names).
@@ -20,9 +22,9 @@
 //! let pair = PairScore { loss: Some(0.6), policy_chosen: -3.0, policy_rejected: -4.0, ref_chosen: Some(-3.5),
 //!     ref_rejected: Some(-3.5), chosen_tokens: 2, rejected_tokens: 3, reward_chosen: 0.05, reward_rejected: -0.05,
 //!     logged_chosen: -3.0, logged_rejected: -4.0 };
-//! let batch = BatchScore { pairs: vec![pair], loss: 0.6, extra: Default::default() };
+//! let batch = BatchScore { pairs: vec![pair], loss: 0.6, extra: Default::default(), supervised: false };
 //! let m = RewardMetrics::mean(&[batch]);
-//! assert_eq!(m.rewards_accuracies, 1.0);
+//! assert_eq!(m.accuracy(), 1.0);
 //! ```
 use super::{LossKind, Objective, PairLogps};
 use crate::model::token_stats::TokenStats;
@@ -57,6 +59,8 @@ pub struct BatchScore {
     pub pairs: Vec<PairScore>,
     pub loss: f64,
     pub extra: BTreeMap<String, f64>,
+    /// Supervised fine-tuning: completions only, no preference metrics.
+    pub supervised: bool,
 }
 
 fn host(t: &Tensor) -> Result<Vec<f32>> {
@@ -102,11 +106,15 @@ impl BatchScore {
                 }
             })
             .collect();
-        let extra = match free {
+        let mut extra = match free {
             None => token_metrics(stats, owner, pc.len()),
             Some(kind) => reference_free_metrics(objective, kind, l)?,
         };
-        Ok(Self { pairs, loss: scalar(loss)?, extra })
+        if objective.supervised {
+            // TRL's SFTTrainer logs entropy and token accuracy over the completion tokens.
+            extra.retain(|k, _| k == "entropy" || k == "mean_token_accuracy");
+        }
+        Ok(Self { pairs, loss: scalar(loss)?, extra, supervised: objective.supervised })
     }
 }
 
@@ -155,10 +163,9 @@ fn reference_free_metrics(objective: &Objective, kind: LossKind, l: &PairLogps) 
     })
 }
 
-/// Means over a step's (or an evaluation's) micro-batches, with TRL's metric names.
+/// The preference metrics: rewards and log-probs of the chosen and rejected responses.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RewardMetrics {
-    pub loss: f64,
+pub struct PairMetrics {
     #[serde(rename = "rewards/chosen")]
     pub rewards_chosen: f64,
     #[serde(rename = "rewards/rejected")]
@@ -171,6 +178,15 @@ pub struct RewardMetrics {
     pub logps_chosen: f64,
     #[serde(rename = "logps/rejected")]
     pub logps_rejected: f64,
+}
+
+/// Means over a step's (or an evaluation's) micro-batches, with TRL's metric names.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RewardMetrics {
+    pub loss: f64,
+    /// Absent for supervised fine-tuning, which has no pairs.
+    #[serde(flatten)]
+    pub pairwise: Option<PairMetrics>,
     /// Loss-specific metrics (`entropy`, `nll_loss`, `log_odds_ratio` …).
     #[serde(flatten)]
     pub extra: BTreeMap<String, f64>,
@@ -189,15 +205,19 @@ impl RewardMetrics {
                 *extra.entry(k.clone()).or_insert(0.0) += v / m;
             }
         }
-        Self {
-            loss: batches.iter().map(|b| b.loss).sum::<f64>() / m,
+        let pairwise = batches.iter().all(|b| !b.supervised).then(|| PairMetrics {
             rewards_chosen: mean(&|s| s.reward_chosen),
             rewards_rejected: mean(&|s| s.reward_rejected),
             rewards_accuracies: mean(&|s| f64::from(u8::from(s.reward_chosen > s.reward_rejected))),
             rewards_margins: mean(&|s| s.reward_chosen - s.reward_rejected),
             logps_chosen: mean(&|s| s.logged_chosen),
             logps_rejected: mean(&|s| s.logged_rejected),
-            extra,
-        }
+        });
+        Self { loss: batches.iter().map(|b| b.loss).sum::<f64>() / m, pairwise, extra }
+    }
+
+    /// Reward accuracy, NaN without pairs.
+    pub fn accuracy(&self) -> f64 {
+        self.pairwise.as_ref().map_or(f64::NAN, |p| p.rewards_accuracies)
     }
 }

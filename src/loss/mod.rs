@@ -27,7 +27,7 @@
 pub mod metrics;
 pub mod terms;
 
-pub use metrics::{BatchScore, PairScore, RewardMetrics};
+pub use metrics::{BatchScore, PairMetrics, PairScore, RewardMetrics};
 
 use candle_core::{Result, Tensor};
 use serde::Serialize;
@@ -221,6 +221,9 @@ pub struct Objective {
     pub ld_alpha: Option<f64>,
     /// WPO (Zhou et al. 2024): each pair's loss weighted by `w_c·w_r`.
     pub use_weighting: bool,
+    /// Supervised fine-tuning (`dpo sft`): completions only (the "chosen" side), the `sft` loss,
+    /// no reference.
+    pub supervised: bool,
 }
 
 /// Which settings the user gave explicitly (so that one a loss ignores can be refused).
@@ -234,7 +237,13 @@ pub struct Explicit {
 impl Objective {
     /// One loss with default parameters.
     pub fn single(kind: LossKind, beta: f64) -> Self {
-        Self { terms: vec![(kind, 1.0)], params: LossParams::new(beta), ld_alpha: None, use_weighting: false }
+        Self { terms: vec![(kind, 1.0)], params: LossParams::new(beta), ld_alpha: None, use_weighting: false, supervised: false }
+    }
+
+    /// Supervised fine-tuning: the token-mean NLL of the completions over the batch, as TRL's
+    /// SFTTrainer normalises it.
+    pub fn supervised() -> Self {
+        Self { supervised: true, ..Self::single(LossKind::Sft, 0.1) }
     }
 
     /// Checks a combination as TRL does and more; every message names the flags involved.
@@ -247,7 +256,7 @@ impl Objective {
             n if n == kinds.len() => weights.to_vec(),
             n => return Err(format!("--loss-weights gives {n} weight(s) but --loss names {} loss(es) (config keys loss_weights, loss)", kinds.len())),
         };
-        let objective = Self { terms: kinds.iter().copied().zip(weights).collect(), params, ld_alpha, use_weighting };
+        let objective = Self { terms: kinds.iter().copied().zip(weights).collect(), params, ld_alpha, use_weighting, supervised: false };
         objective.check(explicit)?;
         Ok(objective)
     }
@@ -352,7 +361,7 @@ impl Objective {
     /// False for SimPO/CPO/ORPO (mixed with `sft` or not): no reference forward, no reference
     /// cache. `sft` alone keeps the reference, as TRL's DPOTrainer does, for its rewards.
     pub fn needs_reference(&self) -> bool {
-        self.reference_free_kind().is_none()
+        !self.supervised && self.reference_free_kind().is_none()
     }
 
     /// ORPO's NLL covers the chosen prompts too.

@@ -139,7 +139,7 @@ fn final_values<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunSe
     area.draw(&Text::new("final values (train / eval)", (0, 0), ("sans-serif", 20))).map_err(err)?;
     let mut y = 36;
     for (i, r) in runs.iter().enumerate().take(12) {
-        let last = |m: &str| r.train[m].last().map_or("–".to_string(), |v| format!("{v:.3}"));
+        let last = |m: &str| r.train.get(m).and_then(|v| v.last()).map_or("–".to_string(), |v| format!("{v:.3}"));
         let eval = |m: &str| r.eval.as_ref().and_then(|e| e.get(m)).map_or("–".to_string(), |v| format!("{v:.3}"));
         let text = format!("loss {} / {}   acc {} / {}", last("loss"), eval("loss"), last("rewards/accuracies"), eval("rewards/accuracies"));
         area.draw(&Text::new(text, (0, y), ("sans-serif", 16).into_font().color(&color(i)))).map_err(err)?;
@@ -165,7 +165,7 @@ fn heat_map<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunSeries
     let value = |r: &RunSeries| -> Option<f64> {
         match &r.eval {
             Some(e) => e.get("rewards/accuracies").copied(),
-            None if !has_eval => r.train["rewards/accuracies"].last().copied(),
+            None if !has_eval => r.train.get("rewards/accuracies").and_then(|v| v.last()).copied(),
             None => None,
         }
     };

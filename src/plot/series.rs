@@ -10,17 +10,17 @@ use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The metrics plotted, as named in metrics.jsonl.
+/// The metrics plotted, as named in metrics.jsonl (every run logs `loss`; the preference ones
+/// are absent from supervised fine-tuning runs).
 pub const METRICS: [&str; 5] = ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
 
 /// Loss-specific metrics, plotted when a run logs them (`sft`/`cpo`/`orpo`'s NLL, ORPO's log
-/// odds ratio, the DPO losses' policy entropy and token accuracy).
+/// odds ratio, the policy entropy and token accuracy of DPO losses and SFT).
 pub const OPTIONAL_METRICS: [&str; 4] = ["nll_loss", "log_odds_ratio", "entropy", "mean_token_accuracy"];
 
 /// The metrics a set of runs has, in panel order.
 pub fn metrics_of(runs: &[RunSeries]) -> Vec<&'static str> {
-    let optional = OPTIONAL_METRICS.into_iter().filter(|m| runs.iter().any(|r| r.train.contains_key(m)));
-    METRICS.into_iter().chain(optional).collect()
+    METRICS.into_iter().chain(OPTIONAL_METRICS).filter(|m| runs.iter().any(|r| r.train.contains_key(m))).collect()
 }
 
 #[derive(Debug, Clone)]
@@ -63,25 +63,22 @@ pub fn read_runs(dir: &Path) -> Result<Vec<RunSeries>> {
 fn read_curve(path: &Path) -> Result<(Vec<f64>, BTreeMap<&'static str, Vec<f64>>)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut steps = Vec::new();
-    let mut values: BTreeMap<&'static str, Vec<f64>> = METRICS.iter().map(|m| (*m, Vec::new())).collect();
-    let mut optional: BTreeMap<&'static str, Vec<f64>> = OPTIONAL_METRICS.iter().map(|m| (*m, Vec::new())).collect();
+    let mut values: BTreeMap<&'static str, Vec<f64>> = METRICS.iter().chain(&OPTIONAL_METRICS).map(|m| (*m, Vec::new())).collect();
     let mut lines = 0;
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
         let get = |key: &str| v[key].as_f64().with_context(|| format!("{}:{}: missing number {key:?}", path.display(), i + 1));
         steps.push(get("step")?);
-        for m in METRICS {
-            values.get_mut(m).unwrap().push(get(m)?);
-        }
-        for m in OPTIONAL_METRICS {
-            if let Some(x) = v[m].as_f64() {
-                optional.get_mut(m).unwrap().push(x);
+        get("loss")?;
+        for m in METRICS.iter().chain(&OPTIONAL_METRICS) {
+            if let Some(x) = v[*m].as_f64() {
+                values.get_mut(m).unwrap().push(x);
             }
         }
         lines += 1;
     }
-    // An optional metric is a series only when every line has it.
-    values.extend(optional.into_iter().filter(|(_, v)| v.len() == lines && lines > 0));
+    // A metric is a series only when every line has it.
+    values.retain(|_, v| v.len() == lines && lines > 0);
     Ok((steps, values))
 }
 

@@ -5,7 +5,7 @@
 //! # fn main() -> anyhow::Result<()> {
 //! # let (loaded, data, objective): (dpo::setup::Loaded, dpo::setup::Dataset, dpo::loss::Objective) = todo!();
 //! let metrics = dpo::train::heldout::evaluate(&loaded, &data, &objective, 8, None)?;
-//! println!("eval reward accuracy {}", metrics.rewards_accuracies);
+//! println!("eval reward accuracy {}", metrics.accuracy());
 //! # Ok(()) }
 //! ```
 use crate::loss::{Objective, RewardMetrics};

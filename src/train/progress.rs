@@ -30,7 +30,8 @@ impl Progress {
     }
 
     pub fn step(&mut self, step: usize, loss: f64, accuracy: f64, tokens_per_sec: f64) {
-        let msg = format!("loss {loss:.4} acc {accuracy:.2} {tokens_per_sec:.0} tok/s");
+        let acc = if accuracy.is_nan() { String::new() } else { format!(" acc {accuracy:.2}") };
+        let msg = format!("loss {loss:.4}{acc} {tokens_per_sec:.0} tok/s");
         match &self.bar {
             Some(bar) => {
                 bar.set_position(step as u64);

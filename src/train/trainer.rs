@@ -181,7 +181,7 @@ impl<'a> Trainer<'a> {
         let file = self.metrics.as_mut().context("restore() opens the metrics log")?;
         writeln!(file, "{}", serde_json::to_string(m)?)?;
         file.flush()?;
-        self.progress.step(m.step, m.rewards.loss, m.rewards.rewards_accuracies, m.tokens_per_sec);
+        self.progress.step(m.step, m.rewards.loss, m.rewards.accuracy(), m.tokens_per_sec);
         self.tokens += m.tokens;
         self.last = Some(m.clone());
         Ok(())
@@ -261,7 +261,7 @@ impl<'a> Trainer<'a> {
             pairs: self.data.len(),
             truncated_pairs: self.data.truncated,
             final_loss: last.rewards.loss,
-            final_reward_accuracy: last.rewards.rewards_accuracies,
+            final_reward_accuracy: last.rewards.accuracy(),
             seconds,
             tokens_per_sec: self.tokens as f64 / seconds,
             output_dir: args.output_dir.clone(),
