@@ -53,10 +53,30 @@ pub fn micro_batches<'a>(
     objective: &'a Objective,
 ) -> impl Iterator<Item = Result<(Vec<TokenizedPair>, PairBatch)>> + 'a {
     indices.chunks(batch_size.max(1)).map(move |chunk| {
+        if objective.unpaired() {
+            let examples = chunk.iter().map(|&i| data.labeled(i)).collect::<Result<Vec<_>>>()?;
+            let (pairs, labels) = kl_pairs(examples)?;
+            let mut batch = PairBatch::new(&pairs, pad_id, device)?;
+            batch.labels = Some(labels);
+            return Ok((pairs, batch));
+        }
         let pairs = chunk.iter().map(|&i| data.get(i)).collect::<Result<Vec<_>>>()?;
         let batch = layout_for(PairBatch::new(&pairs, pad_id, device)?, &pairs, objective)?;
         Ok((pairs, batch))
     })
+}
+
+/// KTO's micro-batch as pairs: example `i`'s completion in the chosen slot and, in the rejected
+/// slot, the completion of example `i − 1` (the last one for the first): TRL's mismatched
+/// completions for the KL estimate (its `KL_completion_ids`, rotated within each
+/// `per_device_train_batch_size` chunk), each scored after example `i`'s own prompt.
+pub fn kl_pairs(examples: Vec<(TokenizedPair, Option<bool>)>) -> Result<(Vec<TokenizedPair>, Vec<bool>)> {
+    let n = examples.len();
+    let labels = examples.iter().map(|(_, l)| l.ok_or_else(|| anyhow::anyhow!("--loss kto needs labelled examples"))).collect::<Result<Vec<_>>>()?;
+    let pairs = (0..n)
+        .map(|i| TokenizedPair { prompt: examples[i].0.prompt.clone(), chosen: examples[i].0.chosen.clone(), rejected: examples[(i + n - 1) % n].0.chosen.clone() })
+        .collect();
+    Ok((pairs, labels))
 }
 
 /// What the objective needs scored besides the responses: LD-DPO's token weights, ORPO's
@@ -173,6 +193,7 @@ pub fn score(model: &CausalLm, batch: &PairBatch, objective: &Objective, policy:
         chosen_tokens: chosen_tokens.to_vec(),
         rejected_tokens: rejected_tokens.to_vec(),
         chosen_prompt: pass.prompt_sums.zip(prompt_tokens),
+        labels: batch.labels.clone(),
     };
     let weights = if objective.use_weighting {
         let w = wpo_weights(&pass.token_logps, &pass.stats.log_sum_sq, &batch.token_owner, batch.pairs);

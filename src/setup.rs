@@ -17,7 +17,7 @@ use crate::hub::{self, Hub};
 use crate::loss::Objective;
 use crate::model::weights::mmap_weights;
 use crate::model::{Architecture, CausalLm};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use std::path::PathBuf;
 
@@ -94,6 +94,9 @@ pub fn load_model(common: &CommonArgs) -> Result<Loaded> {
 /// byte offset of each row is held; `get` re-reads and tokenizes the row.
 pub struct Dataset {
     pipeline: Pipeline,
+    /// KTO on preference pairs: example `2i` is pair `i`'s chosen response (desirable),
+    /// `2i + 1` its rejected one (undesirable).
+    unpair: bool,
     /// Pairs cut by --max-length / --max-prompt-length.
     pub truncated: usize,
     /// What the pre-flight pass found.
@@ -102,7 +105,7 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn len(&self) -> usize {
-        self.pipeline.len()
+        self.pipeline.len() * if self.unpair { 2 } else { 1 }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -111,7 +114,19 @@ impl Dataset {
 
     /// Pair `i` (0-based, file order among usable rows), tokenized and truncated.
     pub fn get(&self, i: usize) -> Result<TokenizedPair> {
-        self.pipeline.pair(i)
+        Ok(self.labeled(i)?.0)
+    }
+
+    /// Example `i` with its label: a pair's label is `None`; an unpaired (KTO) example has its
+    /// completion in `chosen`, nothing in `rejected`.
+    pub fn labeled(&self, i: usize) -> Result<(TokenizedPair, Option<bool>)> {
+        if !self.unpair {
+            return self.pipeline.labeled(i);
+        }
+        let pair = self.pipeline.pair(i / 2)?;
+        let desirable = i % 2 == 0;
+        let completion = if desirable { pair.chosen } else { pair.rejected };
+        Ok((TokenizedPair { prompt: pair.prompt, chosen: completion, rejected: Vec::new() }, Some(desirable)))
     }
 }
 
@@ -134,7 +149,14 @@ fn read_pairs(common: &CommonArgs, tokenizer: &PairTokenizer, vocab_size: usize,
     if audit.rows_skipped > 0 {
         eprintln!("skipped {} of {} rows: {}", audit.rows_skipped, audit.rows_read, audit.skipped.iter().take(3).map(|b| b.to_string()).collect::<Vec<_>>().join("; "));
     }
-    Ok(Dataset { pipeline, truncated: audit.truncated, audit })
+    let unpaired_rows = pipeline.format() == crate::data::schema::Format::Unpaired;
+    let kto = objective(common)?.unpaired();
+    if unpaired_rows && !kto {
+        bail!("{}: the rows are unpaired (prompt, completion, label): train on them with --loss kto", common.dataset.display());
+    }
+    // KTO on preference pairs: each pair becomes its desirable and its undesirable example.
+    let unpair = kto && !unpaired_rows;
+    Ok(Dataset { pipeline, unpair, truncated: audit.truncated, audit })
 }
 
 /// The objective `--loss` and its parameters describe; a bad combination is a usage error.

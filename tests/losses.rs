@@ -237,10 +237,10 @@ fn sweep_grid_accepts_every_loss_name_and_refuses_unknown_ones() {
     use clap::ValueEnum;
     use dpo::loss::LossKind;
     let all: Vec<&str> = LossKind::value_variants().iter().map(|k| k.name()).collect();
-    assert_eq!(all.len(), 18);
+    assert_eq!(all.len(), 19);
     let list = format!("{},sigmoid+sft", all.join(","));
     let grid = dpo::sweep::plan::Grid::parse(None, None, Some(&list)).unwrap();
-    assert_eq!(grid.points().len(), 19);
+    assert_eq!(grid.points().len(), 20);
     let err = dpo::sweep::plan::Grid::parse(None, None, Some("sigmoid,dpo")).unwrap_err().to_string();
     assert!(err.contains("\"dpo\" is not a loss") && err.contains("apo_zero"), "{err}");
     assert!(err.contains("--loss"), "{err}");

@@ -96,6 +96,12 @@ pub struct CommonArgs {
     /// WPO: weight each pair's loss by the policy's (detached) probability of both responses.
     #[arg(long)]
     pub use_weighting: bool,
+    /// KTO: weight of the desirable examples' losses.
+    #[arg(long, default_value_t = 1.0)]
+    pub desirable_weight: f64,
+    /// KTO: weight of the undesirable examples' losses.
+    #[arg(long, default_value_t = 1.0)]
+    pub undesirable_weight: f64,
     /// Longest prompt + response, in tokens; longer pairs are truncated.
     #[arg(long, default_value_t = 1024)]
     pub max_length: usize,
@@ -132,6 +138,7 @@ impl CommonArgs {
     fn supervised_objective(&self) -> std::result::Result<crate::loss::Objective, String> {
         let defaults = self.loss == [crate::loss::LossKind::Sigmoid] && self.loss_weights.is_empty() && self.label_smoothing == 0.0;
         let defaults = defaults && self.f_divergence == crate::loss::FDivergence::ReverseKl && !self.use_weighting;
+        let defaults = defaults && self.desirable_weight == 1.0 && self.undesirable_weight == 1.0;
         let unset = [self.f_alpha, self.discopop_tau, self.simpo_gamma, self.cpo_alpha, self.ld_alpha].iter().all(Option::is_none);
         if !(defaults && unset) {
             return Err("dpo sft trains on completions with the token-mean NLL: --loss and the preference-loss flags (--loss-weights, --label-smoothing, --f-divergence, --ld-alpha, --use-weighting, ...) do not apply".into());
@@ -152,6 +159,8 @@ impl CommonArgs {
         params.discopop_tau = self.discopop_tau.unwrap_or(0.05);
         params.simpo_gamma = self.simpo_gamma.unwrap_or(0.5);
         params.cpo_alpha = self.cpo_alpha;
+        params.desirable_weight = self.desirable_weight;
+        params.undesirable_weight = self.undesirable_weight;
         let explicit = crate::loss::Explicit { f_alpha: self.f_alpha.is_some(), discopop_tau: self.discopop_tau.is_some(), simpo_gamma: self.simpo_gamma.is_some() };
         crate::loss::Objective::new(&self.loss, &self.loss_weights, params, self.ld_alpha, self.use_weighting, explicit)
     }

@@ -41,6 +41,9 @@ pub struct PairBatch {
     pub token_owner: Vec<(usize, usize)>,
     /// The chosen sequences' prompt tokens after BOS, scored too (ORPO's NLL covers them).
     pub prompt: Option<PromptScoring>,
+    /// KTO: each example's label (its completion in the chosen slot, a mismatched completion
+    /// for the KL estimate in the rejected slot).
+    pub labels: Option<Vec<bool>>,
     /// Tokens of the `2·pairs` prompt+response sequences (a shared prompt counts twice), the
     /// unit of tokens/s whatever the layout.
     pub tokens: usize,
@@ -162,6 +165,7 @@ impl PairBatch {
             response_tokens: scored.iter().map(|s| s.tokens.len()).collect(),
             token_owner: owner,
             prompt: None,
+            labels: None,
             // A completion without a rejected response (supervised fine-tuning) is one sequence.
             tokens: pairs.iter().map(|p| (1 + usize::from(!p.rejected.is_empty())) * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum(),
         })

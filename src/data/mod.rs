@@ -43,6 +43,8 @@ pub struct Example {
     pub raw_prompt: String,
     pub chosen: String,
     pub rejected: String,
+    /// Unpaired (KTO) rows: whether the completion (in `chosen`) is desirable.
+    pub label: Option<bool>,
 }
 
 impl Example {
@@ -53,6 +55,6 @@ impl Example {
             prompt.push(Message::new("system", system));
         }
         prompt.push(Message::new("user", question));
-        Self { prompt, raw_prompt: question.to_string(), chosen: chosen.to_string(), rejected: rejected.to_string() }
+        Self { prompt, raw_prompt: question.to_string(), chosen: chosen.to_string(), rejected: rejected.to_string(), label: None }
     }
 }

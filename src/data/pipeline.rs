@@ -67,6 +67,8 @@ pub struct Processed {
     pub checks: super::tokenize::PairChecks,
     pub rendered: super::Rendered,
     pub same_text: bool,
+    /// Unpaired (KTO) rows: whether the completion is desirable.
+    pub label: Option<bool>,
 }
 
 impl Pipeline {
@@ -147,9 +149,20 @@ impl Pipeline {
 
     /// Usable pair `i` (file order), tokenized and truncated.
     pub fn pair(&self, i: usize) -> Result<TokenizedPair> {
+        Ok(self.labeled(i)?.0)
+    }
+
+    /// As [`Pipeline::pair`], with the row's label (unpaired rows).
+    pub fn labeled(&self, i: usize) -> Result<(TokenizedPair, Option<bool>)> {
         let row = self.store.row(i)?;
         let p = Processor { schema: &self.schema, template: &self.template, tokenizer: &self.tokenizer, settings: &self.settings };
-        Ok(p.process(&row).with_context(|| format!("pair {i}"))?.cut)
+        let processed = p.process(&row).with_context(|| format!("pair {i}"))?;
+        Ok((processed.cut, processed.label))
+    }
+
+    /// The detected (or forced) row format.
+    pub fn format(&self) -> super::schema::Format {
+        self.schema.format
     }
 }
 
@@ -172,7 +185,7 @@ impl Processor<'_> {
         }
         let mut cut = full.clone();
         cut.truncate(self.settings.max_length, self.settings.max_prompt_length, self.tokenizer.bos_id());
-        Ok(Processed { full, cut, checks, same_text: ex.chosen == ex.rejected, rendered })
+        Ok(Processed { full, cut, checks, same_text: ex.chosen == ex.rejected, rendered, label: ex.label })
     }
 }
 

@@ -20,6 +20,9 @@
 //!   trained on), or `prompt` and `completion` as message lists (TRL's conversational
 //!   prompt/completion).
 //!
+//! KTO (`dpo train --loss kto`) also reads unpaired rows: `unpaired`: `prompt`, `completion`
+//! (strings, or message lists) and `label` (true: desirable) (TRL's unpaired preference layout).
+//!
 //! ```
 //! use dpo::data::schema::{Columns, FormatChoice, Schema};
 //! let row = serde_json::json!({"prompt": "2+2?", "chosen": "4", "rejected": "5"});
@@ -41,6 +44,7 @@ pub enum Format {
     Argilla,
     PromptCompletion,
     Conversation,
+    Unpaired,
 }
 
 /// `--format`: a format, or `auto` (detected from the first row's columns).
@@ -61,6 +65,8 @@ pub enum FormatChoice {
     PromptCompletion,
     #[value(alias = "messages-sft")]
     Conversation,
+    #[value(alias = "kto")]
+    Unpaired,
 }
 
 impl FormatChoice {
@@ -76,6 +82,7 @@ impl FormatChoice {
             Self::Argilla => Some(Format::Argilla),
             Self::PromptCompletion => Some(Format::PromptCompletion),
             Self::Conversation => Some(Format::Conversation),
+            Self::Unpaired => Some(Format::Unpaired),
         }
     }
 }
@@ -91,6 +98,7 @@ impl Format {
             Self::Argilla => "argilla",
             Self::PromptCompletion => "prompt-completion",
             Self::Conversation => "conversation",
+            Self::Unpaired => "unpaired",
         }
     }
 
@@ -131,6 +139,15 @@ impl Schema {
         }
         if let Some(f) = format.format().filter(|f| f.is_completions()) {
             bail!("format {} holds completions, not preference pairs: train on it with `dpo sft`", f.name());
+        }
+        let unpaired = obj.get("label").is_some_and(Value::is_boolean) && obj.contains_key(cols.chosen.as_deref().unwrap_or("completion"));
+        if format == FormatChoice::Unpaired || (format == FormatChoice::Auto && unpaired) {
+            let prompt = cols.prompt.unwrap_or_else(|| "prompt".into());
+            let completion = cols.chosen.unwrap_or_else(|| "completion".into());
+            if let Some(missing) = [&prompt, &completion, &"label".to_string()].iter().find(|c| !obj.contains_key(c.as_str())) {
+                bail!("format unpaired needs column {missing:?}, but the columns are: {}", obj.keys().cloned().collect::<Vec<_>>().join(", "));
+            }
+            return Ok(Self { format: Format::Unpaired, prompt, chosen: completion, rejected: String::new() });
         }
         let found = || obj.keys().cloned().collect::<Vec<_>>().join(", ");
         let instruction = cols.prompt.clone().unwrap_or_else(|| "instruction".into());
@@ -207,6 +224,35 @@ impl Schema {
         Ok(schema)
     }
 
+    /// An unpaired (KTO) row: prompt, completion (in `chosen`) and its label.
+    fn unpaired_example(&self, row: &Value) -> Result<Example> {
+        let label = match row.get("label") {
+            Some(Value::Bool(b)) => *b,
+            Some(other) => bail!("field \"label\" must be true or false, found {}", kind(other)),
+            None => bail!("missing field \"label\""),
+        };
+        let mut ex = match row.get(&self.prompt) {
+            Some(Value::Array(_)) => {
+                let prompt = messages(row, &self.prompt)?;
+                let completion = match row.get(&self.chosen) {
+                    Some(Value::Array(_)) => match messages(row, &self.chosen)?.as_slice() {
+                        [m] if m.role == "assistant" => m.content.clone(),
+                        _ => bail!("field {:?} must be one assistant turn", self.chosen),
+                    },
+                    _ => text(row, &self.chosen, true)?,
+                };
+                let raw_prompt = prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
+                Example { prompt, raw_prompt, chosen: completion, rejected: String::new(), label: None }
+            }
+            _ => {
+                let p = text(row, &self.prompt, true)?;
+                Example { prompt: vec![Message::new("user", &p)], raw_prompt: p, chosen: text(row, &self.chosen, true)?, rejected: String::new(), label: None }
+            }
+        };
+        ex.label = Some(label);
+        Ok(ex)
+    }
+
     /// A supervised fine-tuning row: the prompt and the completion (in `chosen`).
     fn completion_example(&self, row: &Value) -> Result<Example> {
         let (prompt, completion) = if self.prompt == "messages" && self.chosen == "messages" {
@@ -233,7 +279,7 @@ impl Schema {
             return Ok(ex);
         };
         let raw_prompt = prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
-        Ok(Example { prompt, raw_prompt, chosen: completion, rejected: String::new() })
+        Ok(Example { prompt, raw_prompt, chosen: completion, rejected: String::new(), label: None })
     }
 
     /// The row as an example; errors name the field.
@@ -250,7 +296,7 @@ impl Schema {
             ),
             Format::Explicit => {
                 let p = text(row, &self.prompt, true)?;
-                Example { prompt: vec![Message::new("user", &p)], raw_prompt: p, chosen: text(row, &self.chosen, true)?, rejected: text(row, &self.rejected, true)? }
+                Example { prompt: vec![Message::new("user", &p)], raw_prompt: p, chosen: text(row, &self.chosen, true)?, rejected: text(row, &self.rejected, true)?, label: None }
             }
             Format::HhRlhf => hh_example(&text(row, &self.chosen, true)?, &text(row, &self.rejected, true)?)?,
             Format::Messages => self.messages_example(row)?,
@@ -262,11 +308,12 @@ impl Schema {
                 ex
             }
             Format::PromptCompletion | Format::Conversation => self.completion_example(row)?,
+            Format::Unpaired => self.unpaired_example(row)?,
         };
         if ex.raw_prompt.trim().is_empty() && ex.prompt.iter().all(|m| m.content.trim().is_empty()) {
             bail!("empty prompt");
         }
-        let responses = if self.format.is_completions() { vec![(&self.chosen, &ex.chosen)] } else { vec![(&self.chosen, &ex.chosen), (&self.rejected, &ex.rejected)] };
+        let responses = if self.format.is_completions() || self.format == Format::Unpaired { vec![(&self.chosen, &ex.chosen)] } else { vec![(&self.chosen, &ex.chosen), (&self.rejected, &ex.rejected)] };
         for (name, r) in responses {
             if r.trim().is_empty() {
                 bail!("field {name:?} has an empty response");
@@ -324,7 +371,7 @@ impl Schema {
             Some(Value::String(p)) => p.clone(),
             _ => prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n"),
         };
-        Ok(Example { prompt, raw_prompt, chosen: c_resp.to_string(), rejected: r_resp.to_string() })
+        Ok(Example { prompt, raw_prompt, chosen: c_resp.to_string(), rejected: r_resp.to_string(), label: None })
     }
 }
 
@@ -344,6 +391,7 @@ pub fn hh_example(chosen: &str, rejected: &str) -> Result<Example> {
         // TRL keeps the space after "Assistant:" in the response; templates that use turns trim it.
         chosen: chosen[end..].to_string(),
         rejected: rejected[end..].to_string(),
+        label: None,
     })
 }
 

@@ -80,7 +80,7 @@ impl Template {
             TemplateChoice::Auto => Ok(match (format, chat) {
                 (Format::Messages | Format::Conversation, Some(c)) => Self::Chat(Arc::new(c)),
                 (Format::Messages | Format::Conversation | Format::Orca | Format::AlpacaRanking | Format::Argilla, _) => Self::Orca,
-                (Format::HhRlhf | Format::Explicit | Format::PromptCompletion, _) => Self::Raw,
+                (Format::HhRlhf | Format::Explicit | Format::PromptCompletion | Format::Unpaired, _) => Self::Raw,
             }),
         }
     }

@@ -8,6 +8,7 @@
 //! - DPO losses: `entropy` (token-weighted over the chosen and rejected response tokens),
 //!   `logits/chosen|rejected` (mean over response tokens of the vocabulary-mean logit),
 //!   `mean_token_accuracy` (chosen response tokens whose target is the argmax);
+//! - `kto`: `kl`, `rewards/*` and `logps/*` per label, `logits/*`, `entropy` (TRL's KTOTrainer);
 //! - supervised fine-tuning (`dpo sft`): `entropy` and `mean_token_accuracy` over the
 //!   completion tokens, and no rewards;
 //! - `cpo`/`simpo`: `nll_loss` (0 unless `cpo_alpha` > 0, as TRL logs it);
@@ -22,7 +23,7 @@
 //! let pair = PairScore { loss: Some(0.6), policy_chosen: -3.0, policy_rejected: -4.0, ref_chosen: Some(-3.5),
 //!     ref_rejected: Some(-3.5), chosen_tokens: 2, rejected_tokens: 3, reward_chosen: 0.05, reward_rejected: -0.05,
 //!     logged_chosen: -3.0, logged_rejected: -4.0 };
-//! let batch = BatchScore { pairs: vec![pair], loss: 0.6, extra: Default::default(), supervised: false };
+//! let batch = BatchScore { pairs: vec![pair], loss: 0.6, extra: Default::default(), paired: true };
 //! let m = RewardMetrics::mean(&[batch]);
 //! assert_eq!(m.accuracy(), 1.0);
 //! ```
@@ -59,8 +60,9 @@ pub struct BatchScore {
     pub pairs: Vec<PairScore>,
     pub loss: f64,
     pub extra: BTreeMap<String, f64>,
-    /// Supervised fine-tuning: completions only, no preference metrics.
-    pub supervised: bool,
+    /// Preference pairs (false for supervised fine-tuning and KTO, whose rewards, if any, are
+    /// in `extra`).
+    pub paired: bool,
 }
 
 fn host(t: &Tensor) -> Result<Vec<f32>> {
@@ -107,6 +109,7 @@ impl BatchScore {
             })
             .collect();
         let mut extra = match free {
+            _ if objective.unpaired() => kto_metrics(objective.beta() as f32, l, stats, owner)?,
             None => token_metrics(stats, owner, pc.len()),
             Some(kind) => reference_free_metrics(objective, kind, l)?,
         };
@@ -114,7 +117,7 @@ impl BatchScore {
             // TRL's SFTTrainer logs entropy and token accuracy over the completion tokens.
             extra.retain(|k, _| k == "entropy" || k == "mean_token_accuracy");
         }
-        Ok(Self { pairs, loss: scalar(loss)?, extra, supervised: objective.supervised })
+        Ok(Self { pairs, loss: scalar(loss)?, extra, paired: !objective.supervised && !objective.unpaired() })
     }
 }
 
@@ -139,6 +142,48 @@ fn token_metrics(stats: &TokenStats, owner: &[(usize, usize)], pairs: usize) -> 
         ("logits/rejected".to_string(), ratio(logits[1], counts[1])),
         ("mean_token_accuracy".to_string(), ratio(top1 as f64, counts[0])),
     ])
+}
+
+/// KTOTrainer's metrics: `kl`, rewards and log-probs per label (a key is absent when the batch
+/// has no example of that label, as in TRL), logits per label and entropy over the completions.
+fn kto_metrics(beta: f32, l: &PairLogps, stats: &TokenStats, owner: &[(usize, usize)]) -> Result<BTreeMap<String, f64>> {
+    let labels = l.labels.as_ref().map(Vec::as_slice).unwrap_or_default();
+    let (pc, rc, pr, rr) = (host(&l.policy_chosen)?, host(&l.ref_chosen)?, host(&l.policy_rejected)?, host(&l.ref_rejected)?);
+    let n = labels.len();
+    let kl = ((0..n).map(|i| (pr[i] - rr[i]) as f64).sum::<f64>() / n.max(1) as f64).max(0.0);
+    let mut out = BTreeMap::from([("kl".to_string(), kl)]);
+    let mut entropy = (0.0, 0usize);
+    let mut logits = [(0.0, 0usize); 2];
+    for (j, &(sequence, _)) in owner.iter().enumerate() {
+        if sequence < n {
+            entropy = (entropy.0 + stats.entropy[j] as f64, entropy.1 + 1);
+            let side = &mut logits[usize::from(!labels[sequence])];
+            *side = (side.0 + stats.mean_logit[j] as f64, side.1 + 1);
+        }
+    }
+    let mean = |(sum, count): (f64, usize)| (count > 0).then(|| sum / count as f64);
+    let mut rewards = [None, None];
+    for (side, name) in [(true, "chosen"), (false, "rejected")] {
+        let picked: Vec<usize> = (0..n).filter(|&i| labels[i] == side).collect();
+        if picked.is_empty() {
+            continue;
+        }
+        let m = picked.len() as f64;
+        let reward = picked.iter().map(|&i| (beta * (pc[i] - rc[i])) as f64).sum::<f64>() / m;
+        rewards[usize::from(!side)] = Some(reward);
+        out.insert(format!("rewards/{name}"), reward);
+        out.insert(format!("logps/{name}"), picked.iter().map(|&i| pc[i] as f64).sum::<f64>() / m);
+        if let Some(v) = mean(logits[usize::from(!side)]) {
+            out.insert(format!("logits/{name}"), v);
+        }
+    }
+    if let [Some(c), Some(r)] = rewards {
+        out.insert("rewards/margins".into(), c - r);
+    }
+    if let Some(e) = mean(entropy) {
+        out.insert("entropy".into(), e);
+    }
+    Ok(out)
 }
 
 /// CPOTrainer's `nll_loss`; ORPOTrainer's `nll_loss`, `log_odds_ratio`, `log_odds_chosen`.
@@ -199,13 +244,16 @@ impl RewardMetrics {
         let n = pairs.len().max(1) as f64;
         let mean = |f: &dyn Fn(&PairScore) -> f64| pairs.iter().map(|s| f(s)).sum::<f64>() / n;
         let m = batches.len().max(1) as f64;
-        let mut extra = BTreeMap::new();
+        // Each metric averaged over the micro-batches that logged it.
+        let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
         for b in batches {
             for (k, v) in &b.extra {
-                *extra.entry(k.clone()).or_insert(0.0) += v / m;
+                let e = sums.entry(k.clone()).or_insert((0.0, 0));
+                *e = (e.0 + v, e.1 + 1);
             }
         }
-        let pairwise = batches.iter().all(|b| !b.supervised).then(|| PairMetrics {
+        let extra = sums.into_iter().map(|(k, (sum, count))| (k, sum / count as f64)).collect();
+        let pairwise = batches.iter().all(|b| b.paired).then(|| PairMetrics {
             rewards_chosen: mean(&|s| s.reward_chosen),
             rewards_rejected: mean(&|s| s.reward_rejected),
             rewards_accuracies: mean(&|s| f64::from(u8::from(s.reward_chosen > s.reward_rejected))),

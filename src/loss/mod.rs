@@ -20,7 +20,7 @@
 //! # use dpo::loss::{LossKind, Objective, PairLogps};
 //! let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
 //! let logps = PairLogps { policy_chosen: t(-1.0), policy_rejected: t(-2.0), ref_chosen: t(-1.0),
-//!     ref_rejected: t(-2.0), chosen_tokens: vec![3], rejected_tokens: vec![4], chosen_prompt: None };
+//!     ref_rejected: t(-2.0), chosen_tokens: vec![3], rejected_tokens: vec![4], chosen_prompt: None, labels: None };
 //! let loss = Objective::single(LossKind::Sigmoid, 0.1).batch_loss(&logps, None).unwrap();
 //! assert!((loss.to_scalar::<f32>().unwrap() - std::f32::consts::LN_2).abs() < 1e-6);
 //! ```
@@ -57,6 +57,7 @@ pub enum LossKind {
     Simpo,
     Cpo,
     Orpo,
+    Kto,
 }
 
 /// `--f-divergence`: how the log-ratios enter the sigmoid-family losses (Wang et al. 2023).
@@ -104,6 +105,7 @@ impl LossKind {
             Simpo => "simpo",
             Cpo => "cpo",
             Orpo => "orpo",
+            Kto => "kto",
         }
     }
 
@@ -129,9 +131,10 @@ impl LossKind {
         matches!(self, Sigmoid | SigmoidNorm | Hinge | Ipo | ExoPair | Robust | Discopop | Sft)
     }
 
-    /// Sorts across the batch: a pair has no loss of its own.
+    /// Has no loss per pair of its own: sorts across the batch (`aot*`), or estimates KTO's KL
+    /// term from the batch's mismatched completions.
     fn sorts_batch(self) -> bool {
-        matches!(self, Self::Aot | Self::AotUnpaired)
+        matches!(self, Self::Aot | Self::AotUnpaired | Self::Kto)
     }
 }
 
@@ -150,6 +153,9 @@ pub struct LossParams {
     pub simpo_gamma: f64,
     /// Weight of CPO's NLL term; `None`: 1 for cpo, 0 for simpo.
     pub cpo_alpha: Option<f64>,
+    /// KTO's weights of desirable and undesirable examples.
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
 }
 
 impl LossParams {
@@ -162,6 +168,8 @@ impl LossParams {
             discopop_tau: 0.05,
             simpo_gamma: 0.5,
             cpo_alpha: None,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
         }
     }
 }
@@ -177,6 +185,9 @@ pub struct PairLogps {
     pub rejected_tokens: Vec<usize>,
     /// ORPO: the chosen prompts' summed log-probs (tokens after BOS) `[pairs]` and their counts.
     pub chosen_prompt: Option<(Tensor, Vec<usize>)>,
+    /// KTO: each example's label (true: desirable). The completion is in the chosen slot, the
+    /// mismatched (KL) completion in the rejected slot.
+    pub labels: Option<Vec<bool>>,
 }
 
 impl PairLogps {
@@ -208,6 +219,7 @@ impl PairLogps {
                 Some((t, n)) => Some((one(t)?, vec![n[i]])),
                 None => None,
             },
+            labels: self.labels.as_ref().map(|l| vec![l[i]]),
         })
     }
 }
@@ -280,6 +292,20 @@ impl Objective {
         let (free, with_ref) = (names(LossKind::reference_free), names(LossKind::uses_reference));
         if !free.is_empty() && !with_ref.is_empty() {
             return Err(format!("{loss_flag}: the reference-free loss {} cannot be mixed with the reference-based {} (config key loss)", free[0], with_ref[0]));
+        }
+        if self.has(LossKind::Kto) && self.terms.len() > 1 {
+            return Err(format!("{loss_flag}: kto trains on unpaired examples and cannot be mixed with other losses (config key loss)"));
+        }
+        if self.has(LossKind::Kto) && self.ld_alpha.is_some() {
+            return Err("--ld-alpha cannot be used with --loss kto: LD-DPO weights the tokens of paired responses (config keys ld_alpha, loss)".into());
+        }
+        for (flag, w) in [("--desirable-weight", p.desirable_weight), ("--undesirable-weight", p.undesirable_weight)] {
+            if !(w.is_finite() && w > 0.0) {
+                return Err(format!("{flag} {w} is out of range: must be a positive number (config key {})", flag.trim_start_matches("--").replace('-', "_")));
+            }
+            if w != 1.0 && !self.has(LossKind::Kto) {
+                return Err(format!("{flag} applies to --loss kto only, not {loss_flag} (config keys {}, loss)", flag.trim_start_matches("--").replace('-', "_")));
+            }
         }
         if self.terms.iter().filter(|(k, _)| k.reference_free()).count() > 1 {
             return Err(format!("{loss_flag}: give one of simpo, cpo, orpo (config key loss)"));
@@ -362,6 +388,11 @@ impl Objective {
     /// cache. `sft` alone keeps the reference, as TRL's DPOTrainer does, for its rewards.
     pub fn needs_reference(&self) -> bool {
         !self.supervised && self.reference_free_kind().is_none()
+    }
+
+    /// KTO: unpaired examples (a pair's responses become two examples).
+    pub fn unpaired(&self) -> bool {
+        self.has(LossKind::Kto)
     }
 
     /// ORPO's NLL covers the chosen prompts too.

@@ -5,7 +5,7 @@
 //! reverse KL of standard DPO) and `Δ = sc − sr`.
 //!
 //! Most losses are a value per pair, averaged over the batch ([`Term::PerPair`]); `aot*`, `sft`,
-//! `orpo`, and `cpo`/`simpo` with an NLL term (`--cpo-alpha` > 0) are batch-level
+//! `orpo`, `kto` (its KL estimate), and `cpo`/`simpo` with an NLL term (`--cpo-alpha` > 0) are batch-level
 //! ([`Term::Batch`]): they sort across the batch or take a token mean over it, so they change
 //! with micro-batching exactly as in TRL (each micro-batch is a batch of its own; see
 //! [`super::Objective`]).
@@ -15,7 +15,7 @@
 //! # use dpo::loss::{LossKind, LossParams, PairLogps, terms::{term, Term}};
 //! let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
 //! let l = PairLogps { policy_chosen: t(&[-1.0, -2.0]), policy_rejected: t(&[-3.0, -1.0]), ref_chosen: t(&[-1.5, -2.0]),
-//!     ref_rejected: t(&[-2.5, -1.5]), chosen_tokens: vec![2, 4], rejected_tokens: vec![3, 1], chosen_prompt: None };
+//!     ref_rejected: t(&[-2.5, -1.5]), chosen_tokens: vec![2, 4], rejected_tokens: vec![3, 1], chosen_prompt: None, labels: None };
 //! // sft: −Σ pc / Σ len_c over the batch, not a mean of per-pair values.
 //! let Term::Batch(sft) = term(LossKind::Sft, &l, &LossParams::new(0.1)).unwrap() else { panic!() };
 //! assert!((sft.to_scalar::<f32>().unwrap() - 0.5).abs() < 1e-6);
@@ -195,6 +195,22 @@ pub fn term(kind: LossKind, l: &PairLogps, p: &LossParams) -> Result<Term> {
                 0.0 => Term::PerPair(preference),
                 alpha => Term::Batch((preference.mean_all()? + (chosen_nll(l)? * alpha)?)?),
             }
+        }
+        // KTO (Ethayarajh et al. 2024), TRL's KTOTrainer: `z = clamp(mean(KL log-ratios), 0)`
+        // (detached) from the batch's mismatched completions; desirable `1 − σ(β(h − z))`,
+        // undesirable `1 − σ(β(z − h))`, weighted, averaged over the batch's examples.
+        LossKind::Kto => {
+            let labels = l.labels.as_ref().ok_or_else(|| candle_core::Error::Msg("kto needs labelled examples".into()))?;
+            let kl = l.rejected_logratio()?.mean_all()?.maximum(0.0)?.detach();
+            let h = l.chosen_logratio()?;
+            let d = (h.broadcast_sub(&kl)? * b)?;
+            let (desirable, undesirable) = (sigmoid(&d)?.affine(-1.0, 1.0)?, sigmoid(&d)?);
+            let pick = |yes: f64, no: f64| -> Result<Tensor> {
+                let v: Vec<f32> = labels.iter().map(|&y| if y { yes as f32 } else { no as f32 }).collect();
+                Tensor::from_vec(v, labels.len(), h.device())
+            };
+            let loss = ((desirable * pick(p.desirable_weight, 0.0)?)? + (undesirable * pick(0.0, p.undesirable_weight)?)?)?;
+            Term::Batch(loss.mean_all()?)
         }
         // ORPO (Hong et al. 2024), TRL's ORPOTrainer: `NLL(chosen, prompt included) − λ·mean logσ(log odds)`.
         LossKind::Orpo => {
