@@ -42,8 +42,11 @@ pub struct EvalArgs {
 #[derive(Debug, Serialize)]
 struct PairLine {
     index: usize,
-    policy_chosen_logp: f64,
-    policy_rejected_logp: f64,
+    /// Absent for reward models (their rewards are the scores).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy_chosen_logp: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy_rejected_logp: Option<f64>,
     /// Absent for reference-free losses.
     #[serde(skip_serializing_if = "Option::is_none")]
     reference_chosen_logp: Option<f64>,
@@ -65,6 +68,12 @@ pub fn run(args: &EvalArgs) -> Result<RewardMetrics> {
     if let Some(dir) = &args.adapter {
         adapter::attach_from_dir(&mut loaded.model, dir, None)?;
     }
+    if objective.reward_model {
+        let dir = args.adapter.as_deref().ok_or_else(|| crate::config::UsageError("dpo reward score needs --adapter: a reward model's adapter with its score head".into()))?;
+        let has_head = candle_core::safetensors::load(dir.join(adapter::WEIGHTS_FILE), &candle_core::Device::Cpu)?.contains_key(adapter::SCORE_KEY);
+        anyhow::ensure!(has_head, "{}: no {} in the adapter: not a reward model (train one with `dpo reward train`)", dir.display(), adapter::SCORE_KEY);
+        adapter::attach_score_head(&mut loaded.model, Some(dir), 0)?;
+    }
     let data = crate::setup::load_pairs(common, &loaded)?;
     let indices: Vec<usize> = (0..data.len()).collect();
     let batches = score_all(&loaded.model, loaded.pad_id, &data, &indices, args.batch_size, &objective, None)?;
@@ -73,8 +82,8 @@ pub fn run(args: &EvalArgs) -> Result<RewardMetrics> {
         for (index, s) in batches.iter().flat_map(|b| &b.pairs).enumerate() {
             let line = PairLine {
                 index,
-                policy_chosen_logp: s.policy_chosen,
-                policy_rejected_logp: s.policy_rejected,
+                policy_chosen_logp: (!objective.reward_model).then_some(s.policy_chosen),
+                policy_rejected_logp: (!objective.reward_model).then_some(s.policy_rejected),
                 reference_chosen_logp: s.ref_chosen,
                 reference_rejected_logp: s.ref_rejected,
                 chosen_tokens: s.chosen_tokens,

@@ -129,10 +129,16 @@ struct PolicyPass {
     stats: TokenStats,
 }
 
-fn policy_pass(model: &CausalLm, batch: &PairBatch, mode: &mut LoraMode) -> Result<PolicyPass> {
+fn policy_pass(model: &CausalLm, batch: &PairBatch, mode: &mut LoraMode, reward_model: bool) -> Result<PolicyPass> {
     let hidden = model.forward_layout(&batch.ids, &batch.layout, mode)?;
     let (n, t, h) = hidden.dims3()?;
     let flat = hidden.reshape((n * t, h))?;
+    if reward_model {
+        // The score head at each sequence's last token: the rewards take the log-probs' place.
+        let last = Tensor::from_vec(batch.last_rows.clone(), batch.last_rows.len(), model.device())?;
+        let sums = model.rewards(&flat.index_select(&last, 0)?)?;
+        return Ok(PolicyPass { sums, prompt_sums: None, token_logps: Vec::new(), stats: TokenStats::default() });
+    }
     let scored = batch.targets.len();
     let (rows, targets) = match &batch.prompt {
         Some(p) if !p.targets.is_empty() => {
@@ -173,7 +179,7 @@ impl Scored {
 /// The policy (adapters as `policy` says) against `reference` (`None` for a reference-free
 /// objective), and the objective's loss on the batch.
 pub fn score(model: &CausalLm, batch: &PairBatch, objective: &Objective, policy: &mut LoraMode, reference: Option<&Tensor>) -> Result<Scored> {
-    let pass = policy_pass(model, batch, policy)?;
+    let pass = policy_pass(model, batch, policy, objective.reward_model)?;
     let (policy_chosen, policy_rejected) = split_pairs(&pass.sums, batch.pairs)?;
     let (ref_chosen, ref_rejected) = match reference {
         Some(r) => split_pairs(&r.detach(), batch.pairs)?,

@@ -31,6 +31,10 @@ enum Command {
     Sft(TrainArgs),
     /// Score preference pairs with a base model and (optionally) an adapter.
     Eval(EvalArgs),
+    /// A Bradley–Terry reward model: `train` (LoRA plus a fully trained score head, saved as
+    /// peft saves a sequence-classification adapter) and `score` (per-pair rewards as JSONL).
+    #[command(subcommand)]
+    Reward(RewardCommand),
     /// Fold an adapter into the base weights and write a plain model folder.
     Merge(crate::merge::MergeArgs),
     /// Dataset tools.
@@ -44,6 +48,16 @@ enum Command {
     /// The reference log-prob cache: build, info, clear.
     #[command(subcommand, name = "ref-cache")]
     RefCache(refcache::RefCacheCommand),
+}
+
+#[derive(Subcommand)]
+enum RewardCommand {
+    /// Train a reward model on preference pairs: `−logσ(r_c − r_r)`, the reward read by a
+    /// `score` head (hidden → 1) at each sequence's last token; `train`'s flags.
+    Train(TrainArgs),
+    /// Score pairs with a reward model (`--adapter`): one JSON line per pair with
+    /// `reward_chosen`, `reward_rejected`; prints loss, accuracy and margin; `eval`'s flags.
+    Score(EvalArgs),
 }
 
 #[derive(Subcommand)]
@@ -68,7 +82,8 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
         }
     };
     let result = match cli.command {
-        Command::Train(a) | Command::Sft(a) => train(&a),
+        Command::Train(a) | Command::Sft(a) | Command::Reward(RewardCommand::Train(a)) => train(&a),
+        Command::Reward(RewardCommand::Score(a)) => eval(&a),
         Command::Eval(a) => eval(&a),
         Command::Merge(a) => crate::merge::run(&a),
         Command::Data(DataCommand::Inspect(a)) => inspect::inspect(&a),
@@ -102,6 +117,16 @@ fn expand(args: Vec<String>) -> anyhow::Result<Vec<String>> {
             expanded[1] = "sft".into();
             expanded.push("--stage=sft".into());
             Ok(expanded)
+        }
+        // `dpo reward train|score` is `train|eval --stage reward`.
+        Some("reward") if matches!(args.get(2).map(String::as_str), Some("train" | "score")) => {
+            let sub = if args[2] == "train" { "train" } else { "eval" };
+            let inner: Vec<String> = [vec![args[0].clone(), sub.to_string()], args[3..].to_vec()].concat();
+            let expanded = expand(inner)?;
+            let mut out = vec![args[0].clone(), "reward".into(), args[2].clone()];
+            out.extend(expanded[2..].iter().cloned());
+            out.push("--stage=reward".into());
+            Ok(out)
         }
         Some("train") => match crate::config::find_flag(&args, "--resume") {
             // A resumed run's settings come from its checkpoint, in place of a config file.
@@ -154,7 +179,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     } else {
         let (unit, accuracy) = match args.common.stage {
             crate::config::Stage::Sft => ("examples", String::new()),
-            crate::config::Stage::Dpo => ("pairs", format!(", reward accuracy {:.3}", s.final_reward_accuracy)),
+            crate::config::Stage::Dpo | crate::config::Stage::Reward => ("pairs", format!(", reward accuracy {:.3}", s.final_reward_accuracy)),
         };
         println!(
             "trained {} steps on {} {unit} in {:.1}s ({:.0} tokens/s): final loss {:.4}{accuracy}; adapter in {}",

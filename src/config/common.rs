@@ -126,6 +126,8 @@ pub struct CommonArgs {
 pub enum Stage {
     Dpo,
     Sft,
+    /// A Bradley–Terry reward model (`dpo reward train`).
+    Reward,
 }
 
 /// `loss = "sigmoid"`, `loss = "sigmoid,sft"`: written as the flag takes it.
@@ -134,22 +136,24 @@ fn comma_list<S: serde::Serializer>(kinds: &[crate::loss::LossKind], s: S) -> Re
 }
 
 impl CommonArgs {
-    /// `dpo sft`'s objective; preference-loss flags are refused rather than ignored.
+    /// `dpo sft`'s and `dpo reward`'s objectives; preference-loss flags are refused rather than
+    /// ignored.
     fn supervised_objective(&self) -> std::result::Result<crate::loss::Objective, String> {
         let defaults = self.loss == [crate::loss::LossKind::Sigmoid] && self.loss_weights.is_empty() && self.label_smoothing == 0.0;
         let defaults = defaults && self.f_divergence == crate::loss::FDivergence::ReverseKl && !self.use_weighting;
         let defaults = defaults && self.desirable_weight == 1.0 && self.undesirable_weight == 1.0;
         let unset = [self.f_alpha, self.discopop_tau, self.simpo_gamma, self.cpo_alpha, self.ld_alpha].iter().all(Option::is_none);
         if !(defaults && unset) {
-            return Err("dpo sft trains on completions with the token-mean NLL: --loss and the preference-loss flags (--loss-weights, --label-smoothing, --f-divergence, --ld-alpha, --use-weighting, ...) do not apply".into());
+            let what = if self.stage == Stage::Sft { "dpo sft trains on completions with the token-mean NLL" } else { "dpo reward trains a Bradley–Terry reward model" };
+            return Err(format!("{what}: --loss and the preference-loss flags (--loss-weights, --label-smoothing, --f-divergence, --ld-alpha, --use-weighting, ...) do not apply"));
         }
-        Ok(crate::loss::Objective::supervised())
+        Ok(if self.stage == Stage::Sft { crate::loss::Objective::supervised() } else { crate::loss::Objective::reward_model() })
     }
 
     /// The training objective these flags describe; a bad combination is a [`super::UsageError`]
     /// naming the flags.
     pub fn objective(&self) -> std::result::Result<crate::loss::Objective, String> {
-        if self.stage == Stage::Sft {
+        if self.stage != Stage::Dpo {
             return self.supervised_objective();
         }
         let mut params = crate::loss::LossParams::new(self.beta);

@@ -41,6 +41,8 @@ pub struct PairBatch {
     pub token_owner: Vec<(usize, usize)>,
     /// The chosen sequences' prompt tokens after BOS, scored too (ORPO's NLL covers them).
     pub prompt: Option<PromptScoring>,
+    /// Flat index (`row·len + t`) of each sequence's last non-pad token (chosen, then rejected).
+    pub last_rows: Vec<u32>,
     /// KTO: each example's label (its completion in the chosen slot, a mismatched completion
     /// for the KL estimate in the rejected slot).
     pub labels: Option<Vec<bool>>,
@@ -149,6 +151,15 @@ impl PairBatch {
                 owner.push((s.sequence, k));
             }
         }
+        // Each sequence's last token that is not the pad id (where a reward model reads its score,
+        // as transformers' sequence classification does): the response's, or the prompt's last.
+        let last_rows = scored
+            .iter()
+            .map(|s| {
+                let kept = s.tokens.iter().rposition(|&t| t != pad_id);
+                (s.row * len + kept.map_or(s.first_predictor, |k| s.start + k)) as u32
+            })
+            .collect();
         let total = targets.len();
         let mut seg = vec![0f32; sequences * total];
         for (j, &(s, _)) in owner.iter().enumerate() {
@@ -164,6 +175,7 @@ impl PairBatch {
             sequence_of_token: Tensor::from_vec(seg, (sequences, total), device)?,
             response_tokens: scored.iter().map(|s| s.tokens.len()).collect(),
             token_owner: owner,
+            last_rows,
             prompt: None,
             labels: None,
             // A completion without a rejected response (supervised fine-tuning) is one sequence.

@@ -25,6 +25,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// A reward model's `score` head (hidden → 1) as peft saves it for `SEQ_CLS` adapters.
+pub const SCORE_KEY: &str = "base_model.model.score.weight";
 pub const CONFIG_FILE: &str = "adapter_config.json";
 
 /// A trainable tensor with its peft key.
@@ -67,7 +69,8 @@ pub fn attach_from_dir(model: &mut CausalLm, dir: &Path, dropout: Option<f64>) -
         .into_iter()
         .map(|(k, v)| (k.replace(".default.weight", ".weight"), v))
         .collect();
-    let mut used = 0;
+    // A reward model's score head is attached by `attach_score_head`.
+    let mut used = usize::from(tensors.contains_key(SCORE_KEY));
     let params = attach(model, &cfg, |path, out_dim, in_dim| {
         let get = |which: &str, shape: (usize, usize)| -> Result<Tensor> {
             let key = peft_key(path, which);
@@ -88,6 +91,43 @@ pub fn attach_from_dir(model: &mut CausalLm, dir: &Path, dropout: Option<f64>) -
         bail!("{}: tensors that match no targeted layer of this model: {extra:?}", weights_path.display());
     }
     Ok((cfg, params))
+}
+
+/// Attaches a reward model's `score` head (`[1, hidden]`, f32, trained in full): from `dir`'s
+/// adapter file when it holds one ([`SCORE_KEY`]), else fresh, `N(0, 0.02²)` from the seed (as
+/// transformers initialises `score` with `initializer_range` 0.02).
+pub fn attach_score_head(model: &mut CausalLm, dir: Option<&Path>, seed: u64) -> Result<NamedParam> {
+    let hidden = model.arch().hidden_size;
+    let saved = match dir {
+        Some(d) => {
+            let path = d.join(WEIGHTS_FILE);
+            let mut tensors = candle_core::safetensors::load(&path, model.device()).with_context(|| format!("reading adapter weights {}", path.display()))?;
+            tensors.remove(SCORE_KEY).map(|t| (t, path))
+        }
+        None => None,
+    };
+    let w = match saved {
+        Some((t, path)) => {
+            if t.dims() != [1, hidden] {
+                bail!("{}: {SCORE_KEY} has shape {:?}, expected [1, {hidden}]", path.display(), t.dims());
+            }
+            t.to_dtype(DType::F32)?
+        }
+        None => {
+            let mut rng = SeededRng::new(seed, Stream::LoraInit);
+            // Box–Muller from the seeded uniform stream.
+            let normal: Vec<f32> = (0..hidden)
+                .map(|_| {
+                    let (u, v) = (rng.uniform().max(f32::MIN_POSITIVE), rng.uniform());
+                    0.02 * (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
+                })
+                .collect();
+            Tensor::from_vec(normal, (1, hidden), model.device())?
+        }
+    };
+    let var = Var::from_tensor(&w)?;
+    model.set_score_head(var.clone());
+    Ok(NamedParam { name: SCORE_KEY.to_string(), var })
 }
 
 /// Walks the model's linear layers and attaches an adapter to each targeted one.
@@ -157,7 +197,9 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
         }
     }
     let use_rslora = field("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
-    LoraConfig::validated(r as usize, alpha, dropout, targets, use_rslora).with_context(|| format!("in {}", path.display()))
+    let mut cfg = LoraConfig::validated(r as usize, alpha, dropout, targets, use_rslora).with_context(|| format!("in {}", path.display()))?;
+    cfg.sequence_classification = field("task_type").and_then(|v| v.as_str()) == Some("SEQ_CLS");
+    Ok(cfg)
 }
 
 /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`, each atomically.
@@ -185,13 +227,13 @@ fn peft_config_json(cfg: &LoraConfig, base_model: &str) -> serde_json::Value {
         "layers_to_transform": null,
         "lora_alpha": if cfg.alpha.fract() == 0.0 { json!(cfg.alpha as i64) } else { json!(cfg.alpha) },
         "lora_dropout": cfg.dropout,
-        "modules_to_save": null,
+        "modules_to_save": if cfg.sequence_classification { json!(["score"]) } else { json!(null) },
         "peft_type": "LORA",
         "r": cfg.r,
         "rank_pattern": {},
         "revision": null,
         "target_modules": cfg.targets,
-        "task_type": "CAUSAL_LM",
+        "task_type": if cfg.sequence_classification { "SEQ_CLS" } else { "CAUSAL_LM" },
         "use_dora": false,
         "use_rslora": cfg.use_rslora,
     })

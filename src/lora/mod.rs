@@ -28,6 +28,9 @@ pub struct LoraConfig {
     pub targets: Vec<String>,
     /// peft's rank-stabilised scaling `alpha / sqrt(r)`; only ever read from an adapter.
     pub use_rslora: bool,
+    /// A reward model's adapter: peft's `SEQ_CLS` task with the `score` head saved in full
+    /// (`modules_to_save`).
+    pub sequence_classification: bool,
 }
 
 impl LoraConfig {
@@ -50,7 +53,7 @@ impl LoraConfig {
         if targets.is_empty() {
             bail!("lora targets are empty");
         }
-        Ok(Self { r, alpha, dropout, targets, use_rslora })
+        Ok(Self { r, alpha, dropout, targets, use_rslora, sequence_classification: false })
     }
 
     pub fn scale(&self) -> f64 {

@@ -8,6 +8,8 @@
 //! - DPO losses: `entropy` (token-weighted over the chosen and rejected response tokens),
 //!   `logits/chosen|rejected` (mean over response tokens of the vocabulary-mean logit),
 //!   `mean_token_accuracy` (chosen response tokens whose target is the argmax);
+//! - reward models (`dpo reward train`): `accuracy`, `margin`, `min_reward`, `mean_reward`,
+//!   `max_reward` (TRL's RewardTrainer);
 //! - `kto`: `kl`, `rewards/*` and `logps/*` per label, `logits/*`, `entropy` (TRL's KTOTrainer);
 //! - supervised fine-tuning (`dpo sft`): `entropy` and `mean_token_accuracy` over the
 //!   completion tokens, and no rewards;
@@ -90,6 +92,7 @@ impl BatchScore {
                     _ => (pc[i], pr[i]),
                 };
                 let (reward_chosen, reward_rejected) = match free {
+                    _ if objective.reward_model => (pc[i], pr[i]),
                     Some(_) => (beta * logged_chosen, beta * logged_rejected),
                     None => (beta * (pc[i] - rc[i]), beta * (pr[i] - rr[i])),
                 };
@@ -109,6 +112,7 @@ impl BatchScore {
             })
             .collect();
         let mut extra = match free {
+            _ if objective.reward_model => reward_model_metrics(&pc, &pr),
             _ if objective.unpaired() => kto_metrics(objective.beta() as f32, l, stats, owner)?,
             None => token_metrics(stats, owner, pc.len()),
             Some(kind) => reference_free_metrics(objective, kind, l)?,
@@ -117,7 +121,7 @@ impl BatchScore {
             // TRL's SFTTrainer logs entropy and token accuracy over the completion tokens.
             extra.retain(|k, _| k == "entropy" || k == "mean_token_accuracy");
         }
-        Ok(Self { pairs, loss: scalar(loss)?, extra, paired: !objective.supervised && !objective.unpaired() })
+        Ok(Self { pairs, loss: scalar(loss)?, extra, paired: !objective.supervised && !objective.unpaired() && !objective.reward_model })
     }
 }
 
@@ -141,6 +145,20 @@ fn token_metrics(stats: &TokenStats, owner: &[(usize, usize)], pairs: usize) -> 
         ("logits/chosen".to_string(), ratio(logits[0], counts[0])),
         ("logits/rejected".to_string(), ratio(logits[1], counts[1])),
         ("mean_token_accuracy".to_string(), ratio(top1 as f64, counts[0])),
+    ])
+}
+
+/// RewardTrainer's metrics: `accuracy` (strict `r_c > r_r`), `margin`, and the min, mean and max
+/// of all rewards.
+fn reward_model_metrics(chosen: &[f32], rejected: &[f32]) -> BTreeMap<String, f64> {
+    let n = chosen.len().max(1) as f64;
+    let all: Vec<f64> = chosen.iter().chain(rejected).map(|&r| r as f64).collect();
+    BTreeMap::from([
+        ("accuracy".to_string(), chosen.iter().zip(rejected).filter(|(c, r)| c > r).count() as f64 / n),
+        ("margin".to_string(), chosen.iter().zip(rejected).map(|(c, r)| (c - r) as f64).sum::<f64>() / n),
+        ("min_reward".to_string(), all.iter().copied().fold(f64::INFINITY, f64::min)),
+        ("mean_reward".to_string(), all.iter().sum::<f64>() / all.len().max(1) as f64),
+        ("max_reward".to_string(), all.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
     ])
 }
 
@@ -264,8 +282,8 @@ impl RewardMetrics {
         Self { loss: batches.iter().map(|b| b.loss).sum::<f64>() / m, pairwise, extra }
     }
 
-    /// Reward accuracy, NaN without pairs.
+    /// Reward accuracy (a reward model's `accuracy`), NaN when there is none.
     pub fn accuracy(&self) -> f64 {
-        self.pairwise.as_ref().map_or(f64::NAN, |p| p.rewards_accuracies)
+        self.pairwise.as_ref().map(|p| p.rewards_accuracies).or_else(|| self.extra.get("accuracy").copied()).unwrap_or(f64::NAN)
     }
 }

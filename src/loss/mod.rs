@@ -236,6 +236,9 @@ pub struct Objective {
     /// Supervised fine-tuning (`dpo sft`): completions only (the "chosen" side), the `sft` loss,
     /// no reference.
     pub supervised: bool,
+    /// A Bradley–Terry reward model (`dpo reward train`): the pair's "log-probs" are the
+    /// model's rewards, the loss `−logσ(r_c − r_r)`, no reference.
+    pub reward_model: bool,
 }
 
 /// Which settings the user gave explicitly (so that one a loss ignores can be refused).
@@ -249,7 +252,12 @@ pub struct Explicit {
 impl Objective {
     /// One loss with default parameters.
     pub fn single(kind: LossKind, beta: f64) -> Self {
-        Self { terms: vec![(kind, 1.0)], params: LossParams::new(beta), ld_alpha: None, use_weighting: false, supervised: false }
+        Self { terms: vec![(kind, 1.0)], params: LossParams::new(beta), ld_alpha: None, use_weighting: false, supervised: false, reward_model: false }
+    }
+
+    /// A reward model: `mean −logσ(r_c − r_r)` (TRL's RewardTrainer without margin or centring).
+    pub fn reward_model() -> Self {
+        Self { reward_model: true, ..Self::single(LossKind::Sigmoid, 1.0) }
     }
 
     /// Supervised fine-tuning: the token-mean NLL of the completions over the batch, as TRL's
@@ -268,7 +276,7 @@ impl Objective {
             n if n == kinds.len() => weights.to_vec(),
             n => return Err(format!("--loss-weights gives {n} weight(s) but --loss names {} loss(es) (config keys loss_weights, loss)", kinds.len())),
         };
-        let objective = Self { terms: kinds.iter().copied().zip(weights).collect(), params, ld_alpha, use_weighting, supervised: false };
+        let objective = Self { terms: kinds.iter().copied().zip(weights).collect(), params, ld_alpha, use_weighting, supervised: false, reward_model: false };
         objective.check(explicit)?;
         Ok(objective)
     }
@@ -387,7 +395,7 @@ impl Objective {
     /// False for SimPO/CPO/ORPO (mixed with `sft` or not): no reference forward, no reference
     /// cache. `sft` alone keeps the reference, as TRL's DPOTrainer does, for its rewards.
     pub fn needs_reference(&self) -> bool {
-        !self.supervised && self.reference_free_kind().is_none()
+        !self.supervised && !self.reward_model && self.reference_free_kind().is_none()
     }
 
     /// KTO: unpaired examples (a pair's responses become two examples).
@@ -408,6 +416,9 @@ impl Objective {
     /// The micro-batch's loss (a scalar): `Σ_k w_k · term_k`, a per-pair term averaged over
     /// the pairs after WPO's `weights` (`[pairs]`, detached).
     pub fn batch_loss(&self, l: &PairLogps, weights: Option<&Tensor>) -> Result<Tensor> {
+        if self.reward_model {
+            return terms::bradley_terry(l);
+        }
         let mut total: Option<Tensor> = None;
         for &(kind, w) in &self.terms {
             let value = match terms::term(kind, l, &self.params)? {

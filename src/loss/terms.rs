@@ -220,6 +220,12 @@ pub fn term(kind: LossKind, l: &PairLogps, p: &LossParams) -> Result<Term> {
     })
 }
 
+/// A reward model's Bradley–Terry loss `mean −logσ(r_c − r_r)`, the rewards in the log-prob
+/// slots (Ouyang et al. 2022; TRL's RewardTrainer).
+pub fn bradley_terry(l: &PairLogps) -> Result<Tensor> {
+    log_sigmoid(&(&l.policy_chosen - &l.policy_rejected)?)?.neg()?.mean_all()
+}
+
 /// ORPO's token-mean NLL over the whole chosen sequences (every token after BOS) and the
 /// per-pair log odds ratio `(ac − ar) − (log(1 − e^ac) − log(1 − e^ar))`, `a = p/len`.
 pub fn orpo_parts(l: &PairLogps) -> Result<(Tensor, Tensor)> {

@@ -84,6 +84,9 @@ pub struct CausalLm {
     path: LayerPath,
     /// Activation recomputation: each layer keeps only its input for backward.
     recompute: bool,
+    /// A reward model's `score` head `[1, hidden]` (f32, trainable), read at each sequence's
+    /// last token.
+    score_head: Option<candle_core::Var>,
 }
 
 /// One decoder layer's frozen weights, named by what the description says it has.
@@ -136,6 +139,7 @@ impl CausalLm {
             device: device.clone(),
             path: LayerPath::Generic,
             recompute: false,
+            score_head: None,
         };
         model.path = LayerPath::default_for(&model.arch, device, dtype);
         Ok(model)
@@ -229,6 +233,18 @@ impl CausalLm {
     pub fn logits(&self, ids: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
         let hidden = self.forward(ids, mode)?;
         Ok(generic_layer::softcap(&frozen_matmul(&hidden, &self.lm_head)?.to_dtype(DType::F32)?, self.arch.final_softcap)?)
+    }
+
+    /// Makes this a reward model (sequence classification with one label): `score` reads the
+    /// final hidden state at each sequence's last token.
+    pub fn set_score_head(&mut self, w: candle_core::Var) {
+        self.score_head = Some(w);
+    }
+
+    /// `score · h` for final hidden states `[n, hidden]` (in f32): a reward per row.
+    pub fn rewards(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        let w = self.score_head.as_ref().context("this model has no score head (not a reward model)")?;
+        Ok(hidden_rows.to_dtype(DType::F32)?.matmul(&w.as_tensor().t()?)?.squeeze(1)?)
     }
 
     /// `log p(target | position)` for selected hidden states `[n, hidden]` and targets `[n]`:

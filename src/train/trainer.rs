@@ -82,11 +82,19 @@ impl<'a> Trainer<'a> {
     pub fn setup(args: &'a TrainArgs, control: RunControl, inputs: Inputs<'a>, prepared: Prepared) -> Result<Self> {
         let Inputs { loaded, data, eval_data, cache } = inputs;
         let objective = crate::setup::objective(&args.common)?;
-        let (lora, params) = match &args.init_adapter {
+        let (mut lora, mut params) = match &args.init_adapter {
             Some(dir) => adapter::attach_from_dir(&mut loaded.model, dir, Some(args.lora_dropout))?,
             None => adapter::attach_fresh(&mut loaded.model, &LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?, args.seed)?,
         };
         super::check_no_stale_adapters(&mut loaded.model, params.len())?;
+        if lora.sequence_classification && !objective.reward_model {
+            anyhow::bail!("--init-adapter {}: a reward model's adapter (task_type SEQ_CLS); train it with `dpo reward train`", args.init_adapter.as_deref().unwrap_or(std::path::Path::new("?")).display());
+        }
+        if objective.reward_model {
+            // The score head: from --init-adapter when it has one, else fresh; trained in full.
+            params.push(adapter::attach_score_head(&mut loaded.model, args.init_adapter.as_deref(), args.seed)?);
+            lora.sequence_classification = true;
+        }
         loaded.model.set_recompute(args.gradient_checkpointing.enabled(&loaded.device));
         let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
         let plan = StepPlan::new(args, data.len());
