@@ -112,6 +112,10 @@ pub fn reference_logps(model: &CausalLm, pairs: &[TokenizedPair], batch: &PairBa
     if let Some(values) = cache.as_deref_mut().and_then(|c| c.lookup(pairs, batch)) {
         return Ok(Tensor::from_vec(values, 2 * pairs.len(), model.device())?);
     }
+    anyhow::ensure!(
+        !model.reference_sealed(),
+        "full fine-tuning: these pairs' reference log-probs are not in the reference cache (it is filled before step 1; was it cleared?)"
+    );
     count_reference_forward();
     let reference = response_logps(model, batch, &mut LoraMode::Off)?.detach();
     if let Some(c) = cache {

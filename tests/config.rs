@@ -43,7 +43,7 @@ fn precedence_is_defaults_then_config_then_flags() {
 #[test]
 fn out_of_range_values_and_unknown_keys_name_the_key() {
     let dir = scratch("config-errors");
-    for (line, key) in [("lora_dropout = 1.5", "lora_dropout"), ("batch_size = 0", "batch_size"), ("warmup_ratio = 2.0", "warmup_ratio"), ("loss = \"kto\"", "loss")] {
+    for (line, key) in [("lora_dropout = 1.5", "lora_dropout"), ("batch_size = 0", "batch_size"), ("warmup_ratio = 2.0", "warmup_ratio"), ("loss = \"slic\"", "loss")] {
         let cfg = dir.join("c.toml");
         std::fs::write(&cfg, format!("model = \"m\"\ndataset = \"d\"\n{line}\n")).unwrap();
         let o = dpo(&["train", "--config", cfg.to_str().unwrap(), "--print-config"]);

@@ -28,6 +28,7 @@ pub const STATE_FILE: &str = "trainer_state.json";
 pub const CONFIG_FILE: &str = "train_config.toml";
 pub const PRE_STEP_FILE: &str = "pre_step_adapter.safetensors";
 const PREFIX: &str = "checkpoint-";
+pub const MODEL_FILE: &str = "model.safetensors";
 
 /// Where the run stands after an optimizer step: enough to continue it exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,7 +53,8 @@ pub struct Snapshot<'a> {
     pub params: &'a [NamedParam],
     /// The adapter before this step's update, aligned with `params` (for --verify-resume).
     pub pre_step: Option<&'a [Tensor]>,
-    pub lora: &'a LoraConfig,
+    /// The adapter's config; `None` for full fine-tuning (the weights are saved as a model).
+    pub lora: Option<&'a LoraConfig>,
     pub optimizer: &'a AdamW,
     pub state: TrainerState,
     pub config_toml: &'a str,
@@ -85,7 +87,10 @@ pub fn dir_for(output_dir: &Path, step: usize) -> PathBuf {
 pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
     let dir = dir_for(output_dir, snap.state.step);
     atomic::write_dir(&dir, |tmp| {
-        adapter::save(tmp, snap.params, snap.lora, &snap.provenance.model.source)?;
+        match snap.lora {
+            Some(lora) => adapter::save(tmp, snap.params, lora, &snap.provenance.model.source)?,
+            None => save_weights(&tmp.join(MODEL_FILE), snap.params)?,
+        }
         save_optimizer(&tmp.join(OPTIMIZER_FILE), snap.params, snap.optimizer)?;
         if let Some(pre) = snap.pre_step {
             let tensors: Vec<(String, Tensor)> = snap.params.iter().zip(pre).map(|(p, t)| (p.name.clone(), t.clone())).collect();
@@ -104,6 +109,13 @@ pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
         Ok(())
     })?;
     Ok(dir)
+}
+
+/// The trained tensors under their own names (full fine-tuning's `model.safetensors`).
+pub fn save_weights(path: &Path, params: &[NamedParam]) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    atomic::write_bytes(path, &safetensors::serialize(tensors, Some(meta))?)
 }
 
 fn save_optimizer(path: &Path, params: &[NamedParam], opt: &AdamW) -> Result<()> {
@@ -141,7 +153,8 @@ impl Checkpoint {
 
     /// Loads the adapter tensors into `params` and the moments into `optimizer`.
     pub fn restore(&self, params: &[NamedParam], optimizer: &mut AdamW, device: &Device) -> Result<()> {
-        let weights = candle_core::safetensors::load(self.dir.join(adapter::WEIGHTS_FILE), device)?;
+        let file = if self.dir.join(MODEL_FILE).exists() { MODEL_FILE } else { adapter::WEIGHTS_FILE };
+        let weights = candle_core::safetensors::load(self.dir.join(file), device)?;
         let opt = candle_core::safetensors::load(self.dir.join(OPTIMIZER_FILE), device)?;
         let (mut m, mut v) = (Vec::new(), Vec::new());
         for p in params {

@@ -8,10 +8,7 @@
 //! dpo ref-cache clear runs/ref-cache
 //! ```
 use crate::config::TrainArgs;
-use crate::scoring::{micro_batches, reference_logps};
-use crate::data::order::PairOrder;
 use crate::refcache::{self, Fingerprint, META_FILE};
-use crate::train::StepPlan;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
@@ -65,23 +62,8 @@ fn build(args: &TrainArgs) -> Result<()> {
     let loaded = crate::setup::load_model(&args.common)?;
     let data = crate::setup::load_pairs(&args.common, &loaded)?;
     let mut cache = crate::train::open_cache(&args, &loaded)?.context("no --ref-cache")?;
-    let plan = StepPlan::new(&args, data.len());
-    let order = PairOrder::new(data.len(), (!args.no_shuffle).then_some(args.seed));
-    // The micro-batches the run will score, training steps then the held-out pairs.
-    let mut fill = |data: &crate::setup::Dataset, indices: &[usize]| -> Result<()> {
-        for item in micro_batches(data, indices, plan.batch_size, loaded.pad_id, &loaded.device, &objective) {
-            let (pairs, batch) = item?;
-            reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache))?;
-        }
-        Ok(())
-    };
-    for step in 1..=plan.total_steps {
-        let indices: Vec<usize> = plan.positions(step).into_iter().map(|p| order.pair_at(p)).collect();
-        fill(&data, &indices)?;
-    }
-    if let Some(eval) = crate::train::load_eval_pairs(&args, &loaded)? {
-        fill(&eval, &(0..eval.len()).collect::<Vec<_>>())?;
-    }
+    let eval = crate::train::load_eval_pairs(&args, &loaded)?;
+    crate::train::precompute_reference(&args, &loaded, &data, eval.as_ref(), &mut cache)?;
     cache.flush()?;
     let report = BuildReport { dir: cache.dir().to_path_buf(), pairs_cached: cache.len(), computed: cache.misses, reused: cache.hits };
     if args.json {

@@ -32,6 +32,11 @@ pub struct TrainArgs {
     /// Replace a previous run's files in --output-dir instead of refusing.
     #[arg(long)]
     pub overwrite_output_dir: bool,
+    /// Full fine-tuning: every weight trained (f32 master weights and AdamW state), no adapter;
+    /// the output is a full model folder. DPO's reference log-probs are computed for the whole
+    /// run first, into the reference cache, so there is never a second copy of the weights.
+    #[arg(long)]
+    pub full: bool,
     /// Start from an existing peft LoRA adapter (its r, alpha and targets are used).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,

@@ -54,5 +54,17 @@ fn check(a: &TrainArgs) -> Result<(), String> {
     in_range("max_grad_norm", a.max_grad_norm, 0.0, inf, false, "must not be negative (0 disables clipping)")?;
     in_range("max_skip_ratio", a.common.max_skip_ratio, 0.0, 1.0, true, "must be in [0, 1]")?;
     a.common.objective()?;
+    if a.full {
+        let clash = [
+            (a.init_adapter.is_some(), "--init-adapter"),
+            (a.verify_resume, "--verify-resume (it keeps a pre-step copy of everything trained: the whole model)"),
+            (a.lora_dropout > 0.0, "--lora-dropout"),
+            (a.common.stage == super::Stage::Reward, "dpo reward train"),
+            (a.gradient_checkpointing == super::Checkpointing::On, "--gradient-checkpointing on (recomputation is built for frozen layers)"),
+        ];
+        if let Some((_, flag)) = clash.iter().find(|(on, _)| *on) {
+            return Err(format!("--full (config key full) cannot be used with {flag}"));
+        }
+    }
     Ok(())
 }

@@ -31,9 +31,18 @@ pub enum Term {
     Batch(Tensor),
 }
 
-/// `log σ(x) = min(x, 0) − log(1 + e^−|x|)`, stable and differentiable.
+/// `log σ(x)`, stable, with the right gradient `σ(−x)` everywhere — at `x = 0` too, where a
+/// policy equal to its reference puts every DPO pair on the first step. (The form
+/// `min(x, 0) − log(1 + e^−|x|)` differentiates to 1 there through candle's tie-splitting
+/// `min` and `|x|' = 1`: twice the true gradient.) Each branch is evaluated where it cannot
+/// overflow: `−log(1 + e^−x)` for `x ≥ 0`, `x − log(1 + e^x)` below.
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    x.minimum(0.0)? - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+    let zero = x.zeros_like()?;
+    let non_negative = x.ge(&zero)?;
+    let (xp, xn) = (non_negative.where_cond(x, &zero)?, non_negative.where_cond(&zero, x)?);
+    let upper = (xp.neg()?.exp()? + 1.0)?.log()?.neg()?;
+    let lower = (&xn - (xn.exp()? + 1.0)?.log()?)?;
+    non_negative.where_cond(&upper, &lower)
 }
 
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
@@ -236,4 +245,25 @@ pub fn orpo_parts(l: &PairLogps) -> Result<(Tensor, Tensor)> {
     let log1m_exp = |a: &Tensor| a.exp()?.affine(-1.0, 1.0)?.log();
     let log_odds = ((&ac - &ar)? - (log1m_exp(&ac)? - log1m_exp(&ar)?)?)?;
     Ok((nll, log_odds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_sigmoid;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn log_sigmoid_values_and_gradients_are_exact_at_zero_and_far_out() {
+        let xs = [0.0f32, 1e-3, -1e-3, 3.0, -3.0, 40.0, -40.0, 200.0, -200.0];
+        let x = Var::new(&xs[..], &Device::Cpu).unwrap();
+        let y = log_sigmoid(x.as_tensor()).unwrap();
+        let grad = y.sum_all().unwrap().backward().unwrap().get(&x).unwrap().to_vec1::<f32>().unwrap();
+        for (i, (v, &xi)) in y.to_vec1::<f32>().unwrap().iter().zip(&xs).enumerate() {
+            let x64 = xi as f64;
+            let want = if x64 >= 0.0 { -(-x64).exp().ln_1p() } else { x64 - x64.exp().ln_1p() };
+            assert!((*v as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "value at {xi}: {v} vs {want}");
+            let dwant = 1.0 / (1.0 + x64.exp()); // σ(−x)
+            assert!((grad[i] as f64 - dwant).abs() < 1e-6, "gradient at {xi}: {} vs {dwant}", grad[i]);
+        }
+    }
 }

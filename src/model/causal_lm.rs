@@ -87,6 +87,11 @@ pub struct CausalLm {
     /// A reward model's `score` head `[1, hidden]` (f32, trainable), read at each sequence's
     /// last token.
     score_head: Option<candle_core::Var>,
+    /// Full fine-tuning: every weight is a trainable Var (with its name).
+    full: bool,
+    trainable: Vec<(String, candle_core::Var)>,
+    /// Training has begun: the reference may no longer be computed from these weights.
+    reference_sealed: bool,
 }
 
 /// One decoder layer's frozen weights, named by what the description says it has.
@@ -140,6 +145,9 @@ impl CausalLm {
             path: LayerPath::Generic,
             recompute: false,
             score_head: None,
+            full: false,
+            trainable: Vec::new(),
+            reference_sealed: false,
         };
         model.path = LayerPath::default_for(&model.arch, device, dtype);
         Ok(model)
@@ -263,10 +271,77 @@ impl CausalLm {
 
     fn head(&self, hidden_rows: &Tensor, targets: &[u32], stats: Option<&fused::StatsSink>) -> Result<Tensor> {
         let cap = self.arch.final_softcap;
+        if self.full {
+            // The fused heads compute no dW; full fine-tuning trains lm_head too.
+            return Ok(chunked_head::trainable_logps(hidden_rows, &self.lm_head, targets, cap, stats)?);
+        }
         Ok(match self.path {
             LayerPath::CpuOp => fused::lm_head_logps(hidden_rows, &self.lm_head, targets, cap, stats)?,
             LayerPath::Generic => chunked_head::lm_head_logps(hidden_rows, &self.lm_head, targets, cap, stats)?,
         })
+    }
+
+    /// Full fine-tuning: makes every weight a trainable f32 [`Var`](candle_core::Var) and returns
+    /// them with the model's own tensor names (a tied head shares the embedding's). The generic
+    /// path runs from then on (the CPU layer op computes no weight gradients) and linears use
+    /// candle's matmul, which computes dW. Refused for bf16 weights (f32 master weights are
+    /// needed) and for Gemma-style `1 + w` norms (the stored tensor is not the trained one).
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, candle_core::Var)>> {
+        if self.full {
+            return Ok(self.trainable.clone());
+        }
+        anyhow::ensure!(self.dtype == DType::F32, "--full trains f32 master weights: pass --dtype f32 (the model computes in {:?})", self.dtype);
+        anyhow::ensure!(!self.arch.norm.unit_offset, "--full is not supported for families whose norms are stored as 1 + w (Gemma)");
+        anyhow::ensure!(self.score_head.is_none(), "--full is not supported for reward models");
+        let mut out = Vec::new();
+        let mut var = |name: String, t: &mut Tensor| -> Result<()> {
+            let v = candle_core::Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            *t = v.as_tensor().clone();
+            out.push((name, v));
+            Ok(())
+        };
+        let tied = self.lm_head.id() == self.embed.id();
+        var("model.embed_tokens.weight".into(), &mut self.embed)?;
+        let names = self.arch.norm_names();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (slot, name) in layer.norms.iter_mut().zip(names) {
+                if let (Some(t), Some(name)) = (slot.as_mut(), name) {
+                    var(format!("model.layers.{i}.{name}.weight"), t)?;
+                }
+            }
+            if let Some([q, k]) = layer.qk_norm.as_mut() {
+                var(format!("model.layers.{i}.self_attn.q_norm.weight"), q)?;
+                var(format!("model.layers.{i}.self_attn.k_norm.weight"), k)?;
+            }
+            for (p, linear) in layer.linears.iter_mut() {
+                let (w, b) = linear.weights_mut();
+                var(format!("model.layers.{i}.{}.weight", p.path()), w)?;
+                if let Some(b) = b {
+                    var(format!("model.layers.{i}.{}.bias", p.path()), b)?;
+                }
+            }
+        }
+        var("model.norm.weight".into(), &mut self.norm)?;
+        if tied {
+            self.lm_head = self.embed.clone();
+        } else {
+            var("lm_head.weight".into(), &mut self.lm_head)?;
+        }
+        self.path = LayerPath::Generic;
+        self.full = true;
+        self.trainable = out.clone();
+        Ok(out)
+    }
+
+    /// Full fine-tuning starts: from now on the reference must come from the cache filled
+    /// before (by this same code path, so policy = reference exactly at step 1).
+    pub fn seal_reference(&mut self) {
+        self.reference_sealed = self.full;
+    }
+
+    /// The weights are being trained in full, so they are no longer the reference.
+    pub fn reference_sealed(&self) -> bool {
+        self.reference_sealed
     }
 
     /// Every linear layer with its module path (`model.layers.3.mlp.up_proj`), in model order.

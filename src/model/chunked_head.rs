@@ -154,3 +154,24 @@ mod tests {
         }
     }
 }
+
+/// The head for a trained lm_head (full fine-tuning): candle's own ops, so the graph carries
+/// dW as well as dh (the whole `[rows, vocab]` logits are kept for backward).
+pub fn trainable_logps(hidden: &Tensor, w: &Tensor, targets: &[u32], cap: Option<f64>, stats: Option<&StatsSink>) -> Result<Tensor> {
+    let rows = hidden.dim(0)?;
+    let logits = softcap(&hidden.to_dtype(DType::F32)?.matmul(&w.to_dtype(DType::F32)?.t()?)?, cap)?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+    let index = Tensor::new(targets, hidden.device())?.unsqueeze(1)?;
+    let picked = logits.gather(&index, 1)?;
+    let logps = (picked - lse)?.reshape(rows)?;
+    if let Some(sink) = stats {
+        let mut s = TokenStats::default();
+        let host = logits.detach().to_vec2::<f32>()?;
+        for (row, &t) in host.iter().zip(targets) {
+            s.push_row(row, t as usize);
+        }
+        *sink.lock().expect("stats sink") = Some(s);
+    }
+    Ok(logps)
+}

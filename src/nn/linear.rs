@@ -45,6 +45,11 @@ impl LoraLinear {
         Self { weight, bias, lora: None }
     }
 
+    /// The weight and bias, to make them trainable (full fine-tuning).
+    pub fn weights_mut(&mut self) -> (&mut Tensor, Option<&mut Tensor>) {
+        (&mut self.weight, self.bias.as_mut())
+    }
+
     pub fn attach(&mut self, lora: LoraWeights) {
         self.lora = Some(lora);
     }

@@ -24,7 +24,10 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let k = *dims.last().expect("frozen_matmul on a scalar");
     let rows = x.elem_count() / k;
     let x2 = x.contiguous()?.reshape((rows, k))?;
-    let y = if x.track_op() {
+    let y = if w.track_op() {
+        // A trained weight (full fine-tuning): candle's matmul, which also computes dW.
+        x2.matmul(&w.t()?)?
+    } else if x.track_op() {
         x2.apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmul { w: w.clone() })))?
     } else {
         // Nothing upstream needs a gradient: a plain matmul records no graph either.

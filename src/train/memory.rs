@@ -211,12 +211,17 @@ pub fn lora_geometry(arch: &Architecture, lora: &crate::lora::LoraConfig) -> (us
 /// The plan of a `train` run, from its settings, the opened model and its data: the largest
 /// micro-batch is `--batch-size` rows as long as the longest pair.
 pub fn plan_run(args: &crate::config::TrainArgs, files: &crate::setup::ModelFiles, data: &crate::setup::Dataset) -> Result<(MemoryPlan, Setup, Geometry)> {
-    let lora = match &args.init_adapter {
-        Some(dir) => crate::lora::adapter::read_config(dir)?,
-        None => crate::lora::LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?,
-    }
-    .resolve(&files.arch)?;
-    let (lora_params, lora_ranks) = lora_geometry(&files.arch, &lora);
+    let (lora_params, lora_ranks) = if args.full {
+        // Every weight trained: its gradient (and accumulated copy) and two AdamW moments.
+        (files.arch.weight_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum(), 0)
+    } else {
+        let lora = match &args.init_adapter {
+            Some(dir) => crate::lora::adapter::read_config(dir)?,
+            None => crate::lora::LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?,
+        }
+        .resolve(&files.arch)?;
+        lora_geometry(&files.arch, &lora)
+    };
     let geo = Geometry {
         rows: args.batch_size,
         row_len: data.audit.longest_pair,
@@ -225,7 +230,7 @@ pub fn plan_run(args: &crate::config::TrainArgs, files: &crate::setup::ModelFile
         lora_ranks,
     };
     let setup = Setup {
-        path: LayerPath::default_for(&files.arch, &files.device, files.dtype),
+        path: if args.full { LayerPath::Generic } else { LayerPath::default_for(&files.arch, &files.device, files.dtype) },
         dtype: files.dtype,
         stored_bytes: crate::model::weights::stored_dtype(&files.model_dir)?.size_in_bytes(),
         recompute: args.gradient_checkpointing.enabled(&files.device),
@@ -250,7 +255,11 @@ pub fn check(plan: &MemoryPlan, budget: u64, what: &str, setup: &Setup, geo: &Ge
     if setup.dtype == DType::F32 && setup.cuda {
         levers.push("--dtype bf16 (half the weights and activations)".into());
     }
-    levers.push("--lora-r / --lora-targets (fewer adapter and optimizer bytes)".into());
+    if geo.lora_ranks == 0 {
+        levers.push("LoRA instead of --full (gradients and AdamW moments for a fraction of the weights)".into());
+    } else {
+        levers.push("--lora-r / --lora-targets (fewer adapter and optimizer bytes)".into());
+    }
     bail!(
         "the memory plan needs {} but {what} {:.2} GiB; bring it down with: {}",
         plan.describe(),

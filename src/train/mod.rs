@@ -117,7 +117,21 @@ pub fn run_with(args: &TrainArgs, control: RunControl) -> Result<Outcome> {
     let prepared = prepare(args)?;
     let mut loaded = files.load()?;
     let eval_data = load_eval_pairs(args, &loaded)?;
-    let mut cache = open_cache(args, &loaded)?;
+    let objective = crate::setup::objective(&args.common)?;
+    let full_reference = args.full && objective.needs_reference();
+    let mut cache = if full_reference {
+        // Full fine-tuning: the reference is the starting weights, computed for the whole run
+        // before step 1 (the weights change from then on; there is never a second copy).
+        let mut with_cache = args.clone();
+        with_cache.ref_cache.get_or_insert_with(|| PathBuf::from("auto"));
+        let mut cache = open_cache(&with_cache, &loaded)?.context("a reference cache")?;
+        // Through the code path the policy will take, so the two agree exactly at step 1.
+        loaded.model.make_trainable()?;
+        precompute_reference(args, &loaded, &data, eval_data.as_ref(), &mut cache)?;
+        Some(cache)
+    } else {
+        open_cache(args, &loaded)?
+    };
     let inputs = Inputs { loaded: &mut loaded, data: &data, eval_data: eval_data.as_ref(), cache: cache.as_mut() };
     let outcome = trainer::Trainer::setup(args, control, inputs, prepared)?.run();
     close_cache(cache)?;
@@ -128,8 +142,49 @@ pub fn run_with(args: &TrainArgs, control: RunControl) -> Result<Outcome> {
 /// Adapters are attached afresh (replacing those of a previous run, which must have had the
 /// same targets), so runs are independent.
 pub fn run_loaded(args: &TrainArgs, control: RunControl, inputs: Inputs) -> Result<Outcome> {
+    if args.full {
+        bail!("--full runs cannot share a loaded model (each trains every weight): run them with `dpo train`, not `dpo sweep`");
+    }
     let prepared = prepare(args)?;
     trainer::Trainer::setup(args, control, inputs, prepared)?.run()
+}
+
+/// Fills `cache` with the reference log-probs of every micro-batch the run will score: the
+/// training steps in order, then the held-out pairs (`dpo ref-cache build`, and `--full` before
+/// its first step).
+pub fn precompute_reference(args: &TrainArgs, loaded: &Loaded, data: &Dataset, eval: Option<&Dataset>, cache: &mut RefCache) -> Result<()> {
+    let objective = crate::setup::objective(&args.common)?;
+    let plan = plan::StepPlan::new(args, data.len());
+    let order = crate::data::order::PairOrder::new(data.len(), (!args.no_shuffle).then_some(args.seed));
+    let mut fill = |data: &Dataset, indices: &[usize]| -> Result<()> {
+        for item in crate::scoring::micro_batches(data, indices, plan.batch_size, loaded.pad_id, &loaded.device, &objective) {
+            let (pairs, batch) = item?;
+            crate::scoring::reference_logps(&loaded.model, &pairs, &batch, Some(&mut *cache))?;
+        }
+        Ok(())
+    };
+    for step in 1..=plan.total_steps {
+        let indices: Vec<usize> = plan.positions(step).into_iter().map(|p| order.pair_at(p)).collect();
+        fill(data, &indices)?;
+    }
+    if let Some(eval) = eval {
+        fill(eval, &(0..eval.len()).collect::<Vec<_>>())?;
+    }
+    Ok(())
+}
+
+/// Full fine-tuning's output: `model.safetensors` with the model's own tensor names, beside
+/// the base model's config and tokenizer files, so the folder loads as a model.
+pub fn save_full_model(dir: &Path, params: &[adapter::NamedParam], base: &Path) -> Result<()> {
+    checkpoint::save_weights(&dir.join(checkpoint::MODEL_FILE), params)?;
+    for name in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+        let from = base.join(name);
+        if from.is_file() {
+            let bytes = std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+            atomic::write_bytes(&dir.join(name), &bytes)?;
+        }
+    }
+    Ok(())
 }
 
 /// `--dry-run`: prints the memory plan of these settings, model and data (stdout), without

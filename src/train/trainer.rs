@@ -47,7 +47,8 @@ pub struct Trainer<'a> {
     resume: Option<Checkpoint>,
     config_toml: String,
     objective: Objective,
-    lora: LoraConfig,
+    /// The adapter; `None` for full fine-tuning.
+    lora: Option<LoraConfig>,
     params: Vec<NamedParam>,
     vars: Vec<Var>,
     plan: StepPlan,
@@ -82,20 +83,17 @@ impl<'a> Trainer<'a> {
     pub fn setup(args: &'a TrainArgs, control: RunControl, inputs: Inputs<'a>, prepared: Prepared) -> Result<Self> {
         let Inputs { loaded, data, eval_data, cache } = inputs;
         let objective = crate::setup::objective(&args.common)?;
-        let (mut lora, mut params) = match &args.init_adapter {
-            Some(dir) => adapter::attach_from_dir(&mut loaded.model, dir, Some(args.lora_dropout))?,
-            None => adapter::attach_fresh(&mut loaded.model, &LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?, args.seed)?,
+        let (lora, params) = if args.full {
+            // Every weight trained; the reference cache was filled before (see `train::run_with`).
+            let named = loaded.model.make_trainable()?;
+            loaded.model.seal_reference();
+            (None, named.into_iter().map(|(name, var)| NamedParam { name, var }).collect())
+        } else {
+            let (lora, params) = Self::attach_adapter(args, &objective, loaded)?;
+            (Some(lora), params)
         };
-        super::check_no_stale_adapters(&mut loaded.model, params.len())?;
-        if lora.sequence_classification && !objective.reward_model {
-            anyhow::bail!("--init-adapter {}: a reward model's adapter (task_type SEQ_CLS); train it with `dpo reward train`", args.init_adapter.as_deref().unwrap_or(std::path::Path::new("?")).display());
-        }
-        if objective.reward_model {
-            // The score head: from --init-adapter when it has one, else fresh; trained in full.
-            params.push(adapter::attach_score_head(&mut loaded.model, args.init_adapter.as_deref(), args.seed)?);
-            lora.sequence_classification = true;
-        }
-        loaded.model.set_recompute(args.gradient_checkpointing.enabled(&loaded.device));
+        // Recomputation re-runs frozen layers; full fine-tuning trains them (refused by the validator when asked for).
+        loaded.model.set_recompute(args.gradient_checkpointing.enabled(&loaded.device) && !args.full);
         let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
         let plan = StepPlan::new(args, data.len());
         let schedule = LrSchedule { kind: args.lr_scheduler, base_lr: args.lr, warmup_steps: plan.warmup(args), total_steps: plan.total_steps };
@@ -126,6 +124,28 @@ impl<'a> Trainer<'a> {
         self.args.output_dir.join(METRICS_FILE)
     }
 
+    /// LoRA adapters (fresh or `--init-adapter`), plus a reward model's score head.
+    fn attach_adapter(args: &TrainArgs, objective: &crate::loss::Objective, loaded: &mut Loaded) -> Result<(LoraConfig, Vec<NamedParam>)> {
+        let (mut lora, mut params) = match &args.init_adapter {
+            Some(dir) => adapter::attach_from_dir(&mut loaded.model, dir, Some(args.lora_dropout))?,
+            None => adapter::attach_fresh(&mut loaded.model, &LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?, args.seed)?,
+        };
+        super::check_no_stale_adapters(&mut loaded.model, params.len())?;
+        if lora.sequence_classification && !objective.reward_model {
+            bail!("--init-adapter {}: a reward model's adapter (task_type SEQ_CLS); train it with `dpo reward train`", args.init_adapter.as_deref().unwrap_or(std::path::Path::new("?")).display());
+        }
+        if objective.reward_model {
+            // The score head: from --init-adapter when it has one, else fresh; trained in full.
+            params.push(adapter::attach_score_head(&mut loaded.model, args.init_adapter.as_deref(), args.seed)?);
+            lora.sequence_classification = true;
+        }
+        Ok((lora, params))
+    }
+
+    fn dropout(&self) -> f64 {
+        self.lora.as_ref().map_or(0.0, |l| l.dropout)
+    }
+
     /// From a checkpoint (verified with `--verify-resume`: inputs and the logged step), or a
     /// fresh metrics log. Returns the first step to run.
     pub fn restore(&mut self) -> Result<usize> {
@@ -135,7 +155,7 @@ impl<'a> Trainer<'a> {
                 if self.args.verify_resume {
                     let now = self.provenance.as_ref().context("provenance is computed for --verify-resume")?;
                     now.check_same_as(&ckpt.manifest.provenance).with_context(|| format!("--verify-resume: the inputs of {} changed", ckpt.dir.display()))?;
-                    super::resume::verify(&ckpt, &self.params, &self.work(), self.lora.dropout, &self.loaded.device)?;
+                    super::resume::verify(&ckpt, &self.params, &self.work(), self.dropout(), &self.loaded.device)?;
                 }
                 ckpt.restore(&self.params, &mut self.optimizer, &self.loaded.device)?;
                 self.dropout_rng.set_word_pos(ckpt.state.dropout_rng_position.parse().context("corrupt RNG position")?);
@@ -166,14 +186,16 @@ impl<'a> Trainer<'a> {
         let rng_before_step = self.dropout_rng.word_pos();
         let next_position = self.plan.positions(step).last().map_or((step - 1) * self.plan.per_step, |p| p + 1);
         let work = StepWork { model: &self.loaded.model, pad_id: self.loaded.pad_id, data: self.data, order: &self.order, plan: &self.plan, objective: &self.objective, vars: &self.vars };
-        let (scores, grads, tokens) = work.forward_backward(step, self.lora.dropout, &mut self.dropout_rng, self.cache.as_deref_mut())?;
+        let (scores, grads, tokens) = work.forward_backward(step, self.dropout(), &mut self.dropout_rng, self.cache.as_deref_mut())?;
         let grad_norm = global_norm(&grads)?;
         if !grad_norm.is_finite() {
             bail!("step {step}: gradient norm is {grad_norm}; stopping before the adapter is corrupted");
         }
-        let pre_step = match self.provenance {
-            Some(_) => Some(self.vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?),
-            None => None,
+        // The pre-step adapter (for --verify-resume) is a small copy; for --full it would be the
+        // whole model every step, so full runs keep none (and refuse --verify-resume).
+        let pre_step = match (&self.provenance, &self.lora) {
+            (Some(_), Some(_)) => Some(self.vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?),
+            _ => None,
         };
         let lr = self.schedule.lr_at(step);
         self.optimizer.step(&self.vars, &clip(grads, grad_norm, self.args.max_grad_norm)?, lr)?;
@@ -222,7 +244,7 @@ impl<'a> Trainer<'a> {
         let snapshot = checkpoint::Snapshot {
             params: &self.params,
             pre_step: done.pre_step.as_deref(),
-            lora: &self.lora,
+            lora: self.lora.as_ref(),
             optimizer: &self.optimizer,
             state,
             config_toml: &self.config_toml,
@@ -249,7 +271,10 @@ impl<'a> Trainer<'a> {
     pub fn finish(mut self) -> Result<TrainSummary> {
         self.close_log()?;
         let args = self.args;
-        adapter::save(&args.output_dir, &self.params, &self.lora, &args.common.model.display().to_string())?;
+        match &self.lora {
+            Some(lora) => adapter::save(&args.output_dir, &self.params, lora, &args.common.model.display().to_string())?,
+            None => super::save_full_model(&args.output_dir, &self.params, &self.loaded.model_dir)?,
+        }
         let total_steps = self.plan.total_steps;
         let Some(last) = self.last.take() else { bail!("nothing to do: the run already finished {total_steps} steps") };
         let eval = match self.eval_data {
