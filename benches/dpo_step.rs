@@ -157,7 +157,21 @@ fn main() {
     } else {
         PairBatch::new(&batch_pairs, 0, &device).unwrap()
     };
-    let batch = dpo::scoring::layout_for(batch, &batch_pairs, &loss).unwrap();
+    let batch = if loss.unpaired() {
+        // KTO: each pair's responses become a desirable and an undesirable example, each scored
+        // with its KL completion (the previous example's), as `train` builds them.
+        let examples = batch_pairs
+            .iter()
+            .flat_map(|p| [(p.prompt.clone(), p.chosen.clone(), true), (p.prompt.clone(), p.rejected.clone(), false)])
+            .map(|(prompt, chosen, label)| (TokenizedPair { prompt, chosen, rejected: Vec::new() }, Some(label)))
+            .collect();
+        let (examples, labels) = dpo::scoring::kl_pairs(examples).unwrap();
+        let mut b = PairBatch::new(&examples, 0, &device).unwrap();
+        b.labels = Some(labels);
+        b
+    } else {
+        dpo::scoring::layout_for(batch, &batch_pairs, &loss).unwrap()
+    };
     if std::env::var("DPO_BENCH_COMPOSITE").is_ok_and(|v| v == "1") {
         model.set_path(LayerPath::Generic);
     }

@@ -2,10 +2,13 @@
 //! and the one place that turns a micro-batch's summed log-probs into the loss.
 //!
 //! - [`terms`]: every loss as its formula (DPO, IPO, EXO, NCA, robust, BCO, SPPO, AOT, APO,
-//!   DiscoPOP, SFT, SimPO, CPO, ORPO …), with the paper it comes from.
+//!   DiscoPOP, SFT, SimPO, CPO, ORPO, KTO, and a reward model's Bradley–Terry loss), with the
+//!   paper it comes from.
 //! - [`Objective`]: a validated mix of terms (TRL's MPO `loss_type` list with `loss_weights`),
-//!   LD-DPO's length weighting and WPO's pair weights; what it needs from the model
-//!   ([`Objective::needs_reference`], [`Objective::needs_prompt`]).
+//!   LD-DPO's length weighting and WPO's pair weights, or one of the other stages' objectives
+//!   ([`Objective::supervised`], [`Objective::reward_model`]); what it needs from the model and
+//!   the data ([`Objective::needs_reference`], [`Objective::needs_prompt`],
+//!   [`Objective::unpaired`]).
 //! - [`metrics`]: the per-pair numbers and the metrics TRL logs for each loss.
 //!
 //! Gradient accumulation: each micro-batch is a batch of its own, as in TRL (its
