@@ -84,25 +84,28 @@ impl CustomOp1 for LmHeadLogps {
         if let Some(cap) = self.softcap {
             logits.par_chunks_mut(vocab).for_each(|row| kernels::softcap(row, cap));
         }
-        let out: Vec<f32> = logits
-            .par_chunks(vocab)
-            .zip(self.targets.par_iter())
-            .map(|(row, &t)| row[t as usize] - kernels::log_sum_exp(row))
-            .collect();
-        if let Some(sink) = &self.stats {
-            let rows: Vec<TokenStats> = logits
-                .par_chunks(vocab)
-                .zip(self.targets.par_iter())
-                .map(|(row, &t)| {
-                    let mut s = TokenStats::default();
-                    s.push_row(row, t as usize);
-                    s
-                })
-                .collect();
-            let mut all = TokenStats::default();
-            rows.into_iter().for_each(|s| all.extend(s));
-            *sink.lock().expect("stats sink") = Some(all);
-        }
+        let out: Vec<f32> = match &self.stats {
+            None => logits.par_chunks(vocab).zip(self.targets.par_iter()).map(|(row, &t)| row[t as usize] - kernels::log_sum_exp(row)).collect(),
+            Some(sink) => {
+                // One pass per row gives the log-sum-exp (same bits as above) and the statistics.
+                let rows: Vec<(f32, TokenStats)> = logits
+                    .par_chunks(vocab)
+                    .zip(self.targets.par_iter())
+                    .map(|(row, &t)| {
+                        let mut s = TokenStats::default();
+                        let lse = s.push_row(row, t as usize);
+                        (row[t as usize] - lse, s)
+                    })
+                    .collect();
+                let (mut all, mut out) = (TokenStats::default(), Vec::with_capacity(rows.len()));
+                for (lp, s) in rows {
+                    out.push(lp);
+                    all.extend(s);
+                }
+                *sink.lock().expect("stats sink") = Some(all);
+                out
+            }
+        };
         *self.logits.lock().expect("logits lock") = Some(logits);
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }

@@ -327,14 +327,15 @@ fn softmax_moments_generic(xs: &[f32], shift: f32) -> [f32; 4] {
             s4[i] += c[i];
         }
     }
-    let mut out = [s1.iter().sum::<f32>(), s2.iter().sum::<f32>(), s3.iter().sum::<f32>(), s4.iter().sum::<f32>()];
+    let mut out = [0f32, s2.iter().sum::<f32>(), s3.iter().sum::<f32>(), s4.iter().sum::<f32>()];
     for &x in tail {
         let e = exp_f32(x - shift);
-        out[0] += e;
         out[1] += e * x;
         out[2] += e * e;
         out[3] += x;
     }
+    // Σ e summed in `sum_exp_shift`'s order, so the log-sum-exp is the same bits either way.
+    out[0] = tail.iter().map(|&v| exp_f32(v - shift)).sum::<f32>() + s1.iter().sum::<f32>();
     out
 }
 
