@@ -124,8 +124,8 @@ pub fn reference_logps(model: &CausalLm, pairs: &[TokenizedPair], batch: &PairBa
     Ok(reference)
 }
 
-/// The policy's pass over a batch: summed response log-probs, ORPO's prompt sums, and the
-/// per-token log-probs and statistics of the response tokens (detached).
+/// The policy's pass over a batch: summed response log-probs, ORPO's prompt sums, the
+/// statistics of the response tokens, and (for WPO only) their per-token log-probs, detached.
 struct PolicyPass {
     sums: Tensor,
     prompt_sums: Option<Tensor>,
@@ -133,11 +133,11 @@ struct PolicyPass {
     stats: TokenStats,
 }
 
-fn policy_pass(model: &CausalLm, batch: &PairBatch, mode: &mut LoraMode, reward_model: bool) -> Result<PolicyPass> {
+fn policy_pass(model: &CausalLm, batch: &PairBatch, mode: &mut LoraMode, objective: &Objective) -> Result<PolicyPass> {
     let hidden = model.forward_layout(&batch.ids, &batch.layout, mode)?;
     let (n, t, h) = hidden.dims3()?;
     let flat = hidden.reshape((n * t, h))?;
-    if reward_model {
+    if objective.reward_model {
         // The score head at each sequence's last token: the rewards take the log-probs' place.
         let last = Tensor::from_vec(batch.last_rows.clone(), batch.last_rows.len(), model.device())?;
         let sums = model.rewards(&flat.index_select(&last, 0)?)?;
@@ -160,7 +160,8 @@ fn policy_pass(model: &CausalLm, batch: &PairBatch, mode: &mut LoraMode, reward_
         None => None,
     };
     stats.truncate(scored);
-    let token_logps = response.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    // Copied to the host only for WPO's weights.
+    let token_logps = if objective.use_weighting { response.detach().to_dtype(DType::F32)?.to_vec1::<f32>()? } else { Vec::new() };
     Ok(PolicyPass { sums, prompt_sums, token_logps, stats })
 }
 
@@ -183,7 +184,7 @@ impl Scored {
 /// The policy (adapters as `policy` says) against `reference` (`None` for a reference-free
 /// objective), and the objective's loss on the batch.
 pub fn score(model: &CausalLm, batch: &PairBatch, objective: &Objective, policy: &mut LoraMode, reference: Option<&Tensor>) -> Result<Scored> {
-    let pass = policy_pass(model, batch, policy, objective.reward_model)?;
+    let pass = policy_pass(model, batch, policy, objective)?;
     let (policy_chosen, policy_rejected) = split_pairs(&pass.sums, batch.pairs)?;
     let (ref_chosen, ref_rejected) = match reference {
         Some(r) => split_pairs(&r.detach(), batch.pairs)?,

@@ -206,10 +206,6 @@ fn kto_metrics(beta: f32, l: &PairLogps, stats: &TokenStats, owner: &[(usize, us
 
 /// CPOTrainer's `nll_loss`; ORPOTrainer's `nll_loss`, `log_odds_ratio`, `log_odds_chosen`.
 fn reference_free_metrics(objective: &Objective, kind: LossKind, l: &PairLogps) -> Result<BTreeMap<String, f64>> {
-    let chosen_nll = || -> Result<f64> {
-        let tokens: usize = l.chosen_tokens.iter().sum();
-        Ok(-scalar(&l.policy_chosen.sum_all()?)? / tokens.max(1) as f64)
-    };
     Ok(match kind {
         LossKind::Orpo => {
             let (nll, log_odds) = super::terms::orpo_parts(l)?;
@@ -221,7 +217,7 @@ fn reference_free_metrics(objective: &Objective, kind: LossKind, l: &PairLogps) 
         }
         _ => {
             let alpha = objective.params.cpo_alpha.unwrap_or(if kind == LossKind::Cpo { 1.0 } else { 0.0 });
-            BTreeMap::from([("nll_loss".to_string(), if alpha > 0.0 { chosen_nll()? } else { 0.0 })])
+            BTreeMap::from([("nll_loss".to_string(), if alpha > 0.0 { scalar(&super::terms::chosen_nll(l)?)? } else { 0.0 })])
         }
     })
 }

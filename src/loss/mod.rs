@@ -136,7 +136,7 @@ impl LossKind {
 
     /// Has no loss per pair of its own: sorts across the batch (`aot*`), or estimates KTO's KL
     /// term from the batch's mismatched completions.
-    fn sorts_batch(self) -> bool {
+    fn batch_only(self) -> bool {
         matches!(self, Self::Aot | Self::AotUnpaired | Self::Kto)
     }
 }
@@ -375,7 +375,7 @@ impl Objective {
             }
         }
         if self.use_weighting {
-            if let Some(k) = self.terms.iter().map(|(k, _)| *k).find(|k| k.sorts_batch() || !k.uses_reference()) {
+            if let Some(k) = self.terms.iter().map(|(k, _)| *k).find(|k| k.batch_only() || !k.uses_reference()) {
                 return Err(format!("--use-weighting cannot be used with --loss {}: WPO weights per-pair losses of reference-based DPO losses (TRL refuses it too) (config keys use_weighting, loss)", k.name()));
             }
         }
@@ -443,7 +443,7 @@ impl Objective {
     /// Each pair's loss as a batch of one (TRL's per-pair value); `None` when a term sorts the
     /// batch (`aot*`), where a pair has no loss of its own.
     pub fn per_pair(&self, l: &PairLogps, weights: Option<&Tensor>) -> Result<Option<Vec<f64>>> {
-        if self.terms.iter().any(|(k, _)| k.sorts_batch()) {
+        if self.terms.iter().any(|(k, _)| k.batch_only()) {
             return Ok(None);
         }
         let mut out = Vec::with_capacity(l.pairs());

@@ -83,7 +83,7 @@ fn per_token(x: &Tensor, lens: &[usize]) -> Result<Tensor> {
 }
 
 /// `−Σ pc / Σ len_c`: the chosen responses' token-mean NLL over the batch.
-fn chosen_nll(l: &PairLogps) -> Result<Tensor> {
+pub fn chosen_nll(l: &PairLogps) -> Result<Tensor> {
     let tokens: usize = l.chosen_tokens.iter().sum();
     l.policy_chosen.sum_all()?.affine(-1.0 / tokens.max(1) as f64, 0.0)
 }

@@ -166,12 +166,7 @@ pub fn trainable_logps(hidden: &Tensor, w: &Tensor, targets: &[u32], cap: Option
     let picked = logits.gather(&index, 1)?;
     let logps = (picked - lse)?.reshape(rows)?;
     if let Some(sink) = stats {
-        let mut s = TokenStats::default();
-        let host = logits.detach().to_vec2::<f32>()?;
-        for (row, &t) in host.iter().zip(targets) {
-            s.push_row(row, t as usize);
-        }
-        *sink.lock().expect("stats sink") = Some(s);
+        *sink.lock().expect("stats sink") = Some(chunk_stats(&logits.detach(), targets)?);
     }
     Ok(logps)
 }
