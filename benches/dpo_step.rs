@@ -22,11 +22,11 @@ mod common;
 use candle_core::{Device, Tensor, Var};
 use dpo::data::{PairBatch, TokenizedPair};
 use dpo::lora::{LoraConfig, adapter};
-use dpo::nn::LoraMode;
 use dpo::loss::{LossKind, Objective};
 use dpo::model::{Architecture, CausalLm, LayerPath};
-use dpo::rng::{SeededRng, Stream};
+use dpo::nn::LoraMode;
 use dpo::optim::AdamW;
+use dpo::rng::{SeededRng, Stream};
 use dpo::train::step::global_norm;
 use std::time::Instant;
 
@@ -41,8 +41,10 @@ fn bench_config(family: &str, shape: &serde_json::Value) -> Architecture {
     let mut cfg: serde_json::Value = if family == "llama" {
         serde_json::json!({"model_type": "llama", "rope_theta": 10000.0, "tie_word_embeddings": false})
     } else {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/zoo/{family}/model/config.json"));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("DPO_BENCH_ARCH={family}: no {}", path.display()));
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/fixtures/zoo/{family}/model/config.json"));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("DPO_BENCH_ARCH={family}: no {}", path.display()));
         serde_json::from_str(&text).unwrap()
     };
     let obj = cfg.as_object_mut().unwrap();
@@ -68,7 +70,16 @@ fn bench_config(family: &str, shape: &serde_json::Value) -> Architecture {
 /// One optimizer step, timed by phase (the device synchronised at each boundary): reference
 /// forward, policy forward, backward, gradient norm + AdamW. Tracks the least free device memory.
 #[allow(clippy::too_many_arguments)]
-fn timed_step(model: &CausalLm, batch: &PairBatch, loss: &Objective, vars: &[Var], opt: &mut AdamW, lr: f64, device: &Device, min_free: &mut Option<u64>) -> [f64; 4] {
+fn timed_step(
+    model: &CausalLm,
+    batch: &PairBatch,
+    loss: &Objective,
+    vars: &[Var],
+    opt: &mut AdamW,
+    lr: f64,
+    device: &Device,
+    min_free: &mut Option<u64>,
+) -> [f64; 4] {
     let mut marks = [0.0; 4];
     let mut t = Instant::now();
     let mut lap = |i: usize, marks: &mut [f64; 4]| {
@@ -81,7 +92,8 @@ fn timed_step(model: &CausalLm, batch: &PairBatch, loss: &Objective, vars: &[Var
     };
     let reference = dpo::scoring::reference_for(model, loss, &[], batch, None).unwrap();
     lap(0, &mut marks);
-    let dpo::scoring::Scored { loss: losses, .. } = dpo::scoring::score(model, batch, loss, &mut LoraMode::On, reference.as_ref()).unwrap();
+    let dpo::scoring::Scored { loss: losses, .. } =
+        dpo::scoring::score(model, batch, loss, &mut LoraMode::On, reference.as_ref()).unwrap();
     lap(1, &mut marks);
     let store = losses.mean_all().unwrap().backward().unwrap();
     let grads: Vec<Tensor> = vars.iter().map(|v| store.get(v).unwrap().clone()).collect();
@@ -130,8 +142,10 @@ fn main() {
     });
     let arch = bench_config(&family, &shape);
     eprintln!("{}", arch.summary());
-    let device = dpo::device::parse_device(&std::env::var("DPO_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
-    let dtype = dpo::device::parse_dtype(&std::env::var("DPO_BENCH_DTYPE").unwrap_or_else(|_| "f32".into()), &device).unwrap();
+    let device =
+        dpo::device::parse_device(&std::env::var("DPO_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
+    let dtype =
+        dpo::device::parse_dtype(&std::env::var("DPO_BENCH_DTYPE").unwrap_or_else(|_| "f32".into()), &device).unwrap();
     let mut model = common::random_model(&arch, &device, dtype);
     let base_params: usize = arch.weight_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let targets = std::env::var("DPO_BENCH_TARGETS").unwrap_or_else(|_| "all".into());
@@ -147,7 +161,8 @@ fn main() {
     // sequence, no prompt sharing), DPO_BENCH_COMPOSITE=1 (candle compositions, dense mask).
     let unshared = std::env::var("DPO_BENCH_UNSHARED").is_ok_and(|v| v == "1");
     let loss_name = std::env::var("DPO_BENCH_LOSS").unwrap_or_else(|_| "sigmoid".into());
-    let kind = <LossKind as clap::ValueEnum>::from_str(&loss_name, false).unwrap_or_else(|e| panic!("DPO_BENCH_LOSS: {e}"));
+    let kind =
+        <LossKind as clap::ValueEnum>::from_str(&loss_name, false).unwrap_or_else(|e| panic!("DPO_BENCH_LOSS: {e}"));
     let mut loss = Objective::single(kind, 0.1);
     if kind == LossKind::ExoPair {
         loss.params.label_smoothing = 1e-3;
@@ -188,7 +203,13 @@ fn main() {
         lora_params: vars.iter().map(|v| v.elem_count()).sum(),
         lora_ranks: 16 * params.len() / 2 / layers,
     };
-    let setup = dpo::train::memory::Setup { path: model.path(), dtype, stored_bytes: dtype.size_in_bytes(), recompute, cuda: device.is_cuda() };
+    let setup = dpo::train::memory::Setup {
+        path: model.path(),
+        dtype,
+        stored_bytes: dtype.size_in_bytes(),
+        recompute,
+        cuda: device.is_cuda(),
+    };
     let plan = dpo::train::memory::MemoryPlan::estimate(model.arch(), &setup, &geo);
     eprintln!("memory plan: {}", plan.describe());
     let mut opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
@@ -220,9 +241,12 @@ fn main() {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let (reference_seconds, forward_seconds, backward_seconds, optimizer_seconds) = (phase_median(0), phase_median(1), phase_median(2), phase_median(3));
+    let (reference_seconds, forward_seconds, backward_seconds, optimizer_seconds) =
+        (phase_median(0), phase_median(1), phase_median(2), phase_median(3));
     let policy_seconds = forward_seconds + backward_seconds;
-    eprintln!("reference forward {reference_seconds:.3} s, policy forward {forward_seconds:.3} s, backward {backward_seconds:.3} s, grad norm + AdamW {optimizer_seconds:.3} s");
+    eprintln!(
+        "reference forward {reference_seconds:.3} s, policy forward {forward_seconds:.3} s, backward {backward_seconds:.3} s, grad norm + AdamW {optimizer_seconds:.3} s"
+    );
     let reference = dpo::scoring::reference_for(&model, &loss, &[], &batch, None).unwrap();
     if std::env::var("DPO_BENCH_PROFILE").is_ok() {
         for _ in 0..2 {

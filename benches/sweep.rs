@@ -21,7 +21,8 @@ fn knob(name: &str, default: usize) -> usize {
 /// A model folder: the tiny-llama tokenizer with a larger random decoder.
 fn write_model(dir: &Path, hidden: usize, layers: usize) {
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-llama");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
     let heads = hidden / 32;
     cfg["hidden_size"] = hidden.into();
     cfg["intermediate_size"] = (hidden * 11 / 4).into();
@@ -35,7 +36,10 @@ fn write_model(dir: &Path, hidden: usize, layers: usize) {
 
 fn dpo(args: &[String]) {
     let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/dpo");
-    let o = Command::new(&bin).args(args).output().unwrap_or_else(|e| panic!("running {}: {e} (cargo build --release first)", bin.display()));
+    let o = Command::new(&bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e} (cargo build --release first)", bin.display()));
     assert!(o.status.success(), "dpo {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
 }
 
@@ -59,8 +63,14 @@ fn main() {
         let dir = root.join(variant);
         std::fs::create_dir_all(&dir).unwrap();
         let (separate, sweep) = compare(&dir, &base);
-        println!("{variant}: 9 separate `dpo train` runs {separate:.2} s; one 3x3 `dpo sweep` {sweep:.2} s; ratio {:.3}", sweep / separate);
-        results.insert(variant.into(), serde_json::json!({"separate_s": separate, "sweep_s": sweep, "ratio": sweep / separate}));
+        println!(
+            "{variant}: 9 separate `dpo train` runs {separate:.2} s; one 3x3 `dpo sweep` {sweep:.2} s; ratio {:.3}",
+            sweep / separate
+        );
+        results.insert(
+            variant.into(),
+            serde_json::json!({"separate_s": separate, "sweep_s": sweep, "ratio": sweep / separate}),
+        );
     }
     if std::env::var_os("DPO_SWEEP_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&root);
@@ -82,11 +92,31 @@ fn compare(root: &Path, base: &str) -> (f64, f64) {
     for b in betas {
         for lr in lrs {
             let out = root.join(format!("separate/beta={b}_lr={lr}"));
-            dpo(&["train".into(), "--config".into(), s(&config), "--beta".into(), b.into(), "--lr".into(), lr.into(), "--output-dir".into(), s(&out)]);
+            dpo(&[
+                "train".into(),
+                "--config".into(),
+                s(&config),
+                "--beta".into(),
+                b.into(),
+                "--lr".into(),
+                lr.into(),
+                "--output-dir".into(),
+                s(&out),
+            ]);
         }
     }
     let separate = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    dpo(&["sweep".into(), "--config".into(), s(&config), "--beta".into(), betas.join(","), "--lr".into(), lrs.join(","), "--output-dir".into(), s(&root.join("sweep"))]);
+    dpo(&[
+        "sweep".into(),
+        "--config".into(),
+        s(&config),
+        "--beta".into(),
+        betas.join(","),
+        "--lr".into(),
+        lrs.join(","),
+        "--output-dir".into(),
+        s(&root.join("sweep")),
+    ]);
     (separate, t.elapsed().as_secs_f64())
 }

@@ -21,7 +21,9 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(_ordinal: usize) -> Result<Device> {
-    bail!("this dpo was built without CUDA support; rebuild with `cargo build --release --features cuda` (see README, \"Building with CUDA\")")
+    bail!(
+        "this dpo was built without CUDA support; rebuild with `cargo build --release --features cuda` (see README, \"Building with CUDA\")"
+    )
 }
 
 fn auto_device() -> Device {

@@ -8,8 +8,8 @@
 //! let metrics = dpo::eval::run(&args).unwrap();
 //! println!("accuracy {}", metrics.accuracy());
 //! ```
-use crate::fsutil::atomic;
 use crate::config::CommonArgs;
+use crate::fsutil::atomic;
 use crate::lora::adapter;
 use crate::loss::RewardMetrics;
 use crate::scoring::score_all;
@@ -69,9 +69,19 @@ pub fn run(args: &EvalArgs) -> Result<RewardMetrics> {
         adapter::attach_from_dir(&mut loaded.model, dir, None)?;
     }
     if objective.reward_model {
-        let dir = args.adapter.as_deref().ok_or_else(|| crate::config::UsageError("dpo reward score needs --adapter: a reward model's adapter with its score head".into()))?;
-        let has_head = candle_core::safetensors::load(dir.join(adapter::WEIGHTS_FILE), &candle_core::Device::Cpu)?.contains_key(adapter::SCORE_KEY);
-        anyhow::ensure!(has_head, "{}: no {} in the adapter: not a reward model (train one with `dpo reward train`)", dir.display(), adapter::SCORE_KEY);
+        let dir = args.adapter.as_deref().ok_or_else(|| {
+            crate::config::UsageError(
+                "dpo reward score needs --adapter: a reward model's adapter with its score head".into(),
+            )
+        })?;
+        let has_head = candle_core::safetensors::load(dir.join(adapter::WEIGHTS_FILE), &candle_core::Device::Cpu)?
+            .contains_key(adapter::SCORE_KEY);
+        anyhow::ensure!(
+            has_head,
+            "{}: no {} in the adapter: not a reward model (train one with `dpo reward train`)",
+            dir.display(),
+            adapter::SCORE_KEY
+        );
         adapter::attach_score_head(&mut loaded.model, Some(dir), 0)?;
     }
     let data = crate::setup::load_pairs(common, &loaded)?;

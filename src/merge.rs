@@ -40,8 +40,13 @@ pub struct MergeArgs {
     pub max_shard_size: u64,
 }
 
-const COPIED_FILES: &[&str] =
-    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "tokenizer.model"];
+const COPIED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+];
 
 pub fn run(args: &MergeArgs) -> Result<()> {
     let dtype = args.dtype.dtype();
@@ -49,13 +54,16 @@ pub fn run(args: &MergeArgs) -> Result<()> {
         bail!("{} already exists; choose a new --output folder", args.output.display());
     }
     let arch = Architecture::from_file(&args.model.join("config.json"))?;
-    let lora = adapter::read_config(&args.adapter)?.resolve(&arch).with_context(|| format!("adapter {}", args.adapter.display()))?;
+    let lora = adapter::read_config(&args.adapter)?
+        .resolve(&arch)
+        .with_context(|| format!("adapter {}", args.adapter.display()))?;
     let adapter_path = args.adapter.join(adapter::WEIGHTS_FILE);
     let deltas_src = candle_core::safetensors::load(&adapter_path, &Device::Cpu)
         .with_context(|| format!("reading {}", adapter_path.display()))?;
     let files = safetensors_files(&args.model)?;
     // SAFETY: read-only mapping of files dpo does not modify.
-    let base = unsafe { MmapedSafetensors::multi(&files) }.with_context(|| format!("mapping {}", args.model.display()))?;
+    let base =
+        unsafe { MmapedSafetensors::multi(&files) }.with_context(|| format!("mapping {}", args.model.display()))?;
     let mut names: Vec<String> = base.tensors().into_iter().map(|(n, _)| n).collect();
     names.sort();
 
@@ -74,7 +82,12 @@ pub fn run(args: &MergeArgs) -> Result<()> {
                 args.model.display()
             ),
             Some(shape) if t.dims() != shape => {
-                bail!("{}: {key} has shape {:?}; this {} model needs {shape:?}", adapter_path.display(), t.dims(), arch.model_type)
+                bail!(
+                    "{}: {key} has shape {:?}; this {} model needs {shape:?}",
+                    adapter_path.display(),
+                    t.dims(),
+                    arch.model_type
+                )
             }
             Some(_) => {}
         }
@@ -163,7 +176,8 @@ fn plan_shards(names: &[String], base: &MmapedSafetensors, dtype: DType, max_byt
 /// The base config.json with its dtype key(s) set to the merged dtype.
 fn write_config(src: &Path, dst: &Path, dtype: DType) -> Result<()> {
     let text = std::fs::read_to_string(src).with_context(|| format!("reading {}", src.display()))?;
-    let mut cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", src.display()))?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", src.display()))?;
     let name = match dtype {
         DType::BF16 => "bfloat16",
         DType::F16 => "float16",

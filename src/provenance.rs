@@ -83,12 +83,22 @@ impl Provenance {
     pub fn check_same_as(&self, saved: &Provenance) -> Result<()> {
         for (what, now, then) in [("model", &self.model, &saved.model), ("dataset", &self.dataset, &saved.dataset)] {
             if now.commit != then.commit {
-                bail!("the {what} {} resolved to commit {:?}, but the checkpoint was trained on {:?}", now.source, now.commit, then.commit);
+                bail!(
+                    "the {what} {} resolved to commit {:?}, but the checkpoint was trained on {:?}",
+                    now.source,
+                    now.commit,
+                    then.commit
+                );
             }
             for (file, hash) in &then.files {
                 match now.files.get(file) {
-                    None => bail!("the {what} {} no longer has {file}, which the checkpoint was trained on", now.source),
-                    Some(h) if h != hash => bail!("the {what} {} changed since the checkpoint: {file} has sha256 {h}, was {hash}", now.source),
+                    None => {
+                        bail!("the {what} {} no longer has {file}, which the checkpoint was trained on", now.source)
+                    }
+                    Some(h) if h != hash => bail!(
+                        "the {what} {} changed since the checkpoint: {file} has sha256 {h}, was {hash}",
+                        now.source
+                    ),
                     Some(_) => {}
                 }
             }

@@ -72,9 +72,16 @@ pub fn micro_batches<'a>(
 /// `per_device_train_batch_size` chunk), each scored after example `i`'s own prompt.
 pub fn kl_pairs(examples: Vec<(TokenizedPair, Option<bool>)>) -> Result<(Vec<TokenizedPair>, Vec<bool>)> {
     let n = examples.len();
-    let labels = examples.iter().map(|(_, l)| l.ok_or_else(|| anyhow::anyhow!("--loss kto needs labelled examples"))).collect::<Result<Vec<_>>>()?;
+    let labels = examples
+        .iter()
+        .map(|(_, l)| l.ok_or_else(|| anyhow::anyhow!("--loss kto needs labelled examples")))
+        .collect::<Result<Vec<_>>>()?;
     let pairs = (0..n)
-        .map(|i| TokenizedPair { prompt: examples[i].0.prompt.clone(), chosen: examples[i].0.chosen.clone(), rejected: examples[(i + n - 1) % n].0.chosen.clone() })
+        .map(|i| TokenizedPair {
+            prompt: examples[i].0.prompt.clone(),
+            chosen: examples[i].0.chosen.clone(),
+            rejected: examples[(i + n - 1) % n].0.chosen.clone(),
+        })
         .collect();
     Ok((pairs, labels))
 }
@@ -108,7 +115,12 @@ pub fn split_pairs(logps: &Tensor, pairs: usize) -> Result<(Tensor, Tensor)> {
 /// The frozen reference's log-probs `[2·pairs]` (detached): the base model with adapters off.
 /// They depend on neither β nor the learning rate, so `cache` may hold them: a hit skips the
 /// forward, a miss runs it and stores the values.
-pub fn reference_logps(model: &CausalLm, pairs: &[TokenizedPair], batch: &PairBatch, mut cache: Option<&mut RefCache>) -> Result<Tensor> {
+pub fn reference_logps(
+    model: &CausalLm,
+    pairs: &[TokenizedPair],
+    batch: &PairBatch,
+    mut cache: Option<&mut RefCache>,
+) -> Result<Tensor> {
     if let Some(values) = cache.as_deref_mut().and_then(|c| c.lookup(pairs, batch)) {
         return Ok(Tensor::from_vec(values, 2 * pairs.len(), model.device())?);
     }
@@ -155,13 +167,16 @@ fn policy_pass(model: &CausalLm, batch: &PairBatch, mode: &mut LoraMode, objecti
     let response = all.narrow(0, 0, scored)?;
     let sums = batch.sequence_of_token.matmul(&response.unsqueeze(1)?)?.squeeze(1)?;
     let prompt_sums = match &batch.prompt {
-        Some(p) if !p.targets.is_empty() => Some(p.pair_of_token.matmul(&all.narrow(0, scored, p.targets.len())?.unsqueeze(1)?)?.squeeze(1)?),
+        Some(p) if !p.targets.is_empty() => {
+            Some(p.pair_of_token.matmul(&all.narrow(0, scored, p.targets.len())?.unsqueeze(1)?)?.squeeze(1)?)
+        }
         Some(_) => Some(Tensor::zeros(batch.pairs, DType::F32, model.device())?),
         None => None,
     };
     stats.truncate(scored);
     // Copied to the host only for WPO's weights.
-    let token_logps = if objective.use_weighting { response.detach().to_dtype(DType::F32)?.to_vec1::<f32>()? } else { Vec::new() };
+    let token_logps =
+        if objective.use_weighting { response.detach().to_dtype(DType::F32)?.to_vec1::<f32>()? } else { Vec::new() };
     Ok(PolicyPass { sums, prompt_sums, token_logps, stats })
 }
 
@@ -183,7 +198,13 @@ impl Scored {
 
 /// The policy (adapters as `policy` says) against `reference` (`None` for a reference-free
 /// objective), and the objective's loss on the batch.
-pub fn score(model: &CausalLm, batch: &PairBatch, objective: &Objective, policy: &mut LoraMode, reference: Option<&Tensor>) -> Result<Scored> {
+pub fn score(
+    model: &CausalLm,
+    batch: &PairBatch,
+    objective: &Objective,
+    policy: &mut LoraMode,
+    reference: Option<&Tensor>,
+) -> Result<Scored> {
     let pass = policy_pass(model, batch, policy, objective)?;
     let (policy_chosen, policy_rejected) = split_pairs(&pass.sums, batch.pairs)?;
     let (ref_chosen, ref_rejected) = match reference {
@@ -218,7 +239,12 @@ pub fn score(model: &CausalLm, batch: &PairBatch, objective: &Objective, policy:
 
 /// [`score`] with the reference (if the objective needs one) computed here, no cache: what
 /// tests and benches compare.
-pub fn score_batch(model: &CausalLm, batch: &PairBatch, objective: &Objective, policy: &mut LoraMode) -> Result<Scored> {
+pub fn score_batch(
+    model: &CausalLm,
+    batch: &PairBatch,
+    objective: &Objective,
+    policy: &mut LoraMode,
+) -> Result<Scored> {
     let reference = if objective.needs_reference() {
         count_reference_forward();
         Some(response_logps(model, batch, &mut LoraMode::Off)?.detach())
@@ -229,7 +255,13 @@ pub fn score_batch(model: &CausalLm, batch: &PairBatch, objective: &Objective, p
 }
 
 /// The reference log-probs of a micro-batch when the objective needs them.
-pub fn reference_for(model: &CausalLm, objective: &Objective, pairs: &[TokenizedPair], batch: &PairBatch, cache: Option<&mut RefCache>) -> Result<Option<Tensor>> {
+pub fn reference_for(
+    model: &CausalLm,
+    objective: &Objective,
+    pairs: &[TokenizedPair],
+    batch: &PairBatch,
+    cache: Option<&mut RefCache>,
+) -> Result<Option<Tensor>> {
     if objective.needs_reference() { reference_logps(model, pairs, batch, cache).map(Some) } else { Ok(None) }
 }
 

@@ -49,7 +49,13 @@ pub fn dataset_files(common: &CommonArgs) -> Result<Vec<PathBuf>> {
     if hub::is_repo_id(&common.dataset) {
         let hub = Hub::new(common.offline)?;
         let repo = common.dataset.to_string_lossy();
-        return hub::dataset::resolve(&hub, &repo, common.dataset_revision.as_deref(), common.dataset_config.as_deref(), &common.split);
+        return hub::dataset::resolve(
+            &hub,
+            &repo,
+            common.dataset_revision.as_deref(),
+            common.dataset_config.as_deref(),
+            &common.split,
+        );
     }
     Ok(vec![common.dataset.clone()])
 }
@@ -82,7 +88,13 @@ impl ModelFiles {
         let model = CausalLm::from_weights(self.arch, vb, self.dtype, &self.device)
             .with_context(|| format!("loading the weights in {}", self.model_dir.display()))?;
         eprintln!("model: {}; layers run on the {} path", model.arch().summary(), model.path());
-        Ok(Loaded { model, tokenizer: self.tokenizer, device: self.device, pad_id: self.pad_id, model_dir: self.model_dir })
+        Ok(Loaded {
+            model,
+            tokenizer: self.tokenizer,
+            device: self.device,
+            pad_id: self.pad_id,
+            model_dir: self.model_dir,
+        })
     }
 }
 
@@ -141,18 +153,31 @@ pub fn load_pairs_for(common: &CommonArgs, files: &ModelFiles) -> Result<Dataset
     read_pairs(common, &files.tokenizer, files.arch.vocab_size, &files.model_dir)
 }
 
-fn read_pairs(common: &CommonArgs, tokenizer: &PairTokenizer, vocab_size: usize, model_dir: &std::path::Path) -> Result<Dataset> {
+fn read_pairs(
+    common: &CommonArgs,
+    tokenizer: &PairTokenizer,
+    vocab_size: usize,
+    model_dir: &std::path::Path,
+) -> Result<Dataset> {
     let files = dataset_files(common)?;
     let settings = common.data_settings(Some(vocab_size));
     let (pipeline, audit) = Pipeline::build(&files, settings, tokenizer.clone(), model_dir)?;
     audit.check_skip_ratio(common.max_skip_ratio)?;
     if audit.rows_skipped > 0 {
-        eprintln!("skipped {} of {} rows: {}", audit.rows_skipped, audit.rows_read, audit.skipped.iter().take(3).map(|b| b.to_string()).collect::<Vec<_>>().join("; "));
+        eprintln!(
+            "skipped {} of {} rows: {}",
+            audit.rows_skipped,
+            audit.rows_read,
+            audit.skipped.iter().take(3).map(|b| b.to_string()).collect::<Vec<_>>().join("; ")
+        );
     }
     let unpaired_rows = pipeline.format() == crate::data::schema::Format::Unpaired;
     let kto = objective(common)?.unpaired();
     if unpaired_rows && !kto {
-        bail!("{}: the rows are unpaired (prompt, completion, label): train on them with --loss kto", common.dataset.display());
+        bail!(
+            "{}: the rows are unpaired (prompt, completion, label): train on them with --loss kto",
+            common.dataset.display()
+        );
     }
     // KTO on preference pairs: each pair becomes its desirable and its undesirable example.
     let unpair = kto && !unpaired_rows;

@@ -41,7 +41,11 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
             continue;
         }
         let mut files = Vec::new();
-        if path.is_dir() { rust_files(&path, &mut files) } else { files.push(path.clone()) }
+        if path.is_dir() {
+            rust_files(&path, &mut files)
+        } else {
+            files.push(path.clone())
+        }
         let mut deps = BTreeSet::new();
         for f in files {
             let text = code(&f);
@@ -64,7 +68,13 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
 
 /// A cycle through `start`, if there is one.
 fn cycle_from(graph: &BTreeMap<String, BTreeSet<String>>, start: &str) -> Option<Vec<String>> {
-    fn walk(graph: &BTreeMap<String, BTreeSet<String>>, at: &str, start: &str, path: &mut Vec<String>, seen: &mut BTreeSet<String>) -> bool {
+    fn walk(
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        at: &str,
+        start: &str,
+        path: &mut Vec<String>,
+        seen: &mut BTreeSet<String>,
+    ) -> bool {
         for next in graph.get(at).into_iter().flatten() {
             if next == start {
                 path.push(next.clone());
@@ -99,7 +109,10 @@ fn function_lengths(path: &Path) -> Vec<(String, usize)> {
     let mut out = Vec::new();
     for (i, line) in lines.iter().enumerate() {
         let t = line.trim_start();
-        let Some(after) = ["fn ", "pub fn ", "pub(crate) fn ", "pub(super) fn ", "unsafe fn ", "pub unsafe fn "].iter().find_map(|p| t.strip_prefix(p)) else {
+        let Some(after) = ["fn ", "pub fn ", "pub(crate) fn ", "pub(super) fn ", "unsafe fn ", "pub unsafe fn "]
+            .iter()
+            .find_map(|p| t.strip_prefix(p))
+        else {
             continue;
         };
         let name: String = after.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
@@ -131,7 +144,11 @@ fn no_function_in_src_train_is_over_80_lines() {
     rust_files(&src().join("train"), &mut files);
     let mut all = Vec::new();
     for f in &files {
-        all.extend(function_lengths(f).into_iter().map(|(n, l)| (format!("{}::{n}", f.file_stem().unwrap().to_string_lossy()), l)));
+        all.extend(
+            function_lengths(f)
+                .into_iter()
+                .map(|(n, l)| (format!("{}::{n}", f.file_stem().unwrap().to_string_lossy()), l)),
+        );
     }
     assert!(all.iter().any(|(n, _)| n.ends_with("::run")), "the scan sees the functions: {all:?}");
     let long: Vec<String> = all.iter().filter(|(_, l)| *l > 80).map(|(n, l)| format!("{n}: {l} lines")).collect();

@@ -10,16 +10,17 @@
 mod common;
 use candle_core::{DType, Device};
 use common::*;
-use dpo::nn::LoraMode;
 use dpo::loss::{LossKind, Objective};
 use dpo::model::CausalLm;
-use dpo::scoring::response_logps;
+use dpo::nn::LoraMode;
 use dpo::optim::AdamW;
+use dpo::scoring::response_logps;
 use dpo::scoring::score_batch as score;
 
 fn load(dtype: DType) -> (CausalLm, Vec<dpo::lora::adapter::NamedParam>) {
     let mut m = CausalLm::load(&model_dir("tiny-llama-bf16"), dtype, &Device::Cpu).unwrap();
-    let (_, params) = dpo::lora::adapter::attach_from_dir(&mut m, &golden_dir("tiny-llama").join("adapter"), None).unwrap();
+    let (_, params) =
+        dpo::lora::adapter::attach_from_dir(&mut m, &golden_dir("tiny-llama").join("adapter"), None).unwrap();
     (m, params)
 }
 

@@ -9,22 +9,46 @@ use std::process::{Command, Output};
 /// (64 pairs / 4 per step = 16 steps per epoch).
 fn run_args(out: &Path) -> Vec<String> {
     [
-        "train", "--model", p(&model_dir("tiny-llama")), "--dataset", p(&orca("train")), "--output-dir", p(out),
-        "--batch-size", "2", "--grad-accum", "2", "--max-steps", "20", "--lr", "5e-3", "--lr-scheduler", "linear",
-        "--warmup-steps", "3", "--lora-dropout", "0.1", "--weight-decay", "0.01", "--max-grad-norm", "0.5",
-        "--lora-targets", "q,v,o", "--seed", "11", "--save-steps", "3",
+        "train",
+        "--model",
+        p(&model_dir("tiny-llama")),
+        "--dataset",
+        p(&orca("train")),
+        "--output-dir",
+        p(out),
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "20",
+        "--lr",
+        "5e-3",
+        "--lr-scheduler",
+        "linear",
+        "--warmup-steps",
+        "3",
+        "--lora-dropout",
+        "0.1",
+        "--weight-decay",
+        "0.01",
+        "--max-grad-norm",
+        "0.5",
+        "--lora-targets",
+        "q,v,o",
+        "--seed",
+        "11",
+        "--save-steps",
+        "3",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
 }
 
-
-
 fn ok(o: &Output) {
     assert!(o.status.success(), "dpo failed: {}", String::from_utf8_lossy(&o.stderr));
 }
-
 
 fn assert_same_run(a: &Path, b: &Path) {
     assert_eq!(
@@ -71,7 +95,15 @@ fn checkpoints_hold_a_peft_adapter_a_manifest_and_respect_the_limit() {
     ok(&dpo(&args));
     assert_eq!(checkpoints(&out), vec![15, 18]);
     let ckpt = out.join("checkpoint-18");
-    for f in ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "trainer_state.json", "train_config.toml", "manifest.json", "pre_step_adapter.safetensors"] {
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "train_config.toml",
+        "manifest.json",
+        "pre_step_adapter.safetensors",
+    ] {
         assert!(ckpt.join(f).is_file(), "{f}");
     }
     let manifest = read_json(&ckpt.join("manifest.json"));

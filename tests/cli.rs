@@ -27,7 +27,8 @@ fn malformed_dataset_line_is_named() {
     assert!(!out.join("adapter_model.safetensors").exists());
 
     std::fs::write(&data, format!("{first_two}{{\"question\": \"x\", \"chosen\": \"y\"}}\n")).unwrap();
-    let o = dpo(&["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(&out), "--overwrite-output-dir"]);
+    let o =
+        dpo(&["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(&out), "--overwrite-output-dir"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("bad.jsonl:3") && stderr(&o).contains("\"rejected\""), "{}", stderr(&o));
 }
@@ -77,7 +78,8 @@ fn pickle_only_checkpoint_is_refused() {
 fn existing_run_is_not_overwritten_without_consent() {
     let out = scratch("cli_no_clobber");
     std::fs::write(out.join("adapter_model.safetensors"), b"precious").unwrap();
-    let o = dpo(&["train", "--model", p(&model_dir("tiny-llama")), "--dataset", p(&orca("test")), "--output-dir", p(&out)]);
+    let o =
+        dpo(&["train", "--model", p(&model_dir("tiny-llama")), "--dataset", p(&orca("test")), "--output-dir", p(&out)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--overwrite-output-dir"));
     assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), b"precious");
@@ -145,14 +147,36 @@ fn a_run_over_its_memory_plan_is_refused_before_loading_weights() {
     let weights = std::fs::read(model_dir("tiny-llama").join("model.safetensors")).unwrap();
     std::fs::write(model.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
     let out = dir.join("run");
-    let o = dpo(&["train", "--model", p(&model), "--dataset", p(&orca("train")), "--output-dir", p(&out), "--max-memory", "0.001"]);
+    let o = dpo(&[
+        "train",
+        "--model",
+        p(&model),
+        "--dataset",
+        p(&orca("train")),
+        "--output-dir",
+        p(&out),
+        "--max-memory",
+        "0.001",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(e.contains("memory plan needs") && e.contains("--max-memory allows"), "{e}");
-    assert!(e.contains("--gradient-checkpointing on") && e.contains("--batch-size 2") && e.contains("--max-length"), "{e}");
+    assert!(
+        e.contains("--gradient-checkpointing on") && e.contains("--batch-size 2") && e.contains("--max-length"),
+        "{e}"
+    );
     assert!(!e.contains("truncated"), "the weights were read: {e}");
     assert!(!out.exists(), "nothing is written for a refused run");
-    let o = dpo(&["train", "--model", p(&model_dir("tiny-llama")), "--dataset", p(&orca("train")), "--dry-run", "--output-dir", p(&out)]);
+    let o = dpo(&[
+        "train",
+        "--model",
+        p(&model_dir("tiny-llama")),
+        "--dataset",
+        p(&orca("train")),
+        "--dry-run",
+        "--output-dir",
+        p(&out),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let plan = String::from_utf8_lossy(&o.stdout);
     assert!(plan.contains("memory plan:") && plan.contains("weights") && plan.contains("activations"), "{plan}");

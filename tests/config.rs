@@ -18,7 +18,9 @@ fn every_preset_parses_and_print_config_round_trips() {
         for (key, value) in &written {
             let got = &first[key];
             let same = match (value, got) {
-                (toml::Value::Array(items), toml::Value::String(s)) => items.iter().map(|v| v.as_str().unwrap()).collect::<Vec<_>>().join(",") == *s,
+                (toml::Value::Array(items), toml::Value::String(s)) => {
+                    items.iter().map(|v| v.as_str().unwrap()).collect::<Vec<_>>().join(",") == *s
+                }
                 (toml::Value::Integer(i), toml::Value::Float(f)) => *i as f64 == *f,
                 _ => value == got,
             };
@@ -43,7 +45,12 @@ fn precedence_is_defaults_then_config_then_flags() {
 #[test]
 fn out_of_range_values_and_unknown_keys_name_the_key() {
     let dir = scratch("config-errors");
-    for (line, key) in [("lora_dropout = 1.5", "lora_dropout"), ("batch_size = 0", "batch_size"), ("warmup_ratio = 2.0", "warmup_ratio"), ("loss = \"slic\"", "loss")] {
+    for (line, key) in [
+        ("lora_dropout = 1.5", "lora_dropout"),
+        ("batch_size = 0", "batch_size"),
+        ("warmup_ratio = 2.0", "warmup_ratio"),
+        ("loss = \"slic\"", "loss"),
+    ] {
         let cfg = dir.join("c.toml");
         std::fs::write(&cfg, format!("model = \"m\"\ndataset = \"d\"\n{line}\n")).unwrap();
         let o = dpo(&["train", "--config", cfg.to_str().unwrap(), "--print-config"]);

@@ -33,8 +33,11 @@ fn err(files: &[PathBuf]) -> String {
 fn every_format_yields_the_same_ids_where_templates_agree() {
     let orca_rows: Vec<serde_json::Value> =
         std::fs::read_to_string(orca("train")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let hh_rows: Vec<serde_json::Value> =
-        std::fs::read_to_string(data("hh-rlhf/train.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let hh_rows: Vec<serde_json::Value> = std::fs::read_to_string(data("hh-rlhf/train.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let orca_ids = pairs(&orca("train"), "chat");
     let uf_parquet = pairs(&data("ultrafeedback_binarized/train_prefs.parquet"), "chat");
     let uf_jsonl = pairs(&data("ultrafeedback_binarized/train_prefs.jsonl"), "chat");
@@ -64,18 +67,21 @@ fn every_format_yields_the_same_ids_where_templates_agree() {
 #[test]
 fn alpaca_ranking_and_argilla_layouts_give_the_orca_ids() {
     let dir = scratch("data_layouts");
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(orca("train")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(orca("train")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let write = |name: &str, f: &dyn Fn(&serde_json::Value) -> serde_json::Value| {
         let path = dir.join(name);
         std::fs::write(&path, rows.iter().map(|r| format!("{}\n", f(r))).collect::<String>()).unwrap();
         path
     };
-    let alpaca = write("alpaca.jsonl", &|r| {
-        serde_json::json!({"system": r["system"], "instruction": r["question"], "input": "", "output": [r["chosen"], r["rejected"]], "history": []})
-    });
-    let argilla = write("argilla.jsonl", &|r| {
-        serde_json::json!({"system": r["system"], "instruction": r["question"], "chosen_response": r["chosen"], "rejected_response": r["rejected"]})
-    });
+    let alpaca = write(
+        "alpaca.jsonl",
+        &|r| serde_json::json!({"system": r["system"], "instruction": r["question"], "input": "", "output": [r["chosen"], r["rejected"]], "history": []}),
+    );
+    let argilla = write(
+        "argilla.jsonl",
+        &|r| serde_json::json!({"system": r["system"], "instruction": r["question"], "chosen_response": r["chosen"], "rejected_response": r["rejected"]}),
+    );
     for template in ["auto", "chat"] {
         let want = pairs(&orca("train"), template);
         assert_eq!(pairs(&alpaca, template), want, "alpaca-ranking, --template {template}");
@@ -95,7 +101,8 @@ fn chat_template_renders_what_transformers_renders() {
     let dir = model_dir("tiny-llama");
     let src = dpo::data::chat::find_template(&dir).unwrap();
     let t = dpo::data::chat::ChatTemplate::new(&src, "<s>", "</s>").unwrap();
-    let tpl = Template::resolve(dpo::data::template::TemplateChoice::Chat, dpo::data::schema::Format::Orca, Some(t)).unwrap();
+    let tpl =
+        Template::resolve(dpo::data::template::TemplateChoice::Chat, dpo::data::schema::Format::Orca, Some(t)).unwrap();
     let r = tpl.render(&Example::orca("Be kind.", "What is 1 plus 1?", "It is 2.", "3")).unwrap();
     assert_eq!(r.prompt, "<s><|system|>\nBe kind.</s>\n<|user|>\nWhat is 1 plus 1?</s>\n<|assistant|>\n");
     assert_eq!(r.chosen, "It is 2.</s>\n");
@@ -149,13 +156,24 @@ fn bad_inputs_fail_naming_file_line_and_field() {
     assert!(err(&[zero]).contains("no usable rows"));
     let tok = PairTokenizer::from_model_dir(&model_dir("tiny-llama")).unwrap();
     // An unknown --format is a usage error (exit 2) listing the formats.
-    let o = dpo(&["data", "inspect", "--model", p(&model_dir("tiny-llama")), "--dataset", p(&orca("test")), "--format", "sharegpt"]);
+    let o = dpo(&[
+        "data",
+        "inspect",
+        "--model",
+        p(&model_dir("tiny-llama")),
+        "--dataset",
+        p(&orca("test")),
+        "--format",
+        "sharegpt",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("sharegpt") && stderr(&o).contains("hh-rlhf"), "{}", stderr(&o));
     let tpl = dir.join("t.jinja");
     std::fs::write(&tpl, "{{ raise_exception('roles must alternate') }}").unwrap();
     let s = Settings { template_file: Some(tpl), ..Settings::default() };
-    let e = Pipeline::build(&[orca("test")], s, tok.clone(), &model_dir("tiny-llama")).and_then(|(_, a)| a.check_skip_ratio(0.01)).err();
+    let e = Pipeline::build(&[orca("test")], s, tok.clone(), &model_dir("tiny-llama"))
+        .and_then(|(_, a)| a.check_skip_ratio(0.01))
+        .err();
     let e = e.map(|e| format!("{e:#}")).unwrap_or_default();
     assert!(e.contains("roles must alternate") && e.contains("test.jsonl:1"), "{e}");
     let s = Settings { template_file: Some(dir.join("nope.jinja")), ..Settings::default() };

@@ -7,9 +7,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use dpo::data::PairBatch;
-use dpo::nn::LoraMode;
 use dpo::loss::{LossKind, Objective};
 use dpo::model::CausalLm;
+use dpo::nn::LoraMode;
 use dpo::scoring::score_batch as score;
 use serde_json::json;
 
@@ -26,11 +26,20 @@ struct Check {
 
 /// Log-probs (max |Δ|) and LoRA gradients (max |Δ|/|g| over tensors) of the mean sigmoid loss
 /// of `model` on `pairs`, against golden values.
-fn logps_and_grads(model: &CausalLm, params: &[dpo::lora::adapter::NamedParam], pairs: &[dpo::data::TokenizedPair], want_logps: &[f64], grads_file: &std::path::Path) -> (f64, f64) {
+fn logps_and_grads(
+    model: &CausalLm,
+    params: &[dpo::lora::adapter::NamedParam],
+    pairs: &[dpo::data::TokenizedPair],
+    want_logps: &[f64],
+    grads_file: &std::path::Path,
+) -> (f64, f64) {
     let batch = PairBatch::new(pairs, 3, model.device()).unwrap();
     let loss = Objective::single(LossKind::Sigmoid, 0.1);
     let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, &batch, &loss, &mut LoraMode::On).unwrap();
-    let got = to_vec(&Tensor::cat(&[&logps.ref_chosen, &logps.ref_rejected, &logps.policy_chosen, &logps.policy_rejected], 0).unwrap());
+    let got = to_vec(
+        &Tensor::cat(&[&logps.ref_chosen, &logps.ref_rejected, &logps.policy_chosen, &logps.policy_rejected], 0)
+            .unwrap(),
+    );
     let logp_err = got.iter().zip(want_logps).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     let grads = losses.mean_all().unwrap().backward().unwrap();
     let want = load_safetensors(grads_file);
@@ -56,17 +65,39 @@ fn golden_values_on_the_test_device() {
         let mut m = CausalLm::load(&zoo_dir(family).join("model"), DType::F32, &dev).unwrap();
         m.set_recompute(dev.is_cuda());
         let (_, params) = dpo::lora::adapter::attach_from_dir(&mut m, &zoo_dir(family).join("adapter"), None).unwrap();
-        let want = [&g["ref_logps"]["chosen"], &g["ref_logps"]["rejected"], &g["policy_logps"]["chosen"], &g["policy_logps"]["rejected"]].map(f64s).concat();
-        let (lp, gr) = logps_and_grads(&m, &params, &zoo_pairs(g), &want, &zoo_dir(family).join("grads_sigmoid_mean.safetensors"));
+        let want = [
+            &g["ref_logps"]["chosen"],
+            &g["ref_logps"]["rejected"],
+            &g["policy_logps"]["chosen"],
+            &g["policy_logps"]["rejected"],
+        ]
+        .map(f64s)
+        .concat();
+        let (lp, gr) =
+            logps_and_grads(&m, &params, &zoo_pairs(g), &want, &zoo_dir(family).join("grads_sigmoid_mean.safetensors"));
         checks.push(Check { name: format!("{family} f32 logps"), error: lp, tolerance: 1e-4 });
         checks.push(Check { name: format!("{family} f32 grads (of norm)"), error: gr, tolerance: 1e-4 });
     }
     // tiny-llama f32, and bf16 against the bf16 golden values.
     let g = &golden()["models"]["tiny-llama"];
     let mut m = CausalLm::load(&model_dir("tiny-llama"), DType::F32, &dev).unwrap();
-    let (_, params) = dpo::lora::adapter::attach_from_dir(&mut m, &golden_dir("tiny-llama").join("adapter"), None).unwrap();
-    let want = [&g["ref_logps"]["chosen"], &g["ref_logps"]["rejected"], &g["policy_logps"]["chosen"], &g["policy_logps"]["rejected"]].map(f64s).concat();
-    let (lp, gr) = logps_and_grads(&m, &params, &golden_pairs(), &want, &golden_dir("tiny-llama").join("grads_sigmoid_mean.safetensors"));
+    let (_, params) =
+        dpo::lora::adapter::attach_from_dir(&mut m, &golden_dir("tiny-llama").join("adapter"), None).unwrap();
+    let want = [
+        &g["ref_logps"]["chosen"],
+        &g["ref_logps"]["rejected"],
+        &g["policy_logps"]["chosen"],
+        &g["policy_logps"]["rejected"],
+    ]
+    .map(f64s)
+    .concat();
+    let (lp, gr) = logps_and_grads(
+        &m,
+        &params,
+        &golden_pairs(),
+        &want,
+        &golden_dir("tiny-llama").join("grads_sigmoid_mean.safetensors"),
+    );
     checks.push(Check { name: "tiny-llama f32 logps".into(), error: lp, tolerance: 1e-4 });
     checks.push(Check { name: "tiny-llama f32 grads (of norm)".into(), error: gr, tolerance: 1e-4 });
     let bf16 = read_json(&fixtures().join("golden/tiny-llama-bf16.json"));
@@ -75,13 +106,24 @@ fn golden_values_on_the_test_device() {
     let b = PairBatch::new(&golden_pairs(), 3, &dev).unwrap();
     let got16 = to_vec(&dpo::scoring::response_logps(&m16, &b, &mut LoraMode::Off).unwrap());
     let rel = got16.iter().zip(&want16).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
-    checks.push(Check { name: "tiny-llama-bf16 bf16 reference logps (relative)".into(), error: rel, tolerance: 2.5e-3 });
+    checks.push(Check {
+        name: "tiny-llama-bf16 bf16 reference logps (relative)".into(),
+        error: rel,
+        tolerance: 2.5e-3,
+    });
 
-    let report: Vec<_> = checks.iter().map(|c| json!({"check": c.name, "error": c.error, "tolerance": c.tolerance, "ok": c.error <= c.tolerance})).collect();
+    let report: Vec<_> = checks
+        .iter()
+        .map(|c| json!({"check": c.name, "error": c.error, "tolerance": c.tolerance, "ok": c.error <= c.tolerance}))
+        .collect();
     let report = json!({"device": format!("{dev:?}"), "checks": report});
     if let Ok(path) = std::env::var("DPO_TEST_REPORT") {
         std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     }
-    let failed: Vec<String> = checks.iter().filter(|c| !(c.error <= c.tolerance)).map(|c| format!("{}: {:e} > {:e}", c.name, c.error, c.tolerance)).collect();
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !(c.error <= c.tolerance))
+        .map(|c| format!("{}: {:e} > {:e}", c.name, c.error, c.tolerance))
+        .collect();
     assert!(failed.is_empty(), "on {dev:?}:\n{}", failed.join("\n"));
 }

@@ -2,12 +2,12 @@
 //! gives the same log-probs and gradients as the plain path (one row per sequence,
 //! composite candle ops), on every architecture, with padding and a sliding window.
 mod common;
-use common::*;
 use candle_core::{DType, Device, Tensor};
+use common::*;
 use dpo::data::{PairBatch, TokenizedPair};
-use dpo::nn::LoraMode;
 use dpo::loss::{LossKind, Objective};
 use dpo::model::{Architecture, CausalLm, LayerPath};
+use dpo::nn::LoraMode;
 use dpo::scoring::score_batch as score;
 
 fn with_sliding_window(model: &str, window: usize) -> CausalLm {
@@ -21,11 +21,16 @@ fn with_sliding_window(model: &str, window: usize) -> CausalLm {
 }
 
 /// Log-probs and every LoRA gradient of the mean sigmoid loss.
-fn logps_and_grads(model: &CausalLm, params: &[dpo::lora::adapter::NamedParam], batch: &PairBatch) -> (Vec<f64>, Vec<Vec<f64>>) {
+fn logps_and_grads(
+    model: &CausalLm,
+    params: &[dpo::lora::adapter::NamedParam],
+    batch: &PairBatch,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
     let loss = Objective::single(LossKind::Sigmoid, 0.1);
     let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, batch, &loss, &mut LoraMode::On).unwrap();
     let grads = losses.mean_all().unwrap().backward().unwrap();
-    let all = Tensor::cat(&[&logps.policy_chosen, &logps.policy_rejected, &logps.ref_chosen, &logps.ref_rejected], 0).unwrap();
+    let all = Tensor::cat(&[&logps.policy_chosen, &logps.policy_rejected, &logps.ref_chosen, &logps.ref_rejected], 0)
+        .unwrap();
     (to_vec(&all), params.iter().map(|p| to_vec(grads.get(&p.var).unwrap())).collect())
 }
 
@@ -43,7 +48,9 @@ fn compare(what: &str, mut model: CausalLm, params: Vec<dpo::lora::adapter::Name
 fn packed_fused_path_equals_plain_path() {
     // Pairs of different lengths, so rows carry padding in both layouts.
     let pairs = golden_pairs();
-    for (model, golden_model) in [("tiny-llama", "tiny-llama"), ("tiny-qwen2", "tiny-qwen2"), ("tiny-mistral", "tiny-mistral")] {
+    for (model, golden_model) in
+        [("tiny-llama", "tiny-llama"), ("tiny-qwen2", "tiny-qwen2"), ("tiny-mistral", "tiny-mistral")]
+    {
         let (m, params) = load_with_golden_adapter(model, golden_model);
         compare(model, m, params, &pairs);
     }
@@ -52,7 +59,8 @@ fn packed_fused_path_equals_plain_path() {
 #[test]
 fn sliding_window_is_counted_in_positions_when_prompts_are_shared() {
     let mut model = with_sliding_window("tiny-mistral", 8);
-    let (_, params) = dpo::lora::adapter::attach_from_dir(&mut model, &golden_dir("tiny-mistral").join("adapter"), None).unwrap();
+    let (_, params) =
+        dpo::lora::adapter::attach_from_dir(&mut model, &golden_dir("tiny-mistral").join("adapter"), None).unwrap();
     compare("mistral window 8", model, params, &golden_pairs()[..4]);
     // And the window really changes the numbers (it is not silently ignored).
     let full = load("tiny-mistral");
@@ -82,7 +90,8 @@ fn lora_dropout_on_all_targets_is_the_same_on_the_cpu_layer_op_and_the_composite
     let loss = Objective::single(LossKind::Sigmoid, 0.1);
     let run = |model: &CausalLm| {
         let mut rng = SeededRng::new(11, Stream::Dropout);
-        let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, &batch, &loss, &mut LoraMode::Train(&mut rng)).unwrap();
+        let dpo::scoring::Scored { logps, loss: losses, .. } =
+            score(model, &batch, &loss, &mut LoraMode::Train(&mut rng)).unwrap();
         let grads = losses.mean_all().unwrap().backward().unwrap();
         let g: Vec<Vec<f64>> = params.iter().map(|p| to_vec(grads.get(&p.var).unwrap())).collect();
         (to_vec(&logps.policy_chosen), g)

@@ -13,9 +13,33 @@ fn full_golden() -> serde_json::Value {
 fn full_args(out: &Path, extra: &[&str]) -> Vec<String> {
     let (model, data, cache) = (model_dir("tiny-llama"), orca("train"), out.join("ref-cache"));
     let base = [
-        "train", "--full", "--model", p(&model), "--dataset", p(&data), "--template", "orca", "--output-dir", p(out),
-        "--lr", "1e-4", "--lr-scheduler", "constant", "--max-grad-norm", "0", "--weight-decay", "0", "--batch-size", "4",
-        "--no-shuffle", "--max-steps", "3", "--beta", "0.1", "--ref-cache", p(&cache),
+        "train",
+        "--full",
+        "--model",
+        p(&model),
+        "--dataset",
+        p(&data),
+        "--template",
+        "orca",
+        "--output-dir",
+        p(out),
+        "--lr",
+        "1e-4",
+        "--lr-scheduler",
+        "constant",
+        "--max-grad-norm",
+        "0",
+        "--weight-decay",
+        "0",
+        "--batch-size",
+        "4",
+        "--no-shuffle",
+        "--max-steps",
+        "3",
+        "--beta",
+        "0.1",
+        "--ref-cache",
+        p(&cache),
     ];
     base.iter().chain(extra).map(|s| s.to_string()).collect()
 }
@@ -30,8 +54,18 @@ fn three_full_dpo_steps_match_the_golden_run() {
     let lines = metrics_without_timing(&out);
     for (got, want) in lines.iter().zip(g["steps"].as_array().unwrap()) {
         let step = got["step"].as_u64().unwrap();
-        assert_fixture_close(&format!("step {step} loss"), got["loss"].as_f64().unwrap(), want["loss"].as_f64().unwrap(), 1e-5);
-        assert_fixture_close(&format!("step {step} grad_norm"), got["grad_norm"].as_f64().unwrap(), want["grad_norm"].as_f64().unwrap(), 1e-5);
+        assert_fixture_close(
+            &format!("step {step} loss"),
+            got["loss"].as_f64().unwrap(),
+            want["loss"].as_f64().unwrap(),
+            1e-5,
+        );
+        assert_fixture_close(
+            &format!("step {step} grad_norm"),
+            got["grad_norm"].as_f64().unwrap(),
+            want["grad_norm"].as_f64().unwrap(),
+            1e-5,
+        );
         assert_eq!(got["rewards/accuracies"].as_f64(), want["reward_accuracy"].as_f64(), "step {step}");
     }
     // The reference was computed before step 1 for all 12 pairs, then only read.
@@ -69,7 +103,10 @@ fn three_full_dpo_steps_match_the_golden_run() {
     // Resuming from checkpoint-1 reproduces the run bit for bit (the reference from the cache).
     let final_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let final_metrics = metrics_without_timing(&out);
-    assert!(out.join("checkpoint-1/model.safetensors").is_file() && !out.join("checkpoint-1/adapter_model.safetensors").exists());
+    assert!(
+        out.join("checkpoint-1/model.safetensors").is_file()
+            && !out.join("checkpoint-1/adapter_model.safetensors").exists()
+    );
     let o = dpo(&["train", "--resume", p(&out.join("checkpoint-1"))]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), final_bytes, "resumed model bytes");
@@ -80,7 +117,20 @@ fn three_full_dpo_steps_match_the_golden_run() {
 fn full_sft_runs_and_full_refuses_what_it_cannot_do() {
     let out = scratch("full_sft");
     let (model, data) = (model_dir("tiny-llama"), fixtures().join("data/sft/orca_prompt_completion.jsonl"));
-    let o = dpo(&["sft", "--full", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(&out), "--max-steps", "2", "--lr", "1e-4"]);
+    let o = dpo(&[
+        "sft",
+        "--full",
+        "--model",
+        p(&model),
+        "--dataset",
+        p(&data),
+        "--output-dir",
+        p(&out),
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e-4",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.join("model.safetensors").is_file() && !out.join("adapter_model.safetensors").exists());
     assert_eq!(metrics_without_timing(&out).len(), 2);

@@ -1,12 +1,12 @@
 //! Numbers against the PyTorch / peft / TRL golden values (tests/fixtures/golden).
 mod common;
-use common::*;
 use candle_core::Tensor;
 use clap::Parser;
-use dpo::nn::LoraMode;
+use common::*;
 use dpo::loss::{LossKind, Objective, RewardMetrics};
-use dpo::scoring::{response_logps, split_pairs};
+use dpo::nn::LoraMode;
 use dpo::scoring::score_batch as score;
+use dpo::scoring::{response_logps, split_pairs};
 
 const MODELS: &[(&str, &str)] = &[
     ("tiny-llama", "tiny-llama"),
@@ -132,7 +132,8 @@ fn lora_gradients_of_mean_sigmoid_loss_match_golden() {
         assert_eq!(want.len(), params.len(), "{golden_model}: one golden gradient per LoRA tensor");
         for p in &params {
             let got = to_vec(grads.get(&p.var).unwrap_or_else(|| panic!("{}: no gradient", p.name)));
-            norm_close(&got, &to_vec(&want[&p.name]), 1e-4).unwrap_or_else(|e| panic!("{golden_model} {}: {e}", p.name));
+            norm_close(&got, &to_vec(&want[&p.name]), 1e-4)
+                .unwrap_or_else(|e| panic!("{golden_model} {}: {e}", p.name));
         }
     }
 }

@@ -19,7 +19,6 @@ fn hf_home() -> std::path::PathBuf {
     fixtures().join("hf_home")
 }
 
-
 #[test]
 fn fixture_cache_snapshots_are_symlinks_into_blobs() {
     let snap = hf_home().join("hub/models--tiny--llama/snapshots/6dfe25f4c48191b3afd42f6373c65164687b1661/config.json");
@@ -68,7 +67,10 @@ fn hf_hub_offline_env_works_like_the_flag() {
 
 #[test]
 fn offline_miss_names_the_repo_and_what_to_do_without_the_token() {
-    let o = dpo_with_home(&hf_home(), &["eval", "--model", "tiny/missing", "--dataset", "tiny/orca_dpo_pairs", "--offline"]);
+    let o = dpo_with_home(
+        &hf_home(),
+        &["eval", "--model", "tiny/missing", "--dataset", "tiny/orca_dpo_pairs", "--offline"],
+    );
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(e.contains("tiny/missing") && e.contains("without --offline"), "{e}");
@@ -78,7 +80,10 @@ fn offline_miss_names_the_repo_and_what_to_do_without_the_token() {
 
 #[test]
 fn missing_split_lists_the_splits() {
-    let o = dpo_with_home(&hf_home(), &["eval", "--model", "tiny/llama", "--dataset", "tiny/orca_dpo_pairs", "--offline", "--split", "test"]);
+    let o = dpo_with_home(
+        &hf_home(),
+        &["eval", "--model", "tiny/llama", "--dataset", "tiny/orca_dpo_pairs", "--offline", "--split", "test"],
+    );
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(e.contains("no split \"test\"") && e.contains("train"), "{e}");
@@ -96,7 +101,10 @@ fn pickle_only_hub_model_is_refused() {
         std::fs::copy(model_dir("tiny-llama").join(f), repo.join("snapshots").join(commit).join(f)).unwrap();
     }
     std::fs::write(repo.join("snapshots").join(commit).join("pytorch_model.bin"), b"pickle").unwrap();
-    let o = dpo_with_home(&home, &["eval", "--model", "tiny/pickled", "--dataset", orca("test").to_str().unwrap(), "--offline"]);
+    let o = dpo_with_home(
+        &home,
+        &["eval", "--model", "tiny/pickled", "--dataset", orca("test").to_str().unwrap(), "--offline"],
+    );
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(e.contains("tiny/pickled") && e.contains("pickle"), "{e}");
@@ -144,10 +152,25 @@ fn hub_inputs_are_recorded_by_commit_and_hash_and_a_changed_one_is_refused() {
     let home = dir.join("hf_home");
     copy_tree(&hf_home(), &home);
     let out = dir.join("out");
-    let o = dpo_with_home(&home, &[
-        "train", "--model", "tiny/llama", "--dataset", "tiny/orca_dpo_pairs", "--offline", "--save-steps", "2",
-        "--max-steps", "4", "--stop-after-steps", "2", "--output-dir", out.to_str().unwrap(),
-    ]);
+    let o = dpo_with_home(
+        &home,
+        &[
+            "train",
+            "--model",
+            "tiny/llama",
+            "--dataset",
+            "tiny/orca_dpo_pairs",
+            "--offline",
+            "--save-steps",
+            "2",
+            "--max-steps",
+            "4",
+            "--stop-after-steps",
+            "2",
+            "--output-dir",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(stderr(&o).contains("stopped after step 2"), "{}", stderr(&o));
     let manifest = read_json(&out.join("checkpoint-2/manifest.json"));
     let p = &manifest["provenance"];

@@ -10,16 +10,38 @@ const TRIALS: usize = 20;
 
 fn args(out: &Path) -> Vec<String> {
     [
-        "train", "--model", model_dir("tiny-llama").to_str().unwrap(), "--dataset", orca("train").to_str().unwrap(),
-        "--output-dir", out.to_str().unwrap(), "--batch-size", "2", "--grad-accum", "2", "--max-steps", "24",
-        "--lr", "5e-3", "--lr-scheduler", "cosine", "--warmup-steps", "2", "--lora-dropout", "0.05",
-        "--seed", "5", "--save-steps", "1", "--save-total-limit", "3",
+        "train",
+        "--model",
+        model_dir("tiny-llama").to_str().unwrap(),
+        "--dataset",
+        orca("train").to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "24",
+        "--lr",
+        "5e-3",
+        "--lr-scheduler",
+        "cosine",
+        "--warmup-steps",
+        "2",
+        "--lora-dropout",
+        "0.05",
+        "--seed",
+        "5",
+        "--save-steps",
+        "1",
+        "--save-total-limit",
+        "3",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
 }
-
 
 /// A small deterministic generator, so a failing trial can be replayed.
 fn next(state: &mut u64) -> u64 {
@@ -59,11 +81,17 @@ fn sigkill_at_random_times_then_resume_is_bit_identical() {
             let o = Command::new(bin()).args(&resume).output().unwrap();
             assert!(o.status.success(), "trial {trial} (killed at {delay} ms): {}", String::from_utf8_lossy(&o.stderr));
         }
-        assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), want_adapter, "trial {trial}: adapter");
+        assert_eq!(
+            std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+            want_adapter,
+            "trial {trial}: adapter"
+        );
         assert_eq!(metrics_without_timing(&out), want_metrics, "trial {trial}: metrics");
         identical += 1;
     }
-    eprintln!("kill/resume: {identical}/{TRIALS} bit-identical ({resumed} resumed from a checkpoint, {restarted} killed before the first one)");
+    eprintln!(
+        "kill/resume: {identical}/{TRIALS} bit-identical ({resumed} resumed from a checkpoint, {restarted} killed before the first one)"
+    );
     assert!(resumed >= TRIALS / 2, "most kills should land mid-run");
     assert_eq!(identical, TRIALS);
 }

@@ -18,8 +18,26 @@ fn golden_losses() -> serde_json::Value {
 fn flags_of(config: &str) -> Vec<&'static str> {
     let ls = ["--label-smoothing", "0.1"];
     match config {
-        "sigmoid" | "hinge" | "ipo" | "nca_pair" | "bco_pair" | "sppo_hard" | "apo_zero" | "apo_down" | "sft" | "sigmoid_norm" => {
-            vec!["--loss", ["sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "sft", "sigmoid_norm"].into_iter().find(|n| *n == config).unwrap()]
+        "sigmoid" | "hinge" | "ipo" | "nca_pair" | "bco_pair" | "sppo_hard" | "apo_zero" | "apo_down" | "sft"
+        | "sigmoid_norm" => {
+            vec![
+                "--loss",
+                [
+                    "sigmoid",
+                    "hinge",
+                    "ipo",
+                    "nca_pair",
+                    "bco_pair",
+                    "sppo_hard",
+                    "apo_zero",
+                    "apo_down",
+                    "sft",
+                    "sigmoid_norm",
+                ]
+                .into_iter()
+                .find(|n| *n == config)
+                .unwrap(),
+            ]
         }
         "exo_pair" => [&["--loss", "exo_pair"][..], &ls].concat(),
         "robust" => [&["--loss", "robust"][..], &ls].concat(),
@@ -28,7 +46,9 @@ fn flags_of(config: &str) -> Vec<&'static str> {
         "discopop" => vec!["--loss", "discopop", "--discopop-tau", "0.05"],
         "sigmoid_forward_kl" => vec!["--loss", "sigmoid", "--f-divergence", "forward_kl"],
         "sigmoid_js_divergence" => vec!["--loss", "sigmoid", "--f-divergence", "js_divergence"],
-        "sigmoid_alpha_divergence_0.5" => vec!["--loss", "sigmoid", "--f-divergence", "alpha_divergence", "--f-alpha", "0.5"],
+        "sigmoid_alpha_divergence_0.5" => {
+            vec!["--loss", "sigmoid", "--f-divergence", "alpha_divergence", "--f-alpha", "0.5"]
+        }
         "multi_sigmoid1.0_sft0.5" => vec!["--loss", "sigmoid,sft", "--loss-weights", "1.0,0.5"],
         "multi_sigmoid0.8_bco_pair0.2" => vec!["--loss", "sigmoid,bco_pair", "--loss-weights", "0.8,0.2"],
         "sigmoid_ld_alpha0.5" => vec!["--loss", "sigmoid", "--ld-alpha", "0.5"],
@@ -47,12 +67,18 @@ fn objective_of(config: &str) -> Objective {
 }
 
 fn pairs(g: &serde_json::Value) -> Vec<TokenizedPair> {
-    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
     g["pairs"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| TokenizedPair { prompt: ids(&p["prompt_ids"]), chosen: ids(&p["chosen_ids"]), rejected: ids(&p["rejected_ids"]) })
+        .map(|p| TokenizedPair {
+            prompt: ids(&p["prompt_ids"]),
+            chosen: ids(&p["chosen_ids"]),
+            rejected: ids(&p["rejected_ids"]),
+        })
         .collect()
 }
 
@@ -60,7 +86,11 @@ fn pairs(g: &serde_json::Value) -> Vec<TokenizedPair> {
 /// loss moves when the summed fp32 log-probs move by a relative 1).
 fn loss_close(what: &str, got: f64, want: f64, sensitivity: f64) -> Result<(), String> {
     let tol = 1e-5 * want.abs().max(1.0) + sensitivity / f64::from(1u32 << 21);
-    if (got - want).abs() <= tol { Ok(()) } else { Err(format!("{what}: got {got}, want {want} (|Δ| {:e} > {tol:e})", (got - want).abs())) }
+    if (got - want).abs() <= tol {
+        Ok(())
+    } else {
+        Err(format!("{what}: got {got}, want {want} (|Δ| {:e} > {tol:e})", (got - want).abs()))
+    }
 }
 
 fn configs(g: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
@@ -84,7 +114,12 @@ fn every_golden_loss_matches_trl_losses_metrics_and_gradients() {
         };
         // The batch-of-8 loss.
         let batch_loss = scored.loss.to_scalar::<f32>().unwrap() as f64;
-        check(loss_close("batch loss", batch_loss, c["batch_loss"].as_f64().unwrap(), c["logp_sensitivity"]["batch"].as_f64().unwrap()));
+        check(loss_close(
+            "batch loss",
+            batch_loss,
+            c["batch_loss"].as_f64().unwrap(),
+            c["logp_sensitivity"]["batch"].as_f64().unwrap(),
+        ));
         // Each pair alone (null where the loss sorts the batch).
         let per_pair = objective.per_pair(&scored.logps, scored.weights.as_ref()).unwrap();
         match (&per_pair, c["per_pair"].as_array()) {
@@ -100,7 +135,8 @@ fn every_golden_loss_matches_trl_losses_metrics_and_gradients() {
         // Metrics as TRL logs them (those that depend on TRL's padding are not hand-checked).
         let metrics = RewardMetrics::mean(&[scored.collect(&objective, &batch, false).unwrap()]);
         let logged = serde_json::to_value(&metrics).unwrap();
-        let skip: Vec<&str> = c["metrics_not_hand_checked"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let skip: Vec<&str> =
+            c["metrics_not_hand_checked"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         for (key, want) in c["metrics"].as_object().unwrap() {
             if skip.contains(&key.as_str()) {
                 continue;
@@ -145,8 +181,15 @@ fn cli_eval_and_one_step_train_give_trl_losses_and_gradient_norms() {
         let flags = flags_of(&name);
         let out = scratch(&format!("losses_cli_{name}"));
         let per_pair_file = out.join("pairs.jsonl");
-        let common = ["--model", p(&model), "--dataset", p(&data), "--template", "orca", "--beta", "0.1", "--batch-size", "8"];
-        let o = dpo(&[&["eval"][..], &common, &flags, &["--adapter", p(&adapter), "--output", p(&per_pair_file), "--json"]].concat());
+        let common =
+            ["--model", p(&model), "--dataset", p(&data), "--template", "orca", "--beta", "0.1", "--batch-size", "8"];
+        let o = dpo(&[
+            &["eval"][..],
+            &common,
+            &flags,
+            &["--adapter", p(&adapter), "--output", p(&per_pair_file), "--json"],
+        ]
+        .concat());
         assert!(o.status.success(), "{name}: dpo eval failed: {}", stderr(&o));
         let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let sens = &c["logp_sensitivity"];
@@ -155,22 +198,48 @@ fn cli_eval_and_one_step_train_give_trl_losses_and_gradient_norms() {
                 failures.push(format!("{name}: {e}"));
             }
         };
-        check(loss_close("eval loss", summary["loss"].as_f64().unwrap(), c["batch_loss"].as_f64().unwrap(), sens["batch"].as_f64().unwrap()));
-        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&per_pair_file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        check(loss_close(
+            "eval loss",
+            summary["loss"].as_f64().unwrap(),
+            c["batch_loss"].as_f64().unwrap(),
+            sens["batch"].as_f64().unwrap(),
+        ));
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&per_pair_file)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 8, "{name}: one line per pair");
         for (i, line) in lines.iter().enumerate() {
             match (line["loss"].as_f64(), c["per_pair"][i].as_f64()) {
                 (None, None) => {}
-                (Some(got), Some(want)) => check(loss_close(&format!("eval pair {i}"), got, want, sens["per_pair"][i].as_f64().unwrap())),
+                (Some(got), Some(want)) => {
+                    check(loss_close(&format!("eval pair {i}"), got, want, sens["per_pair"][i].as_f64().unwrap()))
+                }
                 (got, want) => check(Err(format!("eval pair {i}: got {got:?}, golden {want:?}"))),
             }
         }
         let train_out = out.join("run");
-        let one_step = ["--init-adapter", p(&adapter), "--max-steps", "1", "--max-grad-norm", "0", "--no-shuffle", "--output-dir", p(&train_out)];
+        let one_step = [
+            "--init-adapter",
+            p(&adapter),
+            "--max-steps",
+            "1",
+            "--max-grad-norm",
+            "0",
+            "--no-shuffle",
+            "--output-dir",
+            p(&train_out),
+        ];
         let o = dpo(&[&["train"][..], &common, &flags, &one_step].concat());
         assert!(o.status.success(), "{name}: dpo train failed: {}", stderr(&o));
         let step = &metrics_without_timing(&train_out)[0];
-        check(loss_close("train loss", step["loss"].as_f64().unwrap(), c["batch_loss"].as_f64().unwrap(), sens["batch"].as_f64().unwrap()));
+        check(loss_close(
+            "train loss",
+            step["loss"].as_f64().unwrap(),
+            c["batch_loss"].as_f64().unwrap(),
+            sens["batch"].as_f64().unwrap(),
+        ));
         let (got, want) = (step["grad_norm"].as_f64().unwrap(), c["grad_norm"].as_f64().unwrap());
         if (got - want).abs() > 1e-4 * want {
             check(Err(format!("train grad_norm: got {got}, want {want}")));
@@ -207,7 +276,12 @@ fn invalid_loss_combinations_are_usage_errors_naming_the_flags() {
             args.extend(flags.iter());
             let o = dpo(&args);
             let err = stderr(&o);
-            assert_eq!(o.status.code(), Some(2), "{command} {flags:?}: want a usage error, got {:?}: {err}", o.status.code());
+            assert_eq!(
+                o.status.code(),
+                Some(2),
+                "{command} {flags:?}: want a usage error, got {:?}: {err}",
+                o.status.code()
+            );
             for w in *wanted {
                 assert!(err.contains(w), "{command} {flags:?}: the message should name {w:?}: {err}");
             }
@@ -221,7 +295,9 @@ fn reference_free_losses_skip_the_reference_forward() {
     let g = golden_losses();
     let pairs = pairs(&g);
     let (model, _) = load_with_golden_adapter("tiny-llama", "tiny-llama");
-    for (config, needs) in [("cpo_simpo", false), ("cpo_sigmoid", false), ("orpo", false), ("sigmoid", true), ("sft", true)] {
+    for (config, needs) in
+        [("cpo_simpo", false), ("cpo_sigmoid", false), ("orpo", false), ("sigmoid", true), ("sft", true)]
+    {
         let objective = objective_of(config);
         assert_eq!(objective.needs_reference(), needs, "{config}");
         let before = dpo::scoring::reference_forwards();
@@ -251,7 +327,18 @@ fn sweep_grid_accepts_every_loss_name_and_refuses_unknown_ones() {
 fn refcache_build_refuses_reference_free_losses() {
     let out = scratch("losses_refcache");
     let (model, data) = (model_dir("tiny-llama"), orca("train"));
-    let o = dpo(&["ref-cache", "build", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(&out), "--loss", "orpo"]);
+    let o = dpo(&[
+        "ref-cache",
+        "build",
+        "--model",
+        p(&model),
+        "--dataset",
+        p(&data),
+        "--output-dir",
+        p(&out),
+        "--loss",
+        "orpo",
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("reference-free"), "{}", stderr(&o));
 }

@@ -1,9 +1,9 @@
 //! `dpo merge`: the merged model scores exactly like base + adapter.
 mod common;
-use common::*;
 use candle_core::{DType, Device};
-use dpo::nn::LoraMode;
+use common::*;
 use dpo::model::CausalLm;
+use dpo::nn::LoraMode;
 use dpo::scoring::response_logps;
 use std::process::Command;
 
@@ -63,10 +63,11 @@ fn an_adapter_for_another_model_is_refused_before_anything_is_written() {
     std::fs::create_dir_all(&adapter).unwrap();
     let golden = golden_dir("tiny-llama").join("adapter");
     std::fs::copy(golden.join("adapter_config.json"), adapter.join("adapter_config.json")).unwrap();
-    let tensors: std::collections::HashMap<String, candle_core::Tensor> = load_safetensors(&golden.join("adapter_model.safetensors"))
-        .into_iter()
-        .map(|(k, v)| (k.replace("layers.1.", "layers.9."), v))
-        .collect();
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        load_safetensors(&golden.join("adapter_model.safetensors"))
+            .into_iter()
+            .map(|(k, v)| (k.replace("layers.1.", "layers.9."), v))
+            .collect();
     candle_core::safetensors::save(&tensors, adapter.join("adapter_model.safetensors")).unwrap();
     let out = dir.join("merged");
     let o = Command::new(bin())

@@ -3,18 +3,26 @@
 //! family, with LoRA dropout (the recomputed layer redraws the same masks).
 mod common;
 use common::*;
-use dpo::nn::LoraMode;
 use dpo::loss::{LossKind, Objective};
 use dpo::model::{CausalLm, LayerPath};
+use dpo::nn::LoraMode;
 use dpo::rng::{SeededRng, Stream};
 use dpo::scoring::score_batch as score;
 
-fn logps_and_grads(model: &CausalLm, params: &[dpo::lora::adapter::NamedParam], pairs: &[dpo::data::TokenizedPair]) -> (Vec<f64>, Vec<Vec<f64>>) {
+fn logps_and_grads(
+    model: &CausalLm,
+    params: &[dpo::lora::adapter::NamedParam],
+    pairs: &[dpo::data::TokenizedPair],
+) -> (Vec<f64>, Vec<Vec<f64>>) {
     let loss = Objective::single(LossKind::Sigmoid, 0.1);
     let mut rng = SeededRng::new(3, Stream::Dropout);
-    let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, &batch(pairs), &loss, &mut LoraMode::Train(&mut rng)).unwrap();
+    let dpo::scoring::Scored { logps, loss: losses, .. } =
+        score(model, &batch(pairs), &loss, &mut LoraMode::Train(&mut rng)).unwrap();
     let grads = losses.mean_all().unwrap().backward().unwrap();
-    (to_vec(&logps.policy_chosen), params.iter().map(|p| to_vec(grads.get(&p.var).expect("a gradient per LoRA tensor"))).collect())
+    (
+        to_vec(&logps.policy_chosen),
+        params.iter().map(|p| to_vec(grads.get(&p.var).expect("a gradient per LoRA tensor"))).collect(),
+    )
 }
 
 #[test]
@@ -23,9 +31,12 @@ fn recomputation_changes_no_logprob_or_gradient() {
     for family in ZOO {
         let pairs = zoo_pairs(&golden[family]);
         for path in [LayerPath::CpuOp, LayerPath::Generic] {
-            let mut model = CausalLm::load(&zoo_dir(family).join("model"), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+            let mut model =
+                CausalLm::load(&zoo_dir(family).join("model"), candle_core::DType::F32, &candle_core::Device::Cpu)
+                    .unwrap();
             model.set_path(path);
-            let (_, params) = dpo::lora::adapter::attach_from_dir(&mut model, &zoo_dir(family).join("adapter"), Some(0.2)).unwrap();
+            let (_, params) =
+                dpo::lora::adapter::attach_from_dir(&mut model, &zoo_dir(family).join("adapter"), Some(0.2)).unwrap();
             let kept = logps_and_grads(&model, &params, &pairs[..4]);
             model.set_recompute(true);
             let recomputed = logps_and_grads(&model, &params, &pairs[..4]);

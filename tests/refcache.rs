@@ -1,14 +1,27 @@
 //! The reference log-prob cache: a hit skips the reference forward, values are bit-identical,
 //! corruption is detected and rebuilt, and training with the cache matches training without.
 mod common;
-use dpo::scoring::{reference_forwards, reference_logps};
 use common::*;
 use dpo::config::TrainArgs;
 use dpo::data::PairBatch;
 use dpo::refcache::RefCache;
+use dpo::scoring::{reference_forwards, reference_logps};
 
 fn args(out: &std::path::Path, extra: &[&str]) -> TrainArgs {
-    let fixed = ["--device", "cpu", "--batch-size", "4", "--lr", "5e-3", "--max-steps", "4", "--max-grad-norm", "0", "--lr-scheduler", "constant"];
+    let fixed = [
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--max-steps",
+        "4",
+        "--max-grad-norm",
+        "0",
+        "--lr-scheduler",
+        "constant",
+    ];
     train_args(out, &[&fixed[..], extra].concat())
 }
 
@@ -63,7 +76,6 @@ fn corrupt_or_foreign_cache_is_detected_and_rebuilt() {
     other.insert("max_length", "7");
     assert_ne!(RefCache::open(&dir.join("cache"), other).unwrap().dir(), reopened.dir());
 }
-
 
 #[test]
 fn training_with_the_cache_is_bit_identical_to_training_without() {

@@ -30,7 +30,8 @@ fn sft_data(file: &str) -> PathBuf {
 fn completions(file: &str) -> Vec<TokenizedPair> {
     let dir = model_dir("tiny-llama");
     let tok = dpo::data::PairTokenizer::from_model_dir(&dir).unwrap();
-    let (p, audit) = Pipeline::build(&[sft_data(file)], Settings { completions: true, ..Settings::default() }, tok, &dir).unwrap();
+    let (p, audit) =
+        Pipeline::build(&[sft_data(file)], Settings { completions: true, ..Settings::default() }, tok, &dir).unwrap();
     assert_eq!(audit.rows_skipped, 0, "{file}: {:?}", audit.skipped);
     (0..p.len()).map(|i| p.pair(i).unwrap()).collect()
 }
@@ -72,7 +73,12 @@ fn batch_loss_metrics_and_gradients_match_trl() {
         let metrics = RewardMetrics::mean(&[scored.collect(&objective, &batch, false).unwrap()]);
         assert!(metrics.pairwise.is_none(), "no rewards for SFT");
         for key in ["entropy", "mean_token_accuracy"] {
-            assert_fixture_close(&format!("{file} {key}"), metrics.extra[key], want["metrics"][key].as_f64().unwrap(), 1e-5);
+            assert_fixture_close(
+                &format!("{file} {key}"),
+                metrics.extra[key],
+                want["metrics"][key].as_f64().unwrap(),
+                1e-5,
+            );
         }
         assert_eq!(metrics.extra.len(), 2, "{file}: SFT logs entropy and mean_token_accuracy: {:?}", metrics.extra);
         let grads = scored.loss.backward().unwrap();
@@ -87,9 +93,28 @@ fn batch_loss_metrics_and_gradients_match_trl() {
 fn sft_args(out: &Path, file: &str, extra: &[&str]) -> Vec<String> {
     let (adapter, model, data) = (golden_dir("tiny-llama").join("adapter"), model_dir("tiny-llama"), sft_data(file));
     let base = [
-        "sft", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(out),
-        "--init-adapter", p(&adapter), "--lr", "0.005", "--lr-scheduler", "constant", "--max-grad-norm", "0",
-        "--weight-decay", "0", "--batch-size", "4", "--no-shuffle", "--max-steps", "5",
+        "sft",
+        "--model",
+        p(&model),
+        "--dataset",
+        p(&data),
+        "--output-dir",
+        p(out),
+        "--init-adapter",
+        p(&adapter),
+        "--lr",
+        "0.005",
+        "--lr-scheduler",
+        "constant",
+        "--max-grad-norm",
+        "0",
+        "--weight-decay",
+        "0",
+        "--batch-size",
+        "4",
+        "--no-shuffle",
+        "--max-steps",
+        "5",
     ];
     base.iter().chain(extra).map(|s| s.to_string()).collect()
 }
@@ -106,8 +131,18 @@ fn five_step_runs_match_trl_losses_grad_norms_and_weights() {
         assert_eq!(lines.len(), steps.len());
         for (got, want) in lines.iter().zip(steps) {
             let step = got["step"].as_u64().unwrap();
-            assert_fixture_close(&format!("{file} step {step} loss"), got["loss"].as_f64().unwrap(), want["loss"].as_f64().unwrap(), 1e-5);
-            assert_fixture_close(&format!("{file} step {step} grad_norm"), got["grad_norm"].as_f64().unwrap(), want["grad_norm"].as_f64().unwrap(), 1e-4);
+            assert_fixture_close(
+                &format!("{file} step {step} loss"),
+                got["loss"].as_f64().unwrap(),
+                want["loss"].as_f64().unwrap(),
+                1e-5,
+            );
+            assert_fixture_close(
+                &format!("{file} step {step} grad_norm"),
+                got["grad_norm"].as_f64().unwrap(),
+                want["grad_norm"].as_f64().unwrap(),
+                1e-4,
+            );
             assert!(got.get("rewards/accuracies").is_none(), "{file}: no rewards in SFT metrics");
             assert!(got["entropy"].is_number() && got["mean_token_accuracy"].is_number(), "{file}: {got}");
         }
@@ -130,7 +165,17 @@ fn sft_refuses_preference_flags_and_pair_data_and_train_refuses_completions() {
     pairs[4] = p(&orca("train")).to_string();
     let o = dpo(&pairs);
     assert!(!o.status.success() && stderr(&o).contains("prompt-completion"), "{}", stderr(&o));
-    let o = dpo(&["train", "--model", p(&model_dir("tiny-llama")), "--dataset", p(&sft_data("orca_prompt_completion.jsonl")), "--format", "prompt-completion", "--output-dir", p(&out)]);
+    let o = dpo(&[
+        "train",
+        "--model",
+        p(&model_dir("tiny-llama")),
+        "--dataset",
+        p(&sft_data("orca_prompt_completion.jsonl")),
+        "--format",
+        "prompt-completion",
+        "--output-dir",
+        p(&out),
+    ]);
     assert!(!o.status.success() && stderr(&o).contains("dpo sft"), "{}", stderr(&o));
 }
 
@@ -138,7 +183,8 @@ fn sft_refuses_preference_flags_and_pair_data_and_train_refuses_completions() {
 /// uninterrupted one.
 #[test]
 fn sigkilled_sft_resumes_bit_identically() {
-    let extra = ["--max-steps", "10", "--batch-size", "2", "--save-steps", "1", "--lora-dropout", "0.05", "--seed", "3"];
+    let extra =
+        ["--max-steps", "10", "--batch-size", "2", "--save-steps", "1", "--lora-dropout", "0.05", "--seed", "3"];
     let reference = scratch("sft_kill_reference");
     let started = Instant::now();
     let o = dpo(&sft_args(&reference, "chat_messages.jsonl", &extra));
@@ -149,7 +195,11 @@ fn sigkilled_sft_resumes_bit_identically() {
     let mut resumed = 0;
     for trial in 0..6u64 {
         let out = scratch(&format!("sft_kill_{trial}"));
-        let mut child = Command::new(bin()).args(sft_args(&out, "chat_messages.jsonl", &extra)).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = Command::new(bin())
+            .args(sft_args(&out, "chat_messages.jsonl", &extra))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis((trial * 2 + 1) * full / 13));
         let _ = child.kill();
         child.wait().unwrap();
@@ -164,7 +214,11 @@ fn sigkilled_sft_resumes_bit_identically() {
         };
         let o = dpo(&resume);
         assert!(o.status.success(), "trial {trial}: {}", stderr(&o));
-        assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), want_adapter, "trial {trial}: adapter bytes");
+        assert_eq!(
+            std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+            want_adapter,
+            "trial {trial}: adapter bytes"
+        );
         assert_eq!(metrics_without_timing(&out), want_metrics, "trial {trial}: metrics");
     }
     assert!(resumed >= 2, "only {resumed} trials resumed from a checkpoint");

@@ -1,11 +1,11 @@
 //! Training behaviour: the golden 20-step run, adapters on disk, learning, gradient flow.
 mod common;
-use common::*;
 use candle_core::{Device, Tensor};
+use common::*;
 use dpo::config::TrainArgs;
 use dpo::lora::{LoraConfig, adapter};
-use dpo::nn::LoraMode;
 use dpo::loss::{LossKind, Objective};
+use dpo::nn::LoraMode;
 use dpo::scoring::score_batch as score;
 use std::path::Path;
 use std::process::Command;
@@ -73,7 +73,11 @@ fn golden_twenty_step_run_matches_pytorch() {
         assert_eq!(step, want["step"].as_u64().unwrap());
         let (got, want_loss) = (line["loss"].as_f64().unwrap(), want["loss"].as_f64().unwrap());
         assert!((got - want_loss).abs() <= 1e-4, "step {step}: loss {got} vs golden {want_loss}");
-        assert_eq!(line["rewards/accuracies"].as_f64().unwrap(), want["reward_accuracy"].as_f64().unwrap(), "step {step}");
+        assert_eq!(
+            line["rewards/accuracies"].as_f64().unwrap(),
+            want["reward_accuracy"].as_f64().unwrap(),
+            "step {step}"
+        );
         assert_eq!(line["lr"].as_f64().unwrap(), 5e-3);
         assert_eq!(line["tokens"].as_u64().unwrap() > 0, true);
     }
@@ -126,7 +130,8 @@ fn every_lora_tensor_receives_a_gradient_on_every_target() {
     }
     let loss = Objective::single(LossKind::Sigmoid, 0.1);
     let mut rng = dpo::rng::SeededRng::new(1, dpo::rng::Stream::Dropout);
-    let dpo::scoring::Scored { loss: losses, .. } = score(&model, &batch(&golden_pairs()[..2]), &loss, &mut LoraMode::Train(&mut rng)).unwrap();
+    let dpo::scoring::Scored { loss: losses, .. } =
+        score(&model, &batch(&golden_pairs()[..2]), &loss, &mut LoraMode::Train(&mut rng)).unwrap();
     let grads = losses.mean_all().unwrap().backward().unwrap();
     for p in &params {
         let g = grads.get(&p.var).unwrap_or_else(|| panic!("{} got no gradient: the graph is cut", p.name));
@@ -210,7 +215,9 @@ fn two_hundred_steps_reach_held_out_reward_accuracy_of_point_nine() {
     assert_eq!(lines.len(), 32);
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["index"].as_u64().unwrap() as usize, i);
-        for key in ["policy_chosen_logp", "policy_rejected_logp", "reference_chosen_logp", "reference_rejected_logp", "loss"] {
+        for key in
+            ["policy_chosen_logp", "policy_rejected_logp", "reference_chosen_logp", "reference_rejected_logp", "loss"]
+        {
             assert!(l[key].as_f64().unwrap().is_finite(), "{key}");
         }
     }
@@ -285,7 +292,17 @@ fn eval_steps_log_a_held_out_curve_without_changing_the_run() {
             .arg(model_dir("tiny-llama"))
             .arg("--dataset")
             .arg(&folder)
-            .args(["--eval-split", "test", "--max-steps", "12", "--lr", "5e-3", "--lora-dropout", "0.1", "--output-dir"])
+            .args([
+                "--eval-split",
+                "test",
+                "--max-steps",
+                "12",
+                "--lr",
+                "5e-3",
+                "--lora-dropout",
+                "0.1",
+                "--output-dir",
+            ])
             .arg(out)
             .args(extra)
             .output()

@@ -2,9 +2,9 @@
 //! on both layer paths (the CPU layer op and the generic candle layer).
 mod common;
 use common::*;
-use dpo::nn::LoraMode;
 use dpo::loss::{LossKind, Objective};
 use dpo::model::LayerPath;
+use dpo::nn::LoraMode;
 use dpo::scoring::score_batch as score;
 
 const PATHS: [LayerPath; 2] = [LayerPath::CpuOp, LayerPath::Generic];
@@ -23,7 +23,9 @@ fn check_family(family: &str, path: LayerPath, golden: &serde_json::Value) -> Ve
         let (got, want) = (to_vec(got), f64s(want));
         let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         if got.len() != want.len() || worst > tol {
-            failures.push(format!("{family} {path:?} {what}: max |Δ| {worst:e} > {tol:e}\n  got  {got:?}\n  want {want:?}"));
+            failures.push(format!(
+                "{family} {path:?} {what}: max |Δ| {worst:e} > {tol:e}\n  got  {got:?}\n  want {want:?}"
+            ));
         }
     };
     close("ref chosen", &logps.ref_chosen, &g["ref_logps"]["chosen"], 1e-4);
@@ -47,7 +49,8 @@ fn check_family(family: &str, path: LayerPath, golden: &serde_json::Value) -> Ve
 #[test]
 fn every_family_matches_golden_logps_and_gradients_on_both_paths() {
     let golden = zoo_golden();
-    let failures: Vec<String> = ZOO.iter().flat_map(|f| PATHS.iter().flat_map(|p| check_family(f, *p, &golden)).collect::<Vec<_>>()).collect();
+    let failures: Vec<String> =
+        ZOO.iter().flat_map(|f| PATHS.iter().flat_map(|p| check_family(f, *p, &golden)).collect::<Vec<_>>()).collect();
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
@@ -100,7 +103,6 @@ fn every_family_reproduces_the_five_step_run_on_both_paths() {
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
-
 /// `dpo eval` with the golden adapter: the first 8 training pairs' four log-probs.
 #[test]
 fn dpo_eval_gives_golden_logps_for_every_family() {
@@ -109,10 +111,22 @@ fn dpo_eval_gives_golden_logps_for_every_family() {
     for family in ZOO {
         let out = scratch(&format!("zoo_eval_{family}")).join("pairs.jsonl");
         let (model, adapter, data) = (zoo_dir(family).join("model"), zoo_dir(family).join("adapter"), orca("train"));
-        let o = dpo(&["eval".as_ref(), "--model".as_ref(), model.as_os_str(), "--dataset".as_ref(), data.as_os_str(),
-            "--adapter".as_ref(), adapter.as_os_str(), "--template".as_ref(), "orca".as_ref(), "--output".as_ref(), out.as_os_str()]);
+        let o = dpo(&[
+            "eval".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--dataset".as_ref(),
+            data.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "--template".as_ref(),
+            "orca".as_ref(),
+            "--output".as_ref(),
+            out.as_os_str(),
+        ]);
         assert!(o.status.success(), "{family}: {}", String::from_utf8_lossy(&o.stderr));
-        let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let rows: Vec<serde_json::Value> =
+            std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         let g = &golden[family];
         for (key, want) in [
             ("reference_chosen_logp", &g["ref_logps"]["chosen"]),
@@ -140,7 +154,15 @@ fn merged_model_scores_like_base_plus_adapter_for_every_family() {
     for family in ZOO {
         let out = scratch(&format!("zoo_merge_{family}")).join("merged");
         let (model, adapter) = (zoo_dir(family).join("model"), zoo_dir(family).join("adapter"));
-        let o = dpo(&["merge".as_ref(), "--model".as_ref(), model.as_os_str(), "--adapter".as_ref(), adapter.as_os_str(), "--output".as_ref(), out.as_os_str()]);
+        let o = dpo(&[
+            "merge".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "--output".as_ref(),
+            out.as_os_str(),
+        ]);
         assert!(o.status.success(), "{family}: {}", String::from_utf8_lossy(&o.stderr));
         let merged = dpo::model::CausalLm::load(&out, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
         let g = &golden[family];
@@ -169,7 +191,9 @@ fn to_older_keys(family: &str, cfg: &serde_json::Value) -> serde_json::Value {
     o.remove("_sliding_window_pattern");
     let rope = o.remove("rope_parameters").unwrap();
     // A flat rope dict → rope_theta (+ partial_rotary_factor) + rope_scaling with the old `type` key.
-    let flatten = |o: &mut serde_json::Map<String, serde_json::Value>, mut r: serde_json::Map<String, serde_json::Value>, theta_key: &str| {
+    let flatten = |o: &mut serde_json::Map<String, serde_json::Value>,
+                   mut r: serde_json::Map<String, serde_json::Value>,
+                   theta_key: &str| {
         o.insert(theta_key.into(), r.remove("rope_theta").unwrap());
         if let Some(p) = r.remove("partial_rotary_factor") {
             o.insert("partial_rotary_factor".into(), p);
@@ -209,7 +233,10 @@ fn older_hub_keys_resolve_to_the_same_architecture_and_numbers() {
         let new: serde_json::Value = read_json(&src.join("config.json"));
         let old = to_older_keys(family, &new);
         assert!(old.get("rope_parameters").is_none() && old.get("rope_theta").is_some(), "{family}: {old}");
-        let (a, b) = (dpo::model::Architecture::from_json(&new.to_string()).unwrap(), dpo::model::Architecture::from_json(&old.to_string()).unwrap());
+        let (a, b) = (
+            dpo::model::Architecture::from_json(&new.to_string()).unwrap(),
+            dpo::model::Architecture::from_json(&old.to_string()).unwrap(),
+        );
         assert_eq!(format!("{a:?}"), format!("{b:?}"), "{family}: older keys resolve differently\n{old}");
         // And the numbers, through a model folder holding the rewritten config.
         let dir = scratch(&format!("zoo_old_keys_{family}"));
@@ -233,20 +260,39 @@ fn older_hub_keys_resolve_to_the_same_architecture_and_numbers() {
 fn lora_targets_follow_each_familys_linears() {
     let phi3 = dpo::model::Architecture::from_file(&zoo_dir("phi3").join("model/config.json")).unwrap();
     let gemma = dpo::model::Architecture::from_file(&zoo_dir("gemma").join("model/config.json")).unwrap();
-    let resolve = |targets: &str, arch: &dpo::model::Architecture| dpo::lora::LoraConfig::new(4, 8.0, 0.0, targets).unwrap().resolve(arch).map(|c| c.targets);
+    let resolve = |targets: &str, arch: &dpo::model::Architecture| {
+        dpo::lora::LoraConfig::new(4, 8.0, 0.0, targets).unwrap().resolve(arch).map(|c| c.targets)
+    };
     assert_eq!(resolve("all", &phi3).unwrap(), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]);
-    assert_eq!(resolve("all", &gemma).unwrap(), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+    assert_eq!(
+        resolve("all", &gemma).unwrap(),
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    );
     assert_eq!(resolve("q,v", &phi3).unwrap(), ["qkv_proj"]);
     assert_eq!(resolve("up,down", &phi3).unwrap(), ["gate_up_proj", "down_proj"]);
     let e = format!("{:#}", resolve("qkv", &gemma).unwrap_err());
-    assert!(e.contains("qkv_proj") && e.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"), "{e}");
+    assert!(
+        e.contains("qkv_proj") && e.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+        "{e}"
+    );
     assert!(dpo::lora::LoraConfig::new(4, 8.0, 0.0, "fc1").is_err());
 
     // Through the CLI: the default targets (q, v) train Phi-3's qkv_proj.
     let out = scratch("zoo_phi3_targets");
     let (model, data) = (zoo_dir("phi3").join("model"), orca("train"));
-    let o = dpo(&["train".as_ref(), "--model".as_ref(), model.as_os_str(), "--dataset".as_ref(), data.as_os_str(),
-        "--output-dir".as_ref(), out.as_os_str(), "--max-steps".as_ref(), "1".as_ref(), "--lora-r".as_ref(), "4".as_ref()]);
+    let o = dpo(&[
+        "train".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--dataset".as_ref(),
+        data.as_os_str(),
+        "--output-dir".as_ref(),
+        out.as_os_str(),
+        "--max-steps".as_ref(),
+        "1".as_ref(),
+        "--lora-r".as_ref(),
+        "4".as_ref(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let cfg = read_json(&out.join("adapter_config.json"));
     assert_eq!(cfg["target_modules"], serde_json::json!(["qkv_proj"]));

@@ -25,7 +25,6 @@ pub struct Manifest {
     pub files: BTreeMap<String, String>,
 }
 
-
 /// Hashes every file of `dir` except the manifest itself.
 pub fn hash_dir(dir: &Path) -> Result<BTreeMap<String, String>> {
     let mut files = BTreeMap::new();
@@ -42,7 +41,8 @@ pub fn hash_dir(dir: &Path) -> Result<BTreeMap<String, String>> {
 impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("checkpoint {} has no readable {MANIFEST_FILE}", dir.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("checkpoint {} has no readable {MANIFEST_FILE}", dir.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
     }
 

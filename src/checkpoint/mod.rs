@@ -93,7 +93,8 @@ pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
         }
         save_optimizer(&tmp.join(OPTIMIZER_FILE), snap.params, snap.optimizer)?;
         if let Some(pre) = snap.pre_step {
-            let tensors: Vec<(String, Tensor)> = snap.params.iter().zip(pre).map(|(p, t)| (p.name.clone(), t.clone())).collect();
+            let tensors: Vec<(String, Tensor)> =
+                snap.params.iter().zip(pre).map(|(p, t)| (p.name.clone(), t.clone())).collect();
             std::fs::write(tmp.join(PRE_STEP_FILE), safetensors::serialize(tensors, None)?)?;
         }
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&snap.state)?)?;
@@ -211,7 +212,11 @@ pub fn newest(output_dir: &Path, fall_back: bool) -> Result<Checkpoint> {
             }
         }
     }
-    bail!("no valid checkpoint in {}: {:?}", output_dir.display(), failures.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>())
+    bail!(
+        "no valid checkpoint in {}: {:?}",
+        output_dir.display(),
+        failures.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>()
+    )
 }
 
 /// Keeps the newest `keep` checkpoints (and `protect`, the one resumed from); deletes the rest.

@@ -50,4 +50,3 @@ pub fn audit(common: &CommonArgs) -> Result<(Audit, f64)> {
     let rate = audit.rows_read as f64 / start.elapsed().as_secs_f64().max(1e-9);
     Ok((audit, rate))
 }
-

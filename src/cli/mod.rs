@@ -131,7 +131,8 @@ fn expand(args: Vec<String>) -> anyhow::Result<Vec<String>> {
         Some("train") => match crate::config::find_flag(&args, "--resume") {
             // A resumed run's settings come from its checkpoint, in place of a config file.
             Some(resume) => {
-                let ckpt = crate::checkpoint::resolve(&resume, crate::config::find_flag(&args, "--output-dir").as_deref())?;
+                let ckpt =
+                    crate::checkpoint::resolve(&resume, crate::config::find_flag(&args, "--output-dir").as_deref())?;
                 crate::config::expand_with_file::<TrainArgs>(args, &ckpt.dir.join(crate::checkpoint::CONFIG_FILE))
             }
             None => expand_config_file::<TrainArgs>(args),
@@ -179,7 +180,9 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     } else {
         let (unit, accuracy) = match args.common.stage {
             crate::config::Stage::Sft => ("examples", String::new()),
-            crate::config::Stage::Dpo | crate::config::Stage::Reward => ("pairs", format!(", reward accuracy {:.3}", s.final_reward_accuracy)),
+            crate::config::Stage::Dpo | crate::config::Stage::Reward => {
+                ("pairs", format!(", reward accuracy {:.3}", s.final_reward_accuracy))
+            }
         };
         println!(
             "trained {} steps on {} {unit} in {:.1}s ({:.0} tokens/s): final loss {:.4}{accuracy}; adapter in {}",
@@ -203,7 +206,12 @@ fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         if let Some(p) = &m.pairwise {
             print!(
                 "  rewards/accuracies {:.4}  rewards/margins {:.6}  rewards/chosen {:.6}  rewards/rejected {:.6}  logps/chosen {:.4}  logps/rejected {:.4}",
-                p.rewards_accuracies, p.rewards_margins, p.rewards_chosen, p.rewards_rejected, p.logps_chosen, p.logps_rejected
+                p.rewards_accuracies,
+                p.rewards_margins,
+                p.rewards_chosen,
+                p.rewards_rejected,
+                p.logps_chosen,
+                p.logps_rejected
             );
         }
         println!();
@@ -230,9 +238,13 @@ impl std::error::Error for SweepIncomplete {}
 fn sweep(args: &crate::sweep::SweepArgs) -> anyhow::Result<()> {
     if args.dry_run {
         let plan = crate::sweep::plan(args)?;
-        let runs: Vec<crate::sweep::PlannedRun> = crate::sweep::planned_runs(&plan)?.into_iter().map(|(r, _)| r).collect();
+        let runs: Vec<crate::sweep::PlannedRun> =
+            crate::sweep::planned_runs(&plan)?.into_iter().map(|(r, _)| r).collect();
         if args.json {
-            println!("{}", serde_json::json!({ "output_dir": plan.output_dir, "early_stop": plan.early_stop, "runs": runs }));
+            println!(
+                "{}",
+                serde_json::json!({ "output_dir": plan.output_dir, "early_stop": plan.early_stop, "runs": runs })
+            );
         } else {
             let early = if plan.early_stop.is_some() { " (successive halving on eval reward accuracy)" } else { "" };
             println!("sweep in {}: {} runs{early}", plan.output_dir.display(), runs.len());
@@ -251,7 +263,11 @@ fn sweep(args: &crate::sweep::SweepArgs) -> anyhow::Result<()> {
     if summary.all_finished() {
         Ok(())
     } else {
-        eprintln!("error: {} of {} sweep runs did not finish (see sweep_summary.md)", summary.rows.len() - summary.finished - summary.stopped, summary.rows.len());
+        eprintln!(
+            "error: {} of {} sweep runs did not finish (see sweep_summary.md)",
+            summary.rows.len() - summary.finished - summary.stopped,
+            summary.rows.len()
+        );
         Err(SweepIncomplete.into())
     }
 }

@@ -57,7 +57,10 @@ fn build(args: &TrainArgs) -> Result<()> {
     crate::config::validate(&args)?;
     let objective = crate::setup::objective(&args.common)?;
     if !objective.needs_reference() {
-        bail!(crate::config::UsageError(format!("--loss {} is reference-free: it needs no reference cache", objective.name())));
+        bail!(crate::config::UsageError(format!(
+            "--loss {} is reference-free: it needs no reference cache",
+            objective.name()
+        )));
     }
     let loaded = crate::setup::load_model(&args.common)?;
     let data = crate::setup::load_pairs(&args.common, &loaded)?;
@@ -65,11 +68,22 @@ fn build(args: &TrainArgs) -> Result<()> {
     let eval = crate::train::load_eval_pairs(&args, &loaded)?;
     crate::train::precompute_reference(&args, &loaded, &data, eval.as_ref(), &mut cache)?;
     cache.flush()?;
-    let report = BuildReport { dir: cache.dir().to_path_buf(), pairs_cached: cache.len(), computed: cache.misses, reused: cache.hits };
+    let report = BuildReport {
+        dir: cache.dir().to_path_buf(),
+        pairs_cached: cache.len(),
+        computed: cache.misses,
+        reused: cache.hits,
+    };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("{}: {} pairs cached ({} computed now, {} already there)", report.dir.display(), report.pairs_cached, report.computed, report.reused);
+        println!(
+            "{}: {} pairs cached ({} computed now, {} already there)",
+            report.dir.display(),
+            report.pairs_cached,
+            report.computed,
+            report.reused
+        );
     }
     Ok(())
 }
@@ -88,14 +102,16 @@ struct Namespace {
 /// Namespace folders of a cache (those with a meta.json).
 fn namespaces(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).with_context(|| format!("reading reference cache {}", dir.display()))?;
-    let mut out: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join(META_FILE).is_file()).collect();
+    let mut out: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join(META_FILE).is_file()).collect();
     out.sort();
     Ok(out)
 }
 
 fn inspect(ns: &Path) -> Result<Namespace> {
     let meta = ns.join(META_FILE);
-    let fingerprint: Fingerprint = serde_json::from_str(&std::fs::read_to_string(&meta)?).with_context(|| format!("{} is corrupt", meta.display()))?;
+    let fingerprint: Fingerprint = serde_json::from_str(&std::fs::read_to_string(&meta)?)
+        .with_context(|| format!("{} is corrupt", meta.display()))?;
     let digest = fingerprint.digest();
     let (mut entries, mut bytes, mut problem) = (0, 0, None);
     let segments = refcache::segments(ns)?;

@@ -139,15 +139,29 @@ impl CommonArgs {
     /// `dpo sft`'s and `dpo reward`'s objectives; preference-loss flags are refused rather than
     /// ignored.
     fn supervised_objective(&self) -> std::result::Result<crate::loss::Objective, String> {
-        let defaults = self.loss == [crate::loss::LossKind::Sigmoid] && self.loss_weights.is_empty() && self.label_smoothing == 0.0;
+        let defaults = self.loss == [crate::loss::LossKind::Sigmoid]
+            && self.loss_weights.is_empty()
+            && self.label_smoothing == 0.0;
         let defaults = defaults && self.f_divergence == crate::loss::FDivergence::ReverseKl && !self.use_weighting;
         let defaults = defaults && self.desirable_weight == 1.0 && self.undesirable_weight == 1.0;
-        let unset = [self.f_alpha, self.discopop_tau, self.simpo_gamma, self.cpo_alpha, self.ld_alpha].iter().all(Option::is_none);
+        let unset = [self.f_alpha, self.discopop_tau, self.simpo_gamma, self.cpo_alpha, self.ld_alpha]
+            .iter()
+            .all(Option::is_none);
         if !(defaults && unset) {
-            let what = if self.stage == Stage::Sft { "dpo sft trains on completions with the token-mean NLL" } else { "dpo reward trains a Bradley–Terry reward model" };
-            return Err(format!("{what}: --loss and the preference-loss flags (--loss-weights, --label-smoothing, --f-divergence, --ld-alpha, --use-weighting, ...) do not apply"));
+            let what = if self.stage == Stage::Sft {
+                "dpo sft trains on completions with the token-mean NLL"
+            } else {
+                "dpo reward trains a Bradley–Terry reward model"
+            };
+            return Err(format!(
+                "{what}: --loss and the preference-loss flags (--loss-weights, --label-smoothing, --f-divergence, --ld-alpha, --use-weighting, ...) do not apply"
+            ));
         }
-        Ok(if self.stage == Stage::Sft { crate::loss::Objective::supervised() } else { crate::loss::Objective::reward_model() })
+        Ok(if self.stage == Stage::Sft {
+            crate::loss::Objective::supervised()
+        } else {
+            crate::loss::Objective::reward_model()
+        })
     }
 
     /// The training objective these flags describe; a bad combination is a [`super::UsageError`]
@@ -165,7 +179,11 @@ impl CommonArgs {
         params.cpo_alpha = self.cpo_alpha;
         params.desirable_weight = self.desirable_weight;
         params.undesirable_weight = self.undesirable_weight;
-        let explicit = crate::loss::Explicit { f_alpha: self.f_alpha.is_some(), discopop_tau: self.discopop_tau.is_some(), simpo_gamma: self.simpo_gamma.is_some() };
+        let explicit = crate::loss::Explicit {
+            f_alpha: self.f_alpha.is_some(),
+            discopop_tau: self.discopop_tau.is_some(),
+            simpo_gamma: self.simpo_gamma.is_some(),
+        };
         crate::loss::Objective::new(&self.loss, &self.loss_weights, params, self.ld_alpha, self.use_weighting, explicit)
     }
 

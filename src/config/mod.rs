@@ -244,7 +244,8 @@ pub fn find_flag(args: &[String], flag: &str) -> Option<String> {
 /// Turns a TOML table into `--key value` flags, checking every key against the flags of `C`.
 pub fn config_file_flags<C: CommandFactory>(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    let table: toml::Table = text.parse().with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+    let table: toml::Table =
+        text.parse().with_context(|| format!("config file {} is not valid TOML", path.display()))?;
     table_flags::<C>(table, &|key| format!("config file {}{}", path.display(), key_line(&text, key)))
 }
 

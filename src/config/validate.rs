@@ -28,16 +28,26 @@ fn in_range(key: &str, v: f64, lo: f64, hi: f64, hi_inclusive: bool, want: &str)
     if ok { Ok(()) } else { Err(out_of_range(key, v, want)) }
 }
 
-
 fn check(a: &TrainArgs) -> Result<(), String> {
     let inf = f64::INFINITY;
-    for (key, v) in [("batch_size", a.batch_size), ("grad_accum", a.grad_accum), ("epochs", a.epochs), ("lora_r", a.lora_r)] {
+    for (key, v) in
+        [("batch_size", a.batch_size), ("grad_accum", a.grad_accum), ("epochs", a.epochs), ("lora_r", a.lora_r)]
+    {
         at_least_one(key, v)?;
     }
-    for (key, v) in [("logging_steps", a.logging_steps), ("max_length", a.common.max_length), ("max_prompt_length", a.common.max_prompt_length)] {
+    for (key, v) in [
+        ("logging_steps", a.logging_steps),
+        ("max_length", a.common.max_length),
+        ("max_prompt_length", a.common.max_prompt_length),
+    ] {
         at_least_one(key, v)?;
     }
-    for (key, v) in [("max_steps", a.max_steps), ("save_steps", a.save_steps), ("save_total_limit", a.save_total_limit), ("eval_steps", a.eval_steps)] {
+    for (key, v) in [
+        ("max_steps", a.max_steps),
+        ("save_steps", a.save_steps),
+        ("save_total_limit", a.save_total_limit),
+        ("eval_steps", a.eval_steps),
+    ] {
         if let Some(v) = v {
             at_least_one(key, v)?;
         }
@@ -60,7 +70,10 @@ fn check(a: &TrainArgs) -> Result<(), String> {
             (a.verify_resume, "--verify-resume (it keeps a pre-step copy of everything trained: the whole model)"),
             (a.lora_dropout > 0.0, "--lora-dropout"),
             (a.common.stage == super::Stage::Reward, "dpo reward train"),
-            (a.gradient_checkpointing == super::Checkpointing::On, "--gradient-checkpointing on (recomputation is built for frozen layers)"),
+            (
+                a.gradient_checkpointing == super::Checkpointing::On,
+                "--gradient-checkpointing on (recomputation is built for frozen layers)",
+            ),
         ];
         if let Some((_, flag)) = clash.iter().find(|(on, _)| *on) {
             return Err(format!("--full (config key full) cannot be used with {flag}"));

@@ -100,7 +100,8 @@ impl Audit {
         if pair != cut {
             self.truncated += 1;
             self.truncated_prompt += usize::from(pair.prompt.len() != cut.prompt.len());
-            self.truncated_response += usize::from(pair.chosen.len() != cut.chosen.len() || pair.rejected.len() != cut.rejected.len());
+            self.truncated_response +=
+                usize::from(pair.chosen.len() != cut.chosen.len() || pair.rejected.len() != cut.rejected.len());
         }
         self.chosen_equals_rejected += usize::from(same_text);
         self.double_bos += usize::from(checks.double_bos);

@@ -102,7 +102,13 @@ impl PairBatch {
             row.push(&p.rejected, pl, 2);
             rows.push(row);
             scored.push(Scored { sequence: i, row: i, first_predictor: pl - 1, start: pl, tokens: &p.chosen });
-            scored.push(Scored { sequence: n + i, row: i, first_predictor: pl - 1, start: pl + cl, tokens: &p.rejected });
+            scored.push(Scored {
+                sequence: n + i,
+                row: i,
+                first_predictor: pl - 1,
+                start: pl + cl,
+                tokens: &p.rejected,
+            });
         }
         Self::assemble(pairs, rows, scored, pad_id, device)
     }
@@ -179,7 +185,10 @@ impl PairBatch {
             prompt: None,
             labels: None,
             // A completion without a rejected response (supervised fine-tuning) is one sequence.
-            tokens: pairs.iter().map(|p| (1 + usize::from(!p.rejected.is_empty())) * p.prompt.len() + p.chosen.len() + p.rejected.len()).sum(),
+            tokens: pairs
+                .iter()
+                .map(|p| (1 + usize::from(!p.rejected.is_empty())) * p.prompt.len() + p.chosen.len() + p.rejected.len())
+                .sum(),
         })
     }
 

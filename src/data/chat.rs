@@ -30,13 +30,15 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
-        env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("the chat template does not parse: {e}"))?;
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| anyhow!("the chat template does not parse: {e}"))?;
         Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     /// From a Jinja file (`--template-file`).
     pub fn from_file(path: &Path, bos_token: &str, eos_token: &str) -> Result<Self> {
-        let source = std::fs::read_to_string(path).with_context(|| format!("reading template file {}", path.display()))?;
+        let source =
+            std::fs::read_to_string(path).with_context(|| format!("reading template file {}", path.display()))?;
         Self::new(&source, bos_token, eos_token).with_context(|| format!("template file {}", path.display()))
     }
 
@@ -71,7 +73,8 @@ pub fn find_template(model_dir: &Path) -> Option<String> {
     if let Ok(s) = std::fs::read_to_string(model_dir.join("chat_template.jinja")) {
         return Some(s);
     }
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model_dir.join("tokenizer_config.json")).ok()?).ok()?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("tokenizer_config.json")).ok()?).ok()?;
     match cfg.get("chat_template")? {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Array(items) => items

@@ -15,7 +15,10 @@ pub fn report(a: &Audit, rows_per_sec: f64) -> String {
     };
     line(format!("files: {}", a.files.join(", ")));
     line(format!("format {}, template {}", a.format, a.template));
-    line(format!("rows read {}, used {}, skipped {} ({rows_per_sec:.0} rows/s)", a.rows_read, a.rows_used, a.rows_skipped));
+    line(format!(
+        "rows read {}, used {}, skipped {} ({rows_per_sec:.0} rows/s)",
+        a.rows_read, a.rows_used, a.rows_skipped
+    ));
     for (reason, n) in &a.skip_reasons {
         line(format!("  skipped {n}: {reason}"));
     }
@@ -26,14 +29,20 @@ pub fn report(a: &Audit, rows_per_sec: f64) -> String {
     for (name, p) in [("prompt", &a.tokens.prompt), ("chosen", &a.tokens.chosen), ("rejected", &a.tokens.rejected)] {
         line(format!("  {name:<9}{:>5} {:>5} {:>5} {:>5} {:>5}", p.min, p.p50, p.p90, p.p99, p.max));
     }
-    line(format!("truncated {} (prompt cut {}, response cut {})", a.truncated, a.truncated_prompt, a.truncated_response));
+    line(format!(
+        "truncated {} (prompt cut {}, response cut {})",
+        a.truncated, a.truncated_prompt, a.truncated_response
+    ));
     line(format!(
         "chosen == rejected {}, double BOS {}, double EOS {}, tokenization boundary mismatches {}",
         a.chosen_equals_rejected, a.double_bos, a.double_eos, a.boundary_mismatches
     ));
     if let Some(e) = &a.first_example {
         line(format!("first example ({}), boundaries marked with ⟦ ⟧:", e.at));
-        line(format!("⟦prompt {} tokens⟧{}⟦chosen {} tokens⟧{}⟦end⟧", e.prompt_tokens, e.prompt, e.chosen_tokens, e.chosen));
+        line(format!(
+            "⟦prompt {} tokens⟧{}⟦chosen {} tokens⟧{}⟦end⟧",
+            e.prompt_tokens, e.prompt, e.chosen_tokens, e.chosen
+        ));
         line(format!("⟦rejected {} tokens⟧{}⟦end⟧", e.rejected_tokens, e.rejected));
     }
     s

@@ -55,6 +55,12 @@ impl Example {
             prompt.push(Message::new("system", system));
         }
         prompt.push(Message::new("user", question));
-        Self { prompt, raw_prompt: question.to_string(), chosen: chosen.to_string(), rejected: rejected.to_string(), label: None }
+        Self {
+            prompt,
+            raw_prompt: question.to_string(),
+            chosen: chosen.to_string(),
+            rejected: rejected.to_string(),
+            label: None,
+        }
     }
 }

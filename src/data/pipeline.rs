@@ -13,9 +13,9 @@
 use super::audit::{Audit, FirstExample};
 use super::chat::{ChatTemplate, find_template};
 use super::reader::{self, BadRow, FileType, Row};
+use super::schema::FormatChoice;
 use super::schema::{Columns, Schema};
 use super::store::{Backing, RowStore, Spill};
-use super::schema::FormatChoice;
 use super::template::TemplateChoice;
 use super::{PairTokenizer, Template, TokenizedPair};
 use anyhow::{Context, Result, bail};
@@ -73,9 +73,18 @@ pub struct Processed {
 
 impl Pipeline {
     /// Reads and audits every row of `files` (in order); `model_dir` supplies the chat template.
-    pub fn build(files: &[PathBuf], settings: Settings, tokenizer: PairTokenizer, model_dir: &Path) -> Result<(Self, Audit)> {
+    pub fn build(
+        files: &[PathBuf],
+        settings: Settings,
+        tokenizer: PairTokenizer,
+        model_dir: &Path,
+    ) -> Result<(Self, Audit)> {
         if settings.max_prompt_length >= settings.max_length {
-            bail!("--max-prompt-length ({}) must be smaller than --max-length ({})", settings.max_prompt_length, settings.max_length);
+            bail!(
+                "--max-prompt-length ({}) must be smaller than --max-length ({})",
+                settings.max_prompt_length,
+                settings.max_length
+            );
         }
         if files.is_empty() {
             bail!("no dataset files");
@@ -98,8 +107,9 @@ impl Pipeline {
                     }
                 };
                 if ready.is_none() {
-                    let schema = Schema::detect_for(settings.format, settings.columns.clone(), &row.value, settings.completions)
-                        .with_context(|| format!("{}", row.at))?;
+                    let schema =
+                        Schema::detect_for(settings.format, settings.columns.clone(), &row.value, settings.completions)
+                            .with_context(|| format!("{}", row.at))?;
                     let template = resolve_template(&settings, &schema, &tokenizer, model_dir)?;
                     audit.format = schema.format.name().into();
                     audit.template = template.name().into();
@@ -155,7 +165,12 @@ impl Pipeline {
     /// As [`Pipeline::pair`], with the row's label (unpaired rows).
     pub fn labeled(&self, i: usize) -> Result<(TokenizedPair, Option<bool>)> {
         let row = self.store.row(i)?;
-        let p = Processor { schema: &self.schema, template: &self.template, tokenizer: &self.tokenizer, settings: &self.settings };
+        let p = Processor {
+            schema: &self.schema,
+            template: &self.template,
+            tokenizer: &self.tokenizer,
+            settings: &self.settings,
+        };
         let processed = p.process(&row).with_context(|| format!("pair {i}"))?;
         Ok((processed.cut, processed.label))
     }
@@ -179,7 +194,9 @@ impl Processor<'_> {
         let rendered = self.template.render(&ex)?;
         let (full, checks) = self.tokenizer.tokenize(&rendered)?;
         if let Some(vocab) = self.settings.vocab_size {
-            if let Some(bad) = full.prompt.iter().chain(&full.chosen).chain(&full.rejected).find(|&&t| t as usize >= vocab) {
+            if let Some(bad) =
+                full.prompt.iter().chain(&full.chosen).chain(&full.rejected).find(|&&t| t as usize >= vocab)
+            {
                 bail!("token id {bad} is beyond the model's vocabulary of {vocab}: tokenizer and model do not match");
             }
         }
@@ -194,7 +211,10 @@ fn resolve_template(settings: &Settings, schema: &Schema, tok: &PairTokenizer, m
     let chat = match &settings.template_file {
         Some(f) => Some(ChatTemplate::from_file(f, &bos, &eos)?),
         None => match find_template(model_dir) {
-            Some(src) => Some(ChatTemplate::new(&src, &bos, &eos).with_context(|| format!("chat template of {}", model_dir.display()))?),
+            Some(src) => Some(
+                ChatTemplate::new(&src, &bos, &eos)
+                    .with_context(|| format!("chat template of {}", model_dir.display()))?,
+            ),
             None => None,
         },
     };

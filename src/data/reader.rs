@@ -83,7 +83,12 @@ pub fn lines_with_offsets<R: BufRead>(mut reader: R, name: String) -> impl Itera
             match reader.read_until(b'\n', &mut buf) {
                 Ok(0) => return None,
                 Ok(n) => offset += n as u64,
-                Err(e) => return Some((start, Err(BadRow { at: format!("{name}:{line_no}"), reason: format!("cannot read: {e}") }))),
+                Err(e) => {
+                    return Some((
+                        start,
+                        Err(BadRow { at: format!("{name}:{line_no}"), reason: format!("cannot read: {e}") }),
+                    ));
+                }
             }
             if buf.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
@@ -101,7 +106,12 @@ fn lines<R: BufRead>(reader: R, name: String) -> impl Iterator<Item = RowResult>
 pub fn parse_line(bytes: &[u8], at: String) -> RowResult {
     let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
-        Err(e) => return Err(BadRow { at, reason: format!("not UTF-8 text (invalid byte at column {})", e.valid_up_to() + 1) }),
+        Err(e) => {
+            return Err(BadRow {
+                at,
+                reason: format!("not UTF-8 text (invalid byte at column {})", e.valid_up_to() + 1),
+            });
+        }
     };
     match serde_json::from_str::<serde_json::Value>(text) {
         Ok(value) => Ok(Row { at, value }),
@@ -112,8 +122,10 @@ pub fn parse_line(bytes: &[u8], at: String) -> RowResult {
 fn json_array(mut file: std::fs::File, name: &str) -> Result<impl Iterator<Item = RowResult> + use<>> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).with_context(|| format!("reading {name}"))?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| anyhow!("{name}: not UTF-8 text (invalid byte at offset {})", e.valid_up_to()))?;
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| anyhow!("{name}:{}: malformed JSON ({e})", e.line()))?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| anyhow!("{name}: not UTF-8 text (invalid byte at offset {})", e.valid_up_to()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| anyhow!("{name}:{}: malformed JSON ({e})", e.line()))?;
     let items = match value {
         serde_json::Value::Array(items) => items,
         serde_json::Value::Object(mut o) if o.get("data").is_some_and(|d| d.is_array()) => match o.remove("data") {
@@ -144,7 +156,8 @@ fn parquet_rows(file: std::fs::File, name: &str) -> Result<impl Iterator<Item = 
 pub fn parquet_columns(path: &Path) -> Result<Vec<String>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let reader = SerializedFileReader::new(file).map_err(|e| anyhow!("{}: not a readable parquet file ({e})", path.display()))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| anyhow!("{}: not a readable parquet file ({e})", path.display()))?;
     let schema = reader.metadata().file_metadata().schema_descr().root_schema().clone();
     Ok(schema.get_fields().iter().map(|f| f.name().to_string()).collect())
 }

@@ -140,12 +140,18 @@ impl Schema {
         if let Some(f) = format.format().filter(|f| f.is_completions()) {
             bail!("format {} holds completions, not preference pairs: train on it with `dpo sft`", f.name());
         }
-        let unpaired = obj.get("label").is_some_and(Value::is_boolean) && obj.contains_key(cols.chosen.as_deref().unwrap_or("completion"));
+        let unpaired = obj.get("label").is_some_and(Value::is_boolean)
+            && obj.contains_key(cols.chosen.as_deref().unwrap_or("completion"));
         if format == FormatChoice::Unpaired || (format == FormatChoice::Auto && unpaired) {
             let prompt = cols.prompt.unwrap_or_else(|| "prompt".into());
             let completion = cols.chosen.unwrap_or_else(|| "completion".into());
-            if let Some(missing) = [&prompt, &completion, &"label".to_string()].iter().find(|c| !obj.contains_key(c.as_str())) {
-                bail!("format unpaired needs column {missing:?}, but the columns are: {}", obj.keys().cloned().collect::<Vec<_>>().join(", "));
+            if let Some(missing) =
+                [&prompt, &completion, &"label".to_string()].iter().find(|c| !obj.contains_key(c.as_str()))
+            {
+                bail!(
+                    "format unpaired needs column {missing:?}, but the columns are: {}",
+                    obj.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
             }
             return Ok(Self { format: Format::Unpaired, prompt, chosen: completion, rejected: String::new() });
         }
@@ -153,7 +159,9 @@ impl Schema {
         let instruction = cols.prompt.clone().unwrap_or_else(|| "instruction".into());
         let format = match format.format() {
             Some(f) => f,
-            None if obj.contains_key(&instruction) && obj.get("output").is_some_and(Value::is_array) => Format::AlpacaRanking,
+            None if obj.contains_key(&instruction) && obj.get("output").is_some_and(Value::is_array) => {
+                Format::AlpacaRanking
+            }
             None if obj.contains_key(&instruction) && obj.contains_key("chosen_response") => Format::Argilla,
             None => match obj.get(cols.chosen.as_deref().unwrap_or("chosen")) {
                 Some(Value::Array(_)) => Format::Messages,
@@ -171,13 +179,20 @@ impl Schema {
             },
         };
         if format == Format::AlpacaRanking {
-            if let Some(flag) = [("--chosen-column", &cols.chosen), ("--rejected-column", &cols.rejected)].iter().find(|(_, c)| c.is_some()).map(|(f, _)| f) {
+            if let Some(flag) = [("--chosen-column", &cols.chosen), ("--rejected-column", &cols.rejected)]
+                .iter()
+                .find(|(_, c)| c.is_some())
+                .map(|(f, _)| f)
+            {
                 bail!("{flag} does not apply to format alpaca-ranking: its \"output\" column holds [chosen, rejected]");
             }
         }
         let (chosen, rejected) = match format {
             Format::AlpacaRanking => ("output".to_string(), "output".to_string()),
-            Format::Argilla => (cols.chosen.unwrap_or_else(|| "chosen_response".into()), cols.rejected.unwrap_or_else(|| "rejected_response".into())),
+            Format::Argilla => (
+                cols.chosen.unwrap_or_else(|| "chosen_response".into()),
+                cols.rejected.unwrap_or_else(|| "rejected_response".into()),
+            ),
             _ => (cols.chosen.unwrap_or_else(|| "chosen".into()), cols.rejected.unwrap_or_else(|| "rejected".into())),
         };
         let prompt = match format {
@@ -202,9 +217,14 @@ impl Schema {
         let completion = cols.chosen.unwrap_or_else(|| "completion".into());
         let format = match format.format() {
             Some(f) if f.is_completions() => f,
-            Some(f) => bail!("format {} holds preference pairs: `dpo sft` reads prompt-completion or conversation rows", f.name()),
+            Some(f) => bail!(
+                "format {} holds preference pairs: `dpo sft` reads prompt-completion or conversation rows",
+                f.name()
+            ),
             None if obj.get("messages").is_some_and(Value::is_array) => Format::Conversation,
-            None if obj.get(&prompt).is_some_and(Value::is_array) && obj.contains_key(&completion) => Format::Conversation,
+            None if obj.get(&prompt).is_some_and(Value::is_array) && obj.contains_key(&completion) => {
+                Format::Conversation
+            }
             None if obj.contains_key(&prompt) && obj.contains_key(&completion) => Format::PromptCompletion,
             None => bail!(
                 "cannot tell the supervised fine-tuning format from the columns ({}): expected prompt-completion (prompt, completion) \
@@ -246,7 +266,13 @@ impl Schema {
             }
             _ => {
                 let p = text(row, &self.prompt, true)?;
-                Example { prompt: vec![Message::new("user", &p)], raw_prompt: p, chosen: text(row, &self.chosen, true)?, rejected: String::new(), label: None }
+                Example {
+                    prompt: vec![Message::new("user", &p)],
+                    raw_prompt: p,
+                    chosen: text(row, &self.chosen, true)?,
+                    rejected: String::new(),
+                    label: None,
+                }
             }
         };
         ex.label = Some(label);
@@ -296,7 +322,13 @@ impl Schema {
             ),
             Format::Explicit => {
                 let p = text(row, &self.prompt, true)?;
-                Example { prompt: vec![Message::new("user", &p)], raw_prompt: p, chosen: text(row, &self.chosen, true)?, rejected: text(row, &self.rejected, true)?, label: None }
+                Example {
+                    prompt: vec![Message::new("user", &p)],
+                    raw_prompt: p,
+                    chosen: text(row, &self.chosen, true)?,
+                    rejected: text(row, &self.rejected, true)?,
+                    label: None,
+                }
             }
             Format::HhRlhf => hh_example(&text(row, &self.chosen, true)?, &text(row, &self.rejected, true)?)?,
             Format::Messages => self.messages_example(row)?,
@@ -313,7 +345,11 @@ impl Schema {
         if ex.raw_prompt.trim().is_empty() && ex.prompt.iter().all(|m| m.content.trim().is_empty()) {
             bail!("empty prompt");
         }
-        let responses = if self.format.is_completions() || self.format == Format::Unpaired { vec![(&self.chosen, &ex.chosen)] } else { vec![(&self.chosen, &ex.chosen), (&self.rejected, &ex.rejected)] };
+        let responses = if self.format.is_completions() || self.format == Format::Unpaired {
+            vec![(&self.chosen, &ex.chosen)]
+        } else {
+            vec![(&self.chosen, &ex.chosen), (&self.rejected, &ex.rejected)]
+        };
         for (name, r) in responses {
             if r.trim().is_empty() {
                 bail!("field {name:?} has an empty response");
@@ -331,7 +367,10 @@ impl Schema {
         let output = row.get("output").and_then(Value::as_array);
         let (chosen, rejected) = match output.map(|o| o.as_slice()) {
             Some([Value::String(c), Value::String(r)]) => (c.clone(), r.clone()),
-            _ => bail!("field \"output\" must be [chosen, rejected] (two strings), found {}", row.get("output").map_or("nothing", kind)),
+            _ => bail!(
+                "field \"output\" must be [chosen, rejected] (two strings), found {}",
+                row.get("output").map_or("nothing", kind)
+            ),
         };
         let mut ex = Example::orca(&text(row, "system", false)?, &question, &chosen, &rejected);
         let history = match row.get("history") {
@@ -342,7 +381,9 @@ impl Schema {
         let mut earlier = Vec::new();
         for (i, turn) in history.iter().enumerate() {
             match turn.as_array().map(|t| t.as_slice()) {
-                Some([Value::String(u), Value::String(a)]) => earlier.extend([Message::new("user", u), Message::new("assistant", a)]),
+                Some([Value::String(u), Value::String(a)]) => {
+                    earlier.extend([Message::new("user", u), Message::new("assistant", a)])
+                }
                 _ => bail!("field \"history\"[{i}] must be [user, assistant] (two strings)"),
             }
         }
@@ -365,7 +406,9 @@ impl Schema {
             }
             Some(Value::String(p)) => vec![Message::new("user", p)],
             Some(Value::Array(_)) => messages(row, &self.prompt)?,
-            _ => bail!("field {:?} holds only the assistant turn and there is no {:?} column", self.chosen, self.prompt),
+            _ => {
+                bail!("field {:?} holds only the assistant turn and there is no {:?} column", self.chosen, self.prompt)
+            }
         };
         let raw_prompt = match row.get(&self.prompt) {
             Some(Value::String(p)) => p.clone(),
@@ -379,7 +422,12 @@ const HH_MARKER: &str = "\n\nAssistant:";
 
 /// Splits hh-rlhf dialogues at the longest common prefix that ends in `"\n\nAssistant:"`.
 pub fn hh_example(chosen: &str, rejected: &str) -> Result<Example> {
-    let common = chosen.char_indices().zip(rejected.chars()).take_while(|((_, a), b)| a == b).last().map_or(0, |((i, c), _)| i + c.len_utf8());
+    let common = chosen
+        .char_indices()
+        .zip(rejected.chars())
+        .take_while(|((_, a), b)| a == b)
+        .last()
+        .map_or(0, |((i, c), _)| i + c.len_utf8());
     let Some(at) = chosen[..common].rfind(HH_MARKER) else {
         bail!("chosen and rejected share no prefix ending in \"\\n\\nAssistant:\"");
     };
@@ -427,7 +475,9 @@ fn split_last_assistant<'a>(msgs: &'a [Message], field: &str) -> Result<(&'a [Me
 
 fn messages(row: &Value, key: &str) -> Result<Vec<Message>> {
     let Some(v) = row.get(key) else { bail!("missing field {key:?}") };
-    let Some(items) = v.as_array() else { bail!("field {key:?} must be a list of {{role, content}}, found {}", kind(v)) };
+    let Some(items) = v.as_array() else {
+        bail!("field {key:?} must be a list of {{role, content}}, found {}", kind(v))
+    };
     items
         .iter()
         .enumerate()
@@ -468,10 +518,17 @@ mod tests {
 
     #[test]
     fn hh_split_at_last_shared_assistant_marker() {
-        let ex = hh_example("\n\nHuman: hi\n\nAssistant: yo\n\nHuman: 1+1?\n\nAssistant: 2", "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: 1+1?\n\nAssistant: 3").unwrap();
+        let ex = hh_example(
+            "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: 1+1?\n\nAssistant: 2",
+            "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: 1+1?\n\nAssistant: 3",
+        )
+        .unwrap();
         assert_eq!(ex.raw_prompt, "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: 1+1?\n\nAssistant:");
         assert_eq!(ex.chosen, " 2");
-        assert_eq!(ex.prompt, vec![Message::new("user", "hi"), Message::new("assistant", "yo"), Message::new("user", "1+1?")]);
+        assert_eq!(
+            ex.prompt,
+            vec![Message::new("user", "hi"), Message::new("assistant", "yo"), Message::new("user", "1+1?")]
+        );
         assert!(hh_example("a", "b").is_err());
     }
 

@@ -47,7 +47,8 @@ impl RowStore {
 
     /// Row `i` (0-based among the usable rows).
     pub fn row(&self, i: usize) -> Result<serde_json::Value> {
-        let offset = *self.offsets.get(i).with_context(|| format!("row {i} is out of range ({} rows)", self.offsets.len()))?;
+        let offset =
+            *self.offsets.get(i).with_context(|| format!("row {i} is out of range ({} rows)", self.offsets.len()))?;
         let mut reader = self.reader.lock().map_err(|_| anyhow!("row reader poisoned"))?;
         reader.seek(SeekFrom::Start(offset))?;
         let mut line = Vec::new();

@@ -75,11 +75,16 @@ impl Template {
             TemplateChoice::Raw => Ok(Self::Raw),
             TemplateChoice::Chat => match chat {
                 Some(c) => Ok(Self::Chat(Arc::new(c))),
-                None => bail!("--template chat: the tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja); pass --template-file or --template orca"),
+                None => bail!(
+                    "--template chat: the tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja); pass --template-file or --template orca"
+                ),
             },
             TemplateChoice::Auto => Ok(match (format, chat) {
                 (Format::Messages | Format::Conversation, Some(c)) => Self::Chat(Arc::new(c)),
-                (Format::Messages | Format::Conversation | Format::Orca | Format::AlpacaRanking | Format::Argilla, _) => Self::Orca,
+                (
+                    Format::Messages | Format::Conversation | Format::Orca | Format::AlpacaRanking | Format::Argilla,
+                    _,
+                ) => Self::Orca,
                 (Format::HhRlhf | Format::Explicit | Format::PromptCompletion | Format::Unpaired, _) => Self::Raw,
             }),
         }
@@ -118,7 +123,9 @@ impl Template {
                     let full = t.render(&msgs, false)?;
                     match full.strip_prefix(&prompt) {
                         Some(rest) => Ok(rest.to_string()),
-                        None => bail!("the chat template's rendering of the prompt is not a prefix of the rendered conversation, so the response cannot be separated"),
+                        None => bail!(
+                            "the chat template's rendering of the prompt is not a prefix of the rendered conversation, so the response cannot be separated"
+                        ),
                     }
                 };
                 Ok(Rendered {

@@ -118,15 +118,24 @@ impl PairTokenizer {
         if prompt.is_empty() {
             bail!("the prompt {:?} tokenizes to nothing", r.prompt);
         }
-        let mut checks = PairChecks { double_bos: self.bos_id.is_some() && prompt.len() > 1 && prompt[0] == prompt[1] && Some(prompt[0]) == self.bos_id, ..Default::default() };
+        let mut checks = PairChecks {
+            double_bos: self.bos_id.is_some()
+                && prompt.len() > 1
+                && prompt[0] == prompt[1]
+                && Some(prompt[0]) == self.bos_id,
+            ..Default::default()
+        };
         let mut response = |text: &str| -> Result<Vec<u32>> {
             let mut ids = self.encode(text, false)?;
             let joint = self.encode(&format!("{}{text}", r.prompt), !r.bos_in_text)?;
-            checks.boundary_mismatch |= joint.len() != prompt.len() + ids.len() || joint[..prompt.len()] != prompt[..] || joint[prompt.len()..] != ids[..];
+            checks.boundary_mismatch |= joint.len() != prompt.len() + ids.len()
+                || joint[..prompt.len()] != prompt[..]
+                || joint[prompt.len()..] != ids[..];
             if r.append_eos {
                 ids.push(self.eos_id);
             }
-            checks.double_eos |= ids.len() > 1 && ids[ids.len() - 1] == self.eos_id && ids[ids.len() - 2] == self.eos_id;
+            checks.double_eos |=
+                ids.len() > 1 && ids[ids.len() - 1] == self.eos_id && ids[ids.len() - 2] == self.eos_id;
             Ok(ids)
         };
         let chosen = response(&r.chosen)?;

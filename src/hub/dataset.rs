@@ -17,7 +17,13 @@ use std::path::PathBuf;
 pub const DATA_EXTENSIONS: &[&str] = &[".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet"];
 
 /// The local paths of `split`'s files (config `config`, default when `None`), fetched as needed.
-pub fn resolve(hub: &Hub, repo: &str, revision: Option<&str>, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
+pub fn resolve(
+    hub: &Hub,
+    repo: &str,
+    revision: Option<&str>,
+    config: Option<&str>,
+    split: &str,
+) -> Result<Vec<PathBuf>> {
     let files = hub.list_files(Kind::Dataset, repo, revision)?;
     let splits = match readme_configs(hub, repo, revision, &files)? {
         Some(configs) => configured_splits(repo, &configs, config)?,
@@ -42,8 +48,8 @@ pub fn resolve_local(dir: &std::path::Path, config: Option<&str>, split: &str) -
     let readme = dir.join("README.md");
     let configs = match std::fs::read_to_string(&readme).ok().as_deref().and_then(front_matter) {
         Some(yaml) => {
-            let meta: serde_yaml::Value =
-                serde_yaml::from_str(yaml).with_context(|| format!("{}: front matter is not valid YAML", readme.display()))?;
+            let meta: serde_yaml::Value = serde_yaml::from_str(yaml)
+                .with_context(|| format!("{}: front matter is not valid YAML", readme.display()))?;
             meta.get("configs").and_then(|c| c.as_sequence()).cloned()
         }
         None => None,
@@ -69,14 +75,21 @@ fn list_relative(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<St
 }
 
 /// The files of `split` among `files`, given each split's glob patterns.
-fn pick_split<'f>(repo: &str, files: &'f [String], splits: &BTreeMap<String, Vec<String>>, split: &str, note: &str) -> Result<Vec<&'f String>> {
+fn pick_split<'f>(
+    repo: &str,
+    files: &'f [String],
+    splits: &BTreeMap<String, Vec<String>>,
+    split: &str,
+    note: &str,
+) -> Result<Vec<&'f String>> {
     let patterns = splits.get(split).with_context(|| {
         format!(
             "dataset {repo} has no split {split:?}: its splits are {}; pass one with --split",
             splits.keys().cloned().collect::<Vec<_>>().join(", ")
         )
     })?;
-    let picked: Vec<&String> = files.iter().filter(|f| patterns.iter().any(|p| matches(p.trim_start_matches("./"), f))).collect();
+    let picked: Vec<&String> =
+        files.iter().filter(|f| patterns.iter().any(|p| matches(p.trim_start_matches("./"), f))).collect();
     if picked.is_empty() {
         bail!("dataset {repo}: split {split:?} names {} but no file matches{note}", patterns.join(", "));
     }
@@ -85,19 +98,28 @@ fn pick_split<'f>(repo: &str, files: &'f [String], splits: &BTreeMap<String, Vec
 }
 
 fn offline_note(hub: &Hub) -> &'static str {
-    if hub.offline { " in the Hub cache (offline mode lists only downloaded files): run once without --offline" } else { "" }
+    if hub.offline {
+        " in the Hub cache (offline mode lists only downloaded files): run once without --offline"
+    } else {
+        ""
+    }
 }
 
 /// The README's YAML front matter `configs:` list, if any.
-fn readme_configs(hub: &Hub, repo: &str, revision: Option<&str>, files: &[String]) -> Result<Option<Vec<serde_yaml::Value>>> {
+fn readme_configs(
+    hub: &Hub,
+    repo: &str,
+    revision: Option<&str>,
+    files: &[String],
+) -> Result<Option<Vec<serde_yaml::Value>>> {
     if !files.iter().any(|f| f == "README.md") {
         return Ok(None);
     }
     let path = hub.fetch(Kind::Dataset, repo, revision, "README.md")?;
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let Some(yaml) = front_matter(&text) else { return Ok(None) };
-    let meta: serde_yaml::Value =
-        serde_yaml::from_str(yaml).with_context(|| format!("dataset {repo}: README.md front matter is not valid YAML"))?;
+    let meta: serde_yaml::Value = serde_yaml::from_str(yaml)
+        .with_context(|| format!("dataset {repo}: README.md front matter is not valid YAML"))?;
     Ok(meta.get("configs").and_then(|c| c.as_sequence()).cloned())
 }
 
@@ -109,18 +131,26 @@ pub fn front_matter(text: &str) -> Option<&str> {
 }
 
 /// split → glob patterns of the chosen config.
-pub fn configured_splits(repo: &str, configs: &[serde_yaml::Value], name: Option<&str>) -> Result<BTreeMap<String, Vec<String>>> {
-    let name_of = |c: &serde_yaml::Value| c.get("config_name").and_then(|n| n.as_str()).unwrap_or("default").to_string();
+pub fn configured_splits(
+    repo: &str,
+    configs: &[serde_yaml::Value],
+    name: Option<&str>,
+) -> Result<BTreeMap<String, Vec<String>>> {
+    let name_of =
+        |c: &serde_yaml::Value| c.get("config_name").and_then(|n| n.as_str()).unwrap_or("default").to_string();
     let names: Vec<String> = configs.iter().map(name_of).collect();
     let chosen = match name {
-        Some(n) => configs.iter().find(|c| name_of(c) == n).with_context(|| {
-            format!("dataset {repo} has no config {n:?}: its configs are {}", names.join(", "))
-        })?,
+        Some(n) => configs
+            .iter()
+            .find(|c| name_of(c) == n)
+            .with_context(|| format!("dataset {repo} has no config {n:?}: its configs are {}", names.join(", ")))?,
         None => configs
             .iter()
             .find(|c| c.get("default").and_then(|d| d.as_bool()) == Some(true) || name_of(c) == "default")
             .or(if configs.len() == 1 { configs.first() } else { None })
-            .with_context(|| format!("dataset {repo} has several configs ({}): pick one with --dataset-config", names.join(", ")))?,
+            .with_context(|| {
+                format!("dataset {repo} has several configs ({}): pick one with --dataset-config", names.join(", "))
+            })?,
     };
     let data_files = chosen
         .get("data_files")
@@ -146,7 +176,9 @@ pub fn configured_splits(repo: &str, configs: &[serde_yaml::Value], name: Option
                 }
             }
         }
-        _ => bail!("dataset {repo}: data_files of config {:?} is neither a path, a list nor a mapping", name_of(chosen)),
+        _ => {
+            bail!("dataset {repo}: data_files of config {:?} is neither a path, a list nor a mapping", name_of(chosen))
+        }
     }
     Ok(out)
 }
@@ -216,10 +248,11 @@ mod tests {
 
     #[test]
     fn conventions_pick_splits_by_name() {
-        let files: Vec<String> = ["README.md", "data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet", "train_prefs.jsonl"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let files: Vec<String> =
+            ["README.md", "data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet", "train_prefs.jsonl"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         let s = conventional_splits(&files);
         assert_eq!(s["train"], vec!["data/train-00000-of-00001.parquet", "train_prefs.jsonl"]);
         assert_eq!(s["test"], vec!["data/test-00000-of-00001.parquet"]);

@@ -63,10 +63,20 @@ impl Hub {
         }
         let (owner, name) = split(repo)?;
         let listed = match kind {
-            Kind::Model => self.client.model(owner, name).list_tree().maybe_revision(revision.map(String::from)).recursive(true).send(),
-            Kind::Dataset => {
-                self.client.dataset(owner, name).list_tree().maybe_revision(revision.map(String::from)).recursive(true).send()
-            }
+            Kind::Model => self
+                .client
+                .model(owner, name)
+                .list_tree()
+                .maybe_revision(revision.map(String::from))
+                .recursive(true)
+                .send(),
+            Kind::Dataset => self
+                .client
+                .dataset(owner, name)
+                .list_tree()
+                .maybe_revision(revision.map(String::from))
+                .recursive(true)
+                .send(),
         };
         match listed {
             Ok(entries) => {
@@ -117,7 +127,8 @@ impl Hub {
 
 /// `HF_HUB_OFFLINE` set to 1/true/yes/on.
 pub fn offline_from_env() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 /// Whether `arg` names a Hub repo rather than a local path: it does not exist on disk and reads
@@ -170,9 +181,9 @@ pub fn explain(e: HFError, kind: Kind, repo: &str, revision: Option<&str>) -> an
             "{what} is gated or private (403): accept its conditions on https://huggingface.co/{}{repo}, then {login}",
             if kind == Kind::Dataset { "datasets/" } else { "" }
         ),
-        HFError::RepoNotFound { .. } => anyhow!(
-            "{what} was not found on the Hub (404): check the spelling, or {login} if it is private"
-        ),
+        HFError::RepoNotFound { .. } => {
+            anyhow!("{what} was not found on the Hub (404): check the spelling, or {login} if it is private")
+        }
         HFError::RevisionNotFound { revision, .. } => {
             anyhow!("{what} has no revision {revision:?}: pass an existing branch, tag or commit")
         }

@@ -12,11 +12,11 @@
 //! dpo::lora::adapter::save(std::path::Path::new("out"), &params, &cfg, "my/base")?;
 //! # Ok(()) }
 //! ```
-use crate::nn::linear::LoraWeights;
 use super::{ALL_LINEAR, LoraConfig};
 use crate::fsutil::atomic;
 use crate::model::CausalLm;
 use crate::model::arch::proj;
+use crate::nn::linear::LoraWeights;
 use crate::rng::{SeededRng, Stream};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor, Var};
@@ -57,7 +57,11 @@ pub fn attach_fresh(model: &mut CausalLm, cfg: &LoraConfig, seed: u64) -> Result
 }
 
 /// Attaches the adapter saved in `dir` (peft format). `dropout` overrides the saved rate when given.
-pub fn attach_from_dir(model: &mut CausalLm, dir: &Path, dropout: Option<f64>) -> Result<(LoraConfig, Vec<NamedParam>)> {
+pub fn attach_from_dir(
+    model: &mut CausalLm,
+    dir: &Path,
+    dropout: Option<f64>,
+) -> Result<(LoraConfig, Vec<NamedParam>)> {
     let mut cfg = read_config(dir)?.resolve(model.arch()).with_context(|| format!("adapter {}", dir.display()))?;
     if let Some(p) = dropout {
         cfg.dropout = p;
@@ -65,18 +69,14 @@ pub fn attach_from_dir(model: &mut CausalLm, dir: &Path, dropout: Option<f64>) -
     let weights_path = dir.join(WEIGHTS_FILE);
     let tensors = candle_core::safetensors::load(&weights_path, model.device())
         .with_context(|| format!("reading adapter weights {}", weights_path.display()))?;
-    let tensors: HashMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(k, v)| (k.replace(".default.weight", ".weight"), v))
-        .collect();
+    let tensors: HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, v)| (k.replace(".default.weight", ".weight"), v)).collect();
     // A reward model's score head is attached by `attach_score_head`.
     let mut used = usize::from(tensors.contains_key(SCORE_KEY));
     let params = attach(model, &cfg, |path, out_dim, in_dim| {
         let get = |which: &str, shape: (usize, usize)| -> Result<Tensor> {
             let key = peft_key(path, which);
-            let t = tensors
-                .get(&key)
-                .with_context(|| format!("{}: missing tensor {key}", weights_path.display()))?;
+            let t = tensors.get(&key).with_context(|| format!("{}: missing tensor {key}", weights_path.display()))?;
             if t.dims() != [shape.0, shape.1] {
                 bail!("{}: {key} has shape {:?}, expected {:?}", weights_path.display(), t.dims(), [shape.0, shape.1]);
             }
@@ -101,7 +101,8 @@ pub fn attach_score_head(model: &mut CausalLm, dir: Option<&Path>, seed: u64) ->
     let saved = match dir {
         Some(d) => {
             let path = d.join(WEIGHTS_FILE);
-            let mut tensors = candle_core::safetensors::load(&path, model.device()).with_context(|| format!("reading adapter weights {}", path.display()))?;
+            let mut tensors = candle_core::safetensors::load(&path, model.device())
+                .with_context(|| format!("reading adapter weights {}", path.display()))?;
             tensors.remove(SCORE_KEY).map(|t| (t, path))
         }
         None => None,
@@ -177,15 +178,20 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
             bail!("{}: per-layer {per_layer} is not supported", path.display());
         }
     }
-    let r = field("r").and_then(|v| v.as_u64()).with_context(|| format!("{}: missing integer field r", path.display()))?;
+    let r =
+        field("r").and_then(|v| v.as_u64()).with_context(|| format!("{}: missing integer field r", path.display()))?;
     let alpha = field("lora_alpha")
         .and_then(|v| v.as_f64())
         .with_context(|| format!("{}: missing number field lora_alpha", path.display()))?;
     let dropout = field("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0);
     let targets = match field("target_modules") {
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).map(str::to_string).collect::<Vec<_>>(),
+        Some(serde_json::Value::Array(a)) => {
+            a.iter().filter_map(|v| v.as_str()).map(str::to_string).collect::<Vec<_>>()
+        }
         Some(serde_json::Value::String(s)) if s == ALL_LINEAR => vec![ALL_LINEAR.to_string()],
-        Some(other) => bail!("{}: target_modules {other} is not supported (give a list of module names)", path.display()),
+        Some(other) => {
+            bail!("{}: target_modules {other} is not supported (give a list of module names)", path.display())
+        }
         None => bail!("{}: missing field target_modules", path.display()),
     };
     // Module names or full module paths (peft matches either); each must end in a linear dpo knows.
@@ -197,7 +203,8 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
         }
     }
     let use_rslora = field("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
-    let mut cfg = LoraConfig::validated(r as usize, alpha, dropout, targets, use_rslora).with_context(|| format!("in {}", path.display()))?;
+    let mut cfg = LoraConfig::validated(r as usize, alpha, dropout, targets, use_rslora)
+        .with_context(|| format!("in {}", path.display()))?;
     cfg.sequence_classification = field("task_type").and_then(|v| v.as_str()) == Some("SEQ_CLS");
     Ok(cfg)
 }
@@ -205,8 +212,7 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
 /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`, each atomically.
 pub fn save(dir: &Path, params: &[NamedParam], cfg: &LoraConfig, base_model: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tensors: Vec<(String, Tensor)> =
-        params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+    let tensors: Vec<(String, Tensor)> = params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let bytes = safetensors::serialize(tensors, Some(metadata)).context("serialising the adapter")?;
     atomic::write_bytes(&dir.join(WEIGHTS_FILE), &bytes)?;

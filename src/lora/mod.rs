@@ -88,7 +88,11 @@ impl LoraConfig {
             } else if modules.contains(&fused) {
                 if scope.is_empty() { fused.to_string() } else { format!("{scope}.{fused}") }
             } else {
-                bail!("LoRA target {name}: {} has no such linear; its linears are {}", arch.model_type, modules.join(", "));
+                bail!(
+                    "LoRA target {name}: {} has no such linear; its linears are {}",
+                    arch.model_type,
+                    modules.join(", ")
+                );
             };
             if !targets.contains(&resolved) {
                 targets.push(resolved);

@@ -78,10 +78,21 @@ fn scalar(t: &Tensor) -> Result<f64> {
 impl BatchScore {
     /// Detaches a scored micro-batch. `stats` and `owner` describe its response tokens
     /// (sequence, index in response), chosen sequences first.
-    pub fn collect(objective: &Objective, l: &PairLogps, loss: &Tensor, per_pair: Option<Vec<f64>>, stats: &TokenStats, owner: &[(usize, usize)]) -> Result<Self> {
+    pub fn collect(
+        objective: &Objective,
+        l: &PairLogps,
+        loss: &Tensor,
+        per_pair: Option<Vec<f64>>,
+        stats: &TokenStats,
+        owner: &[(usize, usize)],
+    ) -> Result<Self> {
         let (pc, pr) = (host(&l.policy_chosen)?, host(&l.policy_rejected)?);
         let reference = objective.needs_reference();
-        let (rc, rr) = if reference { (host(&l.ref_chosen)?, host(&l.ref_rejected)?) } else { (vec![0.0; pc.len()], vec![0.0; pr.len()]) };
+        let (rc, rr) = if reference {
+            (host(&l.ref_chosen)?, host(&l.ref_rejected)?)
+        } else {
+            (vec![0.0; pc.len()], vec![0.0; pr.len()])
+        };
         let beta = objective.beta() as f32;
         let free = objective.reference_free_kind();
         let pairs = (0..pc.len())
@@ -121,7 +132,12 @@ impl BatchScore {
             // TRL's SFTTrainer logs entropy and token accuracy over the completion tokens.
             extra.retain(|k, _| k == "entropy" || k == "mean_token_accuracy");
         }
-        Ok(Self { pairs, loss: scalar(loss)?, extra, paired: !objective.supervised && !objective.unpaired() && !objective.reward_model })
+        Ok(Self {
+            pairs,
+            loss: scalar(loss)?,
+            extra,
+            paired: !objective.supervised && !objective.unpaired() && !objective.reward_model,
+        })
     }
 }
 
@@ -164,9 +180,15 @@ fn reward_model_metrics(chosen: &[f32], rejected: &[f32]) -> BTreeMap<String, f6
 
 /// KTOTrainer's metrics: `kl`, rewards and log-probs per label (a key is absent when the batch
 /// has no example of that label, as in TRL), logits per label and entropy over the completions.
-fn kto_metrics(beta: f32, l: &PairLogps, stats: &TokenStats, owner: &[(usize, usize)]) -> Result<BTreeMap<String, f64>> {
+fn kto_metrics(
+    beta: f32,
+    l: &PairLogps,
+    stats: &TokenStats,
+    owner: &[(usize, usize)],
+) -> Result<BTreeMap<String, f64>> {
     let labels = l.labels.as_ref().map(Vec::as_slice).unwrap_or_default();
-    let (pc, rc, pr, rr) = (host(&l.policy_chosen)?, host(&l.ref_chosen)?, host(&l.policy_rejected)?, host(&l.ref_rejected)?);
+    let (pc, rc, pr, rr) =
+        (host(&l.policy_chosen)?, host(&l.ref_chosen)?, host(&l.policy_rejected)?, host(&l.ref_rejected)?);
     let n = labels.len();
     let kl = ((0..n).map(|i| (pr[i] - rr[i]) as f64).sum::<f64>() / n.max(1) as f64).max(0.0);
     let mut out = BTreeMap::from([("kl".to_string(), kl)]);
@@ -217,7 +239,10 @@ fn reference_free_metrics(objective: &Objective, kind: LossKind, l: &PairLogps) 
         }
         _ => {
             let alpha = objective.params.cpo_alpha.unwrap_or(if kind == LossKind::Cpo { 1.0 } else { 0.0 });
-            BTreeMap::from([("nll_loss".to_string(), if alpha > 0.0 { scalar(&super::terms::chosen_nll(l)?)? } else { 0.0 })])
+            BTreeMap::from([(
+                "nll_loss".to_string(),
+                if alpha > 0.0 { scalar(&super::terms::chosen_nll(l)?)? } else { 0.0 },
+            )])
         }
     })
 }
@@ -280,6 +305,10 @@ impl RewardMetrics {
 
     /// Reward accuracy (a reward model's `accuracy`), NaN when there is none.
     pub fn accuracy(&self) -> f64 {
-        self.pairwise.as_ref().map(|p| p.rewards_accuracies).or_else(|| self.extra.get("accuracy").copied()).unwrap_or(f64::NAN)
+        self.pairwise
+            .as_ref()
+            .map(|p| p.rewards_accuracies)
+            .or_else(|| self.extra.get("accuracy").copied())
+            .unwrap_or(f64::NAN)
     }
 }

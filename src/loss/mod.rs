@@ -255,7 +255,14 @@ pub struct Explicit {
 impl Objective {
     /// One loss with default parameters.
     pub fn single(kind: LossKind, beta: f64) -> Self {
-        Self { terms: vec![(kind, 1.0)], params: LossParams::new(beta), ld_alpha: None, use_weighting: false, supervised: false, reward_model: false }
+        Self {
+            terms: vec![(kind, 1.0)],
+            params: LossParams::new(beta),
+            ld_alpha: None,
+            use_weighting: false,
+            supervised: false,
+            reward_model: false,
+        }
     }
 
     /// A reward model: `mean −logσ(r_c − r_r)` (TRL's RewardTrainer without margin or centring).
@@ -270,16 +277,35 @@ impl Objective {
     }
 
     /// Checks a combination as TRL does and more; every message names the flags involved.
-    pub fn new(kinds: &[LossKind], weights: &[f64], params: LossParams, ld_alpha: Option<f64>, use_weighting: bool, explicit: Explicit) -> std::result::Result<Self, String> {
+    pub fn new(
+        kinds: &[LossKind],
+        weights: &[f64],
+        params: LossParams,
+        ld_alpha: Option<f64>,
+        use_weighting: bool,
+        explicit: Explicit,
+    ) -> std::result::Result<Self, String> {
         if kinds.is_empty() {
             return Err("--loss (config key loss) needs at least one loss".into());
         }
         let weights = match weights.len() {
             0 => vec![1.0; kinds.len()],
             n if n == kinds.len() => weights.to_vec(),
-            n => return Err(format!("--loss-weights gives {n} weight(s) but --loss names {} loss(es) (config keys loss_weights, loss)", kinds.len())),
+            n => {
+                return Err(format!(
+                    "--loss-weights gives {n} weight(s) but --loss names {} loss(es) (config keys loss_weights, loss)",
+                    kinds.len()
+                ));
+            }
         };
-        let objective = Self { terms: kinds.iter().copied().zip(weights).collect(), params, ld_alpha, use_weighting, supervised: false, reward_model: false };
+        let objective = Self {
+            terms: kinds.iter().copied().zip(weights).collect(),
+            params,
+            ld_alpha,
+            use_weighting,
+            supervised: false,
+            reward_model: false,
+        };
         objective.check(explicit)?;
         Ok(objective)
     }
@@ -287,35 +313,53 @@ impl Objective {
     fn check(&self, explicit: Explicit) -> std::result::Result<(), String> {
         let p = &self.params;
         let loss_flag = format!("--loss {}", self.name());
-        let names = |f: fn(LossKind) -> bool| self.terms.iter().filter(|(k, _)| f(*k)).map(|(k, _)| k.name()).collect::<Vec<_>>();
+        let names = |f: fn(LossKind) -> bool| {
+            self.terms.iter().filter(|(k, _)| f(*k)).map(|(k, _)| k.name()).collect::<Vec<_>>()
+        };
         if !(p.beta.is_finite() && p.beta > 0.0) {
             return Err(format!("--beta {} is out of range: must be a positive number (config key beta)", p.beta));
         }
         if !(p.label_smoothing.is_finite() && (0.0..0.5).contains(&p.label_smoothing)) {
-            return Err(format!("--label-smoothing {} is out of range: must be in [0, 0.5) (config key label_smoothing)", p.label_smoothing));
+            return Err(format!(
+                "--label-smoothing {} is out of range: must be in [0, 0.5) (config key label_smoothing)",
+                p.label_smoothing
+            ));
         }
         if let Some((_, w)) = self.terms.iter().find(|(_, w)| !(w.is_finite() && *w >= 0.0)) {
-            return Err(format!("--loss-weights {w} is out of range: weights must be finite and not negative (config key loss_weights)"));
+            return Err(format!(
+                "--loss-weights {w} is out of range: weights must be finite and not negative (config key loss_weights)"
+            ));
         }
         if self.terms.iter().enumerate().any(|(i, (k, _))| self.terms[..i].iter().any(|(j, _)| j == k)) {
             return Err(format!("{loss_flag}: a loss is named twice (config key loss)"));
         }
         let (free, with_ref) = (names(LossKind::reference_free), names(LossKind::uses_reference));
         if !free.is_empty() && !with_ref.is_empty() {
-            return Err(format!("{loss_flag}: the reference-free loss {} cannot be mixed with the reference-based {} (config key loss)", free[0], with_ref[0]));
+            return Err(format!(
+                "{loss_flag}: the reference-free loss {} cannot be mixed with the reference-based {} (config key loss)",
+                free[0], with_ref[0]
+            ));
         }
         if self.has(LossKind::Kto) && self.terms.len() > 1 {
-            return Err(format!("{loss_flag}: kto trains on unpaired examples and cannot be mixed with other losses (config key loss)"));
+            return Err(format!(
+                "{loss_flag}: kto trains on unpaired examples and cannot be mixed with other losses (config key loss)"
+            ));
         }
         if self.has(LossKind::Kto) && self.ld_alpha.is_some() {
             return Err("--ld-alpha cannot be used with --loss kto: LD-DPO weights the tokens of paired responses (config keys ld_alpha, loss)".into());
         }
         for (flag, w) in [("--desirable-weight", p.desirable_weight), ("--undesirable-weight", p.undesirable_weight)] {
             if !(w.is_finite() && w > 0.0) {
-                return Err(format!("{flag} {w} is out of range: must be a positive number (config key {})", flag.trim_start_matches("--").replace('-', "_")));
+                return Err(format!(
+                    "{flag} {w} is out of range: must be a positive number (config key {})",
+                    flag.trim_start_matches("--").replace('-', "_")
+                ));
             }
             if w != 1.0 && !self.has(LossKind::Kto) {
-                return Err(format!("{flag} applies to --loss kto only, not {loss_flag} (config keys {}, loss)", flag.trim_start_matches("--").replace('-', "_")));
+                return Err(format!(
+                    "{flag} applies to --loss kto only, not {loss_flag} (config keys {}, loss)",
+                    flag.trim_start_matches("--").replace('-', "_")
+                ));
             }
         }
         if self.terms.iter().filter(|(k, _)| k.reference_free()).count() > 1 {
@@ -324,15 +368,27 @@ impl Objective {
         if p.f_divergence != FDivergence::ReverseKl {
             let f = format!("--f-divergence {}", p.f_divergence.name());
             if let Some(k) = self.terms.iter().map(|(k, _)| *k).find(|k| !k.takes_f_divergence()) {
-                let why = if k.reference_free() { "it is reference-free" } else { "TRL defines it for sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft only" };
-                return Err(format!("{f} cannot be used with --loss {}: {why} (config keys f_divergence, loss)", k.name()));
+                let why = if k.reference_free() {
+                    "it is reference-free"
+                } else {
+                    "TRL defines it for sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft only"
+                };
+                return Err(format!(
+                    "{f} cannot be used with --loss {}: {why} (config keys f_divergence, loss)",
+                    k.name()
+                ));
             }
         }
         if explicit.f_alpha && p.f_divergence != FDivergence::AlphaDivergence {
-            return Err("--f-alpha applies to --f-divergence alpha_divergence only (config keys f_alpha, f_divergence)".into());
+            return Err(
+                "--f-alpha applies to --f-divergence alpha_divergence only (config keys f_alpha, f_divergence)".into(),
+            );
         }
         if p.f_divergence == FDivergence::AlphaDivergence && !(p.f_alpha.is_finite() && p.f_alpha > 0.0) {
-            return Err(format!("--f-alpha {} is out of range: must be a positive number (config key f_alpha)", p.f_alpha));
+            return Err(format!(
+                "--f-alpha {} is out of range: must be a positive number (config key f_alpha)",
+                p.f_alpha
+            ));
         }
         if p.label_smoothing > 0.0 {
             if let Some(k) = self.terms.iter().map(|(k, _)| *k).find(|k| !k.reads_label_smoothing()) {
@@ -347,20 +403,32 @@ impl Objective {
             return Err("--loss exo_pair needs --label-smoothing > 0 (its ε; the paper uses 1e-3) (config keys loss, label_smoothing)".into());
         }
         if explicit.discopop_tau && !self.has(LossKind::Discopop) {
-            return Err(format!("--discopop-tau applies to --loss discopop only, not {loss_flag} (config keys discopop_tau, loss)"));
+            return Err(format!(
+                "--discopop-tau applies to --loss discopop only, not {loss_flag} (config keys discopop_tau, loss)"
+            ));
         }
         if !(p.discopop_tau.is_finite() && p.discopop_tau > 0.0) {
-            return Err(format!("--discopop-tau {} is out of range: must be a positive number (config key discopop_tau)", p.discopop_tau));
+            return Err(format!(
+                "--discopop-tau {} is out of range: must be a positive number (config key discopop_tau)",
+                p.discopop_tau
+            ));
         }
         if explicit.simpo_gamma && !self.has(LossKind::Simpo) {
-            return Err(format!("--simpo-gamma applies to --loss simpo only, not {loss_flag} (config keys simpo_gamma, loss)"));
+            return Err(format!(
+                "--simpo-gamma applies to --loss simpo only, not {loss_flag} (config keys simpo_gamma, loss)"
+            ));
         }
         if !p.simpo_gamma.is_finite() {
-            return Err(format!("--simpo-gamma {} is out of range: must be a finite number (config key simpo_gamma)", p.simpo_gamma));
+            return Err(format!(
+                "--simpo-gamma {} is out of range: must be a finite number (config key simpo_gamma)",
+                p.simpo_gamma
+            ));
         }
         if let Some(a) = p.cpo_alpha {
             if !(self.has(LossKind::Cpo) || self.has(LossKind::Simpo)) {
-                return Err(format!("--cpo-alpha applies to --loss cpo or simpo only, not {loss_flag} (config keys cpo_alpha, loss)"));
+                return Err(format!(
+                    "--cpo-alpha applies to --loss cpo or simpo only, not {loss_flag} (config keys cpo_alpha, loss)"
+                ));
             }
             if !(a.is_finite() && a >= 0.0) {
                 return Err(format!("--cpo-alpha {a} is out of range: must not be negative (config key cpo_alpha)"));
@@ -371,12 +439,17 @@ impl Objective {
                 return Err(format!("--ld-alpha {a} is out of range: must be in [0, 1] (config key ld_alpha)"));
             }
             if !self.needs_reference() {
-                return Err(format!("--ld-alpha cannot be used with {loss_flag}: LD-DPO reweights the policy and reference sums of reference-based losses (config keys ld_alpha, loss)"));
+                return Err(format!(
+                    "--ld-alpha cannot be used with {loss_flag}: LD-DPO reweights the policy and reference sums of reference-based losses (config keys ld_alpha, loss)"
+                ));
             }
         }
         if self.use_weighting {
             if let Some(k) = self.terms.iter().map(|(k, _)| *k).find(|k| k.batch_only() || !k.uses_reference()) {
-                return Err(format!("--use-weighting cannot be used with --loss {}: WPO weights per-pair losses of reference-based DPO losses (TRL refuses it too) (config keys use_weighting, loss)", k.name()));
+                return Err(format!(
+                    "--use-weighting cannot be used with --loss {}: WPO weights per-pair losses of reference-based DPO losses (TRL refuses it too) (config keys use_weighting, loss)",
+                    k.name()
+                ));
             }
         }
         Ok(())

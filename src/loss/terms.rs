@@ -126,7 +126,8 @@ pub fn term(kind: LossKind, l: &PairLogps, p: &LossParams) -> Result<Term> {
         // NCA (Chen et al. 2024): `−logσ(βhc) − ½logσ(−βhc) − ½logσ(−βhr)`.
         LossKind::NcaPair => {
             let (c, r) = ((l.chosen_logratio()? * b)?, (l.rejected_logratio()? * b)?);
-            let loss = ((log_sigmoid(&c)?.neg()? - (log_sigmoid(&c.neg()?)? * 0.5)?)? - (log_sigmoid(&r.neg()?)? * 0.5)?)?;
+            let loss =
+                ((log_sigmoid(&c)?.neg()? - (log_sigmoid(&c.neg()?)? * 0.5)?)? - (log_sigmoid(&r.neg()?)? * 0.5)?)?;
             Term::PerPair(loss)
         }
         // Robust DPO (Chowdhury et al. 2024): `(−(1−ε)logσ(βΔ) + ε·logσ(−βΔ)) / (1 − 2ε)`.
@@ -190,7 +191,8 @@ pub fn term(kind: LossKind, l: &PairLogps, p: &LossParams) -> Result<Term> {
         // `−(1−ε)logσ(β(pc/len_c − pr/len_r) − γ) − ε·logσ(−…)`; with `--cpo-alpha` α > 0, TRL's
         // CPO-SimPO adds `α·NLL(chosen)`.
         LossKind::Simpo => {
-            let d = (per_token(&l.policy_chosen, &l.chosen_tokens)? - per_token(&l.policy_rejected, &l.rejected_tokens)?)?;
+            let d =
+                (per_token(&l.policy_chosen, &l.chosen_tokens)? - per_token(&l.policy_rejected, &l.rejected_tokens)?)?;
             let simpo = smoothed(&((d - p.simpo_gamma / b)? * b)?, p.label_smoothing)?;
             match p.cpo_alpha.unwrap_or(0.0) {
                 0.0 => Term::PerPair(simpo),
@@ -209,7 +211,8 @@ pub fn term(kind: LossKind, l: &PairLogps, p: &LossParams) -> Result<Term> {
         // (detached) from the batch's mismatched completions; desirable `1 − σ(β(h − z))`,
         // undesirable `1 − σ(β(z − h))`, weighted, averaged over the batch's examples.
         LossKind::Kto => {
-            let labels = l.labels.as_ref().ok_or_else(|| candle_core::Error::Msg("kto needs labelled examples".into()))?;
+            let labels =
+                l.labels.as_ref().ok_or_else(|| candle_core::Error::Msg("kto needs labelled examples".into()))?;
             let kl = l.rejected_logratio()?.mean_all()?.maximum(0.0)?.detach();
             let h = l.chosen_logratio()?;
             let d = (h.broadcast_sub(&kl)? * b)?;
@@ -218,7 +221,8 @@ pub fn term(kind: LossKind, l: &PairLogps, p: &LossParams) -> Result<Term> {
                 let v: Vec<f32> = labels.iter().map(|&y| if y { yes as f32 } else { no as f32 }).collect();
                 Tensor::from_vec(v, labels.len(), h.device())
             };
-            let loss = ((desirable * pick(p.desirable_weight, 0.0)?)? + (undesirable * pick(0.0, p.undesirable_weight)?)?)?;
+            let loss =
+                ((desirable * pick(p.desirable_weight, 0.0)?)? + (undesirable * pick(0.0, p.undesirable_weight)?)?)?;
             Term::Batch(loss.mean_all()?)
         }
         // ORPO (Hong et al. 2024), TRL's ORPOTrainer: `NLL(chosen, prompt included) − λ·mean logσ(log odds)`.
@@ -238,7 +242,10 @@ pub fn bradley_terry(l: &PairLogps) -> Result<Tensor> {
 /// ORPO's token-mean NLL over the whole chosen sequences (every token after BOS) and the
 /// per-pair log odds ratio `(ac − ar) − (log(1 − e^ac) − log(1 − e^ar))`, `a = p/len`.
 pub fn orpo_parts(l: &PairLogps) -> Result<(Tensor, Tensor)> {
-    let (prompt, prompt_tokens) = l.chosen_prompt.as_ref().ok_or_else(|| candle_core::Error::Msg("orpo needs the chosen prompts' log-probs".into()))?;
+    let (prompt, prompt_tokens) = l
+        .chosen_prompt
+        .as_ref()
+        .ok_or_else(|| candle_core::Error::Msg("orpo needs the chosen prompts' log-probs".into()))?;
     let tokens: usize = prompt_tokens.iter().sum::<usize>() + l.chosen_tokens.iter().sum::<usize>();
     let nll = (prompt + &l.policy_chosen)?.sum_all()?.affine(-1.0 / tokens.max(1) as f64, 0.0)?;
     let (ac, ar) = (per_token(&l.policy_chosen, &l.chosen_tokens)?, per_token(&l.policy_rejected, &l.rejected_tokens)?);

@@ -22,13 +22,13 @@ use super::arch::rope::RopeTables;
 use super::arch::{Architecture, LayerSpec, Proj};
 use super::chunked_head;
 use super::cpu_layer;
-use super::token_stats::TokenStats;
 use super::fused;
 use super::generic_layer::{self, PassShared};
 use super::recompute;
+use super::token_stats::TokenStats;
+use super::weights::mmap_weights;
 use crate::nn::layout::TokenLayout;
 use crate::nn::ops::frozen_matmul;
-use super::weights::mmap_weights;
 use crate::nn::{LoraLinear, LoraMode};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -213,7 +213,13 @@ impl CausalLm {
     }
 
     /// The layers as [`cpu_layer`] ops (CPU, f32): one op per layer, hand-written backward.
-    fn cpu_layers(&self, mut x: Tensor, layout: &TokenLayout, ropes: &[Arc<RopeTables>], mode: &mut LoraMode) -> Result<Tensor> {
+    fn cpu_layers(
+        &self,
+        mut x: Tensor,
+        layout: &TokenLayout,
+        ropes: &[Arc<RopeTables>],
+        mode: &mut LoraMode,
+    ) -> Result<Tensor> {
         let mut geometries: Vec<(Option<usize>, Arc<cpu_layer::Geometry>)> = Vec::new();
         for layer in &self.layers {
             let window = layer.spec.window;
@@ -226,7 +232,13 @@ impl CausalLm {
                 }
             };
             let rope = layer.spec.rope.map(|i| ropes[i].clone());
-            x = cpu_layer::forward(&cpu_layer::LayerParams::new(&self.arch, layer, self.recompute), &geo, rope, &x, mode)?;
+            x = cpu_layer::forward(
+                &cpu_layer::LayerParams::new(&self.arch, layer, self.recompute),
+                &geo,
+                rope,
+                &x,
+                mode,
+            )?;
         }
         Ok(x)
     }
@@ -240,7 +252,10 @@ impl CausalLm {
     /// Logits at every position, `[batch, seq, vocab]` (f32, soft-capped where the family caps).
     pub fn logits(&self, ids: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
         let hidden = self.forward(ids, mode)?;
-        Ok(generic_layer::softcap(&frozen_matmul(&hidden, &self.lm_head)?.to_dtype(DType::F32)?, self.arch.final_softcap)?)
+        Ok(generic_layer::softcap(
+            &frozen_matmul(&hidden, &self.lm_head)?.to_dtype(DType::F32)?,
+            self.arch.final_softcap,
+        )?)
     }
 
     /// Makes this a reward model (sequence classification with one label): `score` reads the
@@ -290,8 +305,15 @@ impl CausalLm {
         if self.full {
             return Ok(self.trainable.clone());
         }
-        anyhow::ensure!(self.dtype == DType::F32, "--full trains f32 master weights: pass --dtype f32 (the model computes in {:?})", self.dtype);
-        anyhow::ensure!(!self.arch.norm.unit_offset, "--full is not supported for families whose norms are stored as 1 + w (Gemma)");
+        anyhow::ensure!(
+            self.dtype == DType::F32,
+            "--full trains f32 master weights: pass --dtype f32 (the model computes in {:?})",
+            self.dtype
+        );
+        anyhow::ensure!(
+            !self.arch.norm.unit_offset,
+            "--full is not supported for families whose norms are stored as 1 + w (Gemma)"
+        );
         anyhow::ensure!(self.score_head.is_none(), "--full is not supported for reward models");
         let mut out = Vec::new();
         let mut var = |name: String, t: &mut Tensor| -> Result<()> {
@@ -366,7 +388,11 @@ fn round_to(x: f64, dtype: DType) -> Result<f64> {
 fn norm_weight(arch: &Architecture, vb: &VarBuilder, name: &str, dim: usize, dtype: DType) -> Result<Tensor> {
     let w = vb.get(dim, name)?;
     let w = if arch.norm.scale_in_f32 { w.to_dtype(DType::F32)? } else { w };
-    Ok(if arch.norm.unit_offset { (w + 1.0)?.to_dtype(if arch.norm.scale_in_f32 { DType::F32 } else { dtype })? } else { w })
+    Ok(if arch.norm.unit_offset {
+        (w + 1.0)?.to_dtype(if arch.norm.scale_in_f32 { DType::F32 } else { dtype })?
+    } else {
+        w
+    })
 }
 
 fn load_layer(arch: &Architecture, vb: &VarBuilder, index: usize, dtype: DType) -> Result<DecoderLayer> {
@@ -382,7 +408,10 @@ fn load_layer(arch: &Architecture, vb: &VarBuilder, index: usize, dtype: DType) 
         None => None,
         Some((q, k)) => {
             let att = vb.pp("self_attn");
-            Some([norm_weight(arch, &att, "q_norm.weight", q, dtype)?, norm_weight(arch, &att, "k_norm.weight", k, dtype)?])
+            Some([
+                norm_weight(arch, &att, "q_norm.weight", q, dtype)?,
+                norm_weight(arch, &att, "k_norm.weight", k, dtype)?,
+            ])
         }
     };
     let linears = arch

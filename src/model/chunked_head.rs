@@ -12,8 +12,8 @@
 //! let want = 2.0 - (1f32 + 1f32.exp() + 2f32.exp()).ln();
 //! assert!((lp.to_vec1::<f32>().unwrap()[0] - want).abs() < 1e-6);
 //! ```
-use super::generic_layer::softcap;
 use super::fused::StatsSink;
+use super::generic_layer::softcap;
 use super::recompute::{Backward, attach};
 use super::token_stats::TokenStats;
 use candle_core::{D, DType, Result, Tensor};
@@ -23,12 +23,24 @@ const CHUNK_ELEMS: usize = 8 << 20;
 
 /// `[rows]` f32 log-probs of `targets` for hidden rows `[rows, hidden]` and the frozen lm_head
 /// `W` `[vocab, hidden]`.
-pub fn lm_head_logps(hidden: &Tensor, w: &Tensor, targets: &[u32], cap: Option<f64>, stats: Option<&StatsSink>) -> Result<Tensor> {
+pub fn lm_head_logps(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    cap: Option<f64>,
+    stats: Option<&StatsSink>,
+) -> Result<Tensor> {
     let (rows, vocab) = (hidden.dim(0)?, w.dim(0)?);
     if targets.len() != rows || targets.iter().any(|&t| t as usize >= vocab) {
         candle_core::bail!("lm_head_logps: {} targets for {rows} rows of a {vocab}-token vocabulary", targets.len());
     }
-    let head = Head { w: w.clone(), targets: Tensor::new(targets, hidden.device())?, cap, chunk: (CHUNK_ELEMS / vocab).max(1), stats: Default::default() };
+    let head = Head {
+        w: w.clone(),
+        targets: Tensor::new(targets, hidden.device())?,
+        cap,
+        chunk: (CHUNK_ELEMS / vocab).max(1),
+        stats: Default::default(),
+    };
     let value = head.logps(&hidden.detach(), stats.map(|_| targets))?;
     if let (Some(sink), Some(s)) = (stats, head.stats.lock().expect("stats").take()) {
         *sink.lock().expect("stats sink") = Some(s);
@@ -137,7 +149,13 @@ mod tests {
         let probe = Tensor::from_vec(r(rows), rows, &Device::Cpu).unwrap();
         let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 3) % vocab as u32).collect();
         for cap in [None, Some(1.5)] {
-            let head = Head { w: w.clone(), targets: Tensor::new(targets.as_slice(), &Device::Cpu).unwrap(), cap, chunk: 3, stats: Default::default() };
+            let head = Head {
+                w: w.clone(),
+                targets: Tensor::new(targets.as_slice(), &Device::Cpu).unwrap(),
+                cap,
+                chunk: 3,
+                stats: Default::default(),
+            };
             let chunked = attach(head.logps(&h.as_tensor().detach(), None).unwrap(), &[h.as_tensor()], head).unwrap();
             let plain = {
                 let logits = softcap(&h.as_tensor().matmul(&w.t().unwrap()).unwrap(), cap).unwrap();
@@ -157,7 +175,13 @@ mod tests {
 
 /// The head for a trained lm_head (full fine-tuning): candle's own ops, so the graph carries
 /// dW as well as dh (the whole `[rows, vocab]` logits are kept for backward).
-pub fn trainable_logps(hidden: &Tensor, w: &Tensor, targets: &[u32], cap: Option<f64>, stats: Option<&StatsSink>) -> Result<Tensor> {
+pub fn trainable_logps(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    cap: Option<f64>,
+    stats: Option<&StatsSink>,
+) -> Result<Tensor> {
     let rows = hidden.dim(0)?;
     let logits = softcap(&hidden.to_dtype(DType::F32)?.matmul(&w.to_dtype(DType::F32)?.t()?)?, cap)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();

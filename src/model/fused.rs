@@ -31,7 +31,13 @@ use rayon::prelude::*;
 /// frozen lm_head `W` `[vocab, hidden]`; `softcap` is `cap·tanh(z/cap)` (Gemma 2) or none.
 /// Returns `[rows]`. The `[rows, vocab]` (capped) logits are kept inside the op for backward
 /// (and dropped with it when nothing records a graph).
-pub fn lm_head_logps(hidden: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>, stats: Option<&StatsSink>) -> Result<Tensor> {
+pub fn lm_head_logps(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    softcap: Option<f64>,
+    stats: Option<&StatsSink>,
+) -> Result<Tensor> {
     let rows = hidden.dim(0)?;
     let vocab = w.dim(0)?;
     if targets.len() != rows || targets.iter().any(|&t| t as usize >= vocab) {
@@ -85,7 +91,11 @@ impl CustomOp1 for LmHeadLogps {
             logits.par_chunks_mut(vocab).for_each(|row| kernels::softcap(row, cap));
         }
         let out: Vec<f32> = match &self.stats {
-            None => logits.par_chunks(vocab).zip(self.targets.par_iter()).map(|(row, &t)| row[t as usize] - kernels::log_sum_exp(row)).collect(),
+            None => logits
+                .par_chunks(vocab)
+                .zip(self.targets.par_iter())
+                .map(|(row, &t)| row[t as usize] - kernels::log_sum_exp(row))
+                .collect(),
             Some(sink) => {
                 // One pass per row gives the log-sum-exp (same bits as above) and the statistics.
                 let rows: Vec<(f32, TokenStats)> = logits
@@ -111,7 +121,12 @@ impl CustomOp1 for LmHeadLogps {
     }
 
     fn bwd(&self, hidden: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let mut d = self.logits.lock().expect("logits lock").take().context("lm_head_logps: backward without a forward (or twice)")?;
+        let mut d = self
+            .logits
+            .lock()
+            .expect("logits lock")
+            .take()
+            .context("lm_head_logps: backward without a forward (or twice)")?;
         let (vocab, h) = self.w.dims2()?;
         let rows = self.targets.len();
         let (res, grad) = (res.to_vec1::<f32>()?, grad.to_vec1::<f32>()?);
@@ -165,7 +180,8 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (xv, wv, dyv) = (x.flatten_all()?.to_vec1::<f32>()?, w.to_vec1::<f32>()?, dy.flatten_all()?.to_vec1::<f32>()?);
+        let (xv, wv, dyv) =
+            (x.flatten_all()?.to_vec1::<f32>()?, w.to_vec1::<f32>()?, dy.flatten_all()?.to_vec1::<f32>()?);
         let h = wv.len();
         let (_, inv) = kernels::rms_norm(&xv, &wv, h, self.eps);
         let mut dx = vec![0f32; xv.len()];

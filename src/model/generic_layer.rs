@@ -16,10 +16,10 @@
 use super::arch::rope::RopeTables;
 use super::arch::{Activation, Architecture, Proj, QkNorm, RmsNormStyle};
 use super::causal_lm::DecoderLayer;
-use crate::nn::layout::TokenLayout;
-use crate::nn::ops::{repeat_kv, rope};
 use super::tiled_attention;
 use crate::nn::LoraMode;
+use crate::nn::layout::TokenLayout;
+use crate::nn::ops::{repeat_kv, rope};
 use anyhow::Result;
 use candle_core::{D, DType, Device, Tensor};
 use std::sync::Arc;
@@ -35,7 +35,13 @@ pub struct PassShared {
 }
 
 impl PassShared {
-    pub fn new(arch: &Arc<Architecture>, layout: &TokenLayout, tables: &[Arc<RopeTables>], dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        arch: &Arc<Architecture>,
+        layout: &TokenLayout,
+        tables: &[Arc<RopeTables>],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         for spec in &arch.layers {
             if !masks.iter().any(|(w, _)| *w == spec.window) {

@@ -74,10 +74,25 @@ impl Gemm {
 
     /// `C = scale·op(A)·op(B)`, or `C += scale·op(A)·op(B)` when `accumulate`; `ldX` are row strides.
     #[allow(clippy::too_many_arguments)]
-    pub fn run(&self, c: &mut [f32], ldc: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, accumulate: bool, scale: f32) {
+    pub fn run(
+        &self,
+        c: &mut [f32],
+        ldc: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        accumulate: bool,
+        scale: f32,
+    ) {
         let (a_rows, a_cols) = if self.a_t { (self.k, self.m) } else { (self.m, self.k) };
         let (b_rows, b_cols) = if self.b_t { (self.n, self.k) } else { (self.k, self.n) };
-        assert!(needs(c.len(), self.m, self.n, ldc) && needs(a.len(), a_rows, a_cols, lda) && needs(b.len(), b_rows, b_cols, ldb), "gemm operand too small");
+        assert!(
+            needs(c.len(), self.m, self.n, ldc)
+                && needs(a.len(), a_rows, a_cols, lda)
+                && needs(b.len(), b_rows, b_cols, ldb),
+            "gemm operand too small"
+        );
         // SAFETY: the asserts above keep every access inside the three slices.
         unsafe { self.run_raw(c.as_mut_ptr(), ldc, a.as_ptr(), lda, b.as_ptr(), ldb, accumulate, scale) }
     }
@@ -88,17 +103,51 @@ impl Gemm {
     /// Every element the GEMM reads or writes must be in bounds, and no other thread may write
     /// the `C` block (or read it) while this runs.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn run_raw(&self, c: *mut f32, ldc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, accumulate: bool, scale: f32) {
+    pub unsafe fn run_raw(
+        &self,
+        c: *mut f32,
+        ldc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        accumulate: bool,
+        scale: f32,
+    ) {
         if self.m == 0 || self.n == 0 {
             return;
         }
         // (row stride, column stride) of op(A) [m, k] and op(B) [k, n].
         let (a_rs, a_cs) = if self.a_t { (1, lda as isize) } else { (lda as isize, 1) };
         let (b_rs, b_cs) = if self.b_t { (1, ldb as isize) } else { (ldb as isize, 1) };
-        let par = if self.threads > 1 && self.m * self.n * self.k >= 1 << 18 { Parallelism::Rayon(self.threads) } else { Parallelism::None };
+        let par = if self.threads > 1 && self.m * self.n * self.k >= 1 << 18 {
+            Parallelism::Rayon(self.threads)
+        } else {
+            Parallelism::None
+        };
         // SAFETY: the caller's contract.
         unsafe {
-            gemm::gemm(self.m, self.n, self.k, c, 1, ldc as isize, accumulate && self.k > 0, a, a_cs, a_rs, b, b_cs, b_rs, 1.0, scale, false, false, false, par);
+            gemm::gemm(
+                self.m,
+                self.n,
+                self.k,
+                c,
+                1,
+                ldc as isize,
+                accumulate && self.k > 0,
+                a,
+                a_cs,
+                a_rs,
+                b,
+                b_cs,
+                b_rs,
+                1.0,
+                scale,
+                false,
+                false,
+                false,
+                par,
+            );
         }
         if self.k == 0 && !accumulate {
             for i in 0..self.m {
@@ -256,7 +305,9 @@ fn sigmoid(x: f32) -> f32 {
 fn tanh_f32(x: f32) -> f32 {
     let a = x.abs();
     let z = x * x;
-    let small = ((((-5.704_989e-3 * z + 2.063_909e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z - 3.333_328e-1) * z * x + x;
+    let small =
+        ((((-5.704_989e-3 * z + 2.063_909e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z - 3.333_328e-1) * z * x
+            + x;
     let large = 1.0 - 2.0 / (exp_f32(2.0 * a) + 1.0);
     if a < 0.625 { small } else { large.copysign(x) }
 }
@@ -421,19 +472,29 @@ pub fn rms_norm(x: &[f32], w: &[f32], h: usize, eps: f64) -> (Vec<f32>, Vec<f32>
 
 /// `dx += RMSNorm backward` of `dy` (the norm weight is frozen: no gradient for it).
 pub fn rms_norm_backward(dx: &mut [f32], dy: &[f32], x: &[f32], inv: &[f32], w: &[f32], h: usize) {
-    dx.par_chunks_mut(h).zip(dy.par_chunks(h)).zip(x.par_chunks(h)).zip(inv.par_iter()).for_each(|(((dx, dy), x), &r)| {
-        // x̂ = x·r, d̂ = dy·w: dx = (d̂ − x̂·mean(d̂·x̂))·r
-        let proj: f32 = dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x * r).sum::<f32>() / h as f32;
-        for (((dx, &d), &w), &x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
-            *dx += (d * w - x * r * proj) * r;
-        }
-    });
+    dx.par_chunks_mut(h).zip(dy.par_chunks(h)).zip(x.par_chunks(h)).zip(inv.par_iter()).for_each(
+        |(((dx, dy), x), &r)| {
+            // x̂ = x·r, d̂ = dy·w: dx = (d̂ − x̂·mean(d̂·x̂))·r
+            let proj: f32 = dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x * r).sum::<f32>() / h as f32;
+            for (((dx, &d), &w), &x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+                *dx += (d * w - x * r * proj) * r;
+            }
+        },
+    );
 }
 
 /// RMSNorm in place over `seg`-wide segments of columns `[col, col + cols)` of each
 /// `width`-wide row (per-head or across-heads q/k norms); returns `1/rms` per (row, segment).
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm_segments(buf: &mut [f32], width: usize, col: usize, cols: usize, seg: usize, w: &[f32], eps: f64) -> Vec<f32> {
+pub fn rms_norm_segments(
+    buf: &mut [f32],
+    width: usize,
+    col: usize,
+    cols: usize,
+    seg: usize,
+    w: &[f32],
+    eps: f64,
+) -> Vec<f32> {
     let per_row = cols / seg;
     let mut inv = vec![0f32; buf.len() / width * per_row];
     buf.par_chunks_mut(width).zip(inv.par_chunks_mut(per_row)).for_each(|(row, inv)| {
@@ -450,10 +511,21 @@ pub fn rms_norm_segments(buf: &mut [f32], width: usize, col: usize, cols: usize,
 /// Backward of [`rms_norm_segments`] in place: the gradient of the normed columns in `d`
 /// becomes the gradient of the raw ones (`raw` laid out like `d`).
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm_segments_backward(d: &mut [f32], raw: &[f32], inv: &[f32], width: usize, col: usize, cols: usize, seg: usize, w: &[f32]) {
+pub fn rms_norm_segments_backward(
+    d: &mut [f32],
+    raw: &[f32],
+    inv: &[f32],
+    width: usize,
+    col: usize,
+    cols: usize,
+    seg: usize,
+    w: &[f32],
+) {
     let per_row = cols / seg;
     d.par_chunks_mut(width).zip(raw.par_chunks(width)).zip(inv.par_chunks(per_row)).for_each(|((d, raw), inv)| {
-        for ((d, x), &r) in d[col..col + cols].chunks_exact_mut(seg).zip(raw[col..col + cols].chunks_exact(seg)).zip(inv) {
+        for ((d, x), &r) in
+            d[col..col + cols].chunks_exact_mut(seg).zip(raw[col..col + cols].chunks_exact(seg)).zip(inv)
+        {
             let proj: f32 = d.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x * r).sum::<f32>() / seg as f32;
             for ((d, &w), &x) in d.iter_mut().zip(w).zip(x) {
                 *d = (*d * w - x * r * proj) * r;

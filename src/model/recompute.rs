@@ -104,7 +104,13 @@ impl CustomOp2 for Attached {
         self.cpu()
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.cuda()
     }
     fn bwd(&self, x: &Tensor, a: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -117,7 +123,15 @@ impl CustomOp3 for Attached {
     fn name(&self) -> &'static str {
         self.bwd.name()
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.cpu()
     }
     #[cfg(feature = "cuda")]
@@ -132,7 +146,14 @@ impl CustomOp3 for Attached {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.cuda()
     }
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let mut g = self.bwd.backward(&[x.clone(), a.clone(), b.clone()], y, dy)?.into_iter();
         Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
     }
@@ -142,7 +163,12 @@ impl CustomOp3 for Attached {
 /// The forward runs the layer and drops its graph at once; backward re-runs it from the input
 /// with the same LoRA dropout masks (the dropout stream is replayed from where the forward
 /// started) and back-propagates the incoming gradient, one layer at a time.
-pub fn layer(layer: &DecoderLayer, x: &Tensor, shared: &Arc<PassShared>, mode: &mut LoraMode) -> anyhow::Result<Tensor> {
+pub fn layer(
+    layer: &DecoderLayer,
+    x: &Tensor,
+    shared: &Arc<PassShared>,
+    mode: &mut LoraMode,
+) -> anyhow::Result<Tensor> {
     let with_lora = !matches!(mode, LoraMode::Off) && layer.linears.iter().any(|(_, l)| l.lora().is_some());
     if !with_lora && !x.track_op() {
         return generic_layer::forward(layer, x, shared, mode);
@@ -158,7 +184,12 @@ pub fn layer(layer: &DecoderLayer, x: &Tensor, shared: &Arc<PassShared>, mode: &
         return Ok(attach(value, &[x], bwd)?);
     }
     let flat = |f: fn(&LoraWeights) -> &Var| -> Result<Tensor> {
-        let parts = layer.linears.iter().filter_map(|(_, l)| l.lora()).map(|l| f(l).as_tensor().flatten_all()).collect::<Result<Vec<_>>>()?;
+        let parts = layer
+            .linears
+            .iter()
+            .filter_map(|(_, l)| l.lora())
+            .map(|l| f(l).as_tensor().flatten_all())
+            .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)
     };
     Ok(attach(value, &[x, &flat(|l| &l.a)?, &flat(|l| &l.b)?], bwd)?)
@@ -201,7 +232,8 @@ impl Backward for LayerRecompute {
             None if vars.is_empty() => LoraMode::Off,
             None => LoraMode::On,
         };
-        let y = generic_layer::forward(&layer, x.as_tensor(), &self.shared, &mut mode).map_err(candle_core::Error::wrap)?;
+        let y =
+            generic_layer::forward(&layer, x.as_tensor(), &self.shared, &mut mode).map_err(candle_core::Error::wrap)?;
         // d/dθ Σ y∘dy is the vector-Jacobian product the caller wants.
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
         let dx = if self.need_dx { grads.get(&x).cloned() } else { None };

@@ -24,7 +24,15 @@ pub const TILE: usize = 256;
 
 /// Attention of `q` over `k`, `v` (all `[rows, heads, len, head_dim]`, k and v already repeated
 /// for grouped-query attention), with the additive `mask` `[rows, 1, len, len]` (f32).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64, softcap: Option<f64>, tile: usize) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+    tile: usize,
+) -> Result<Tensor> {
     let spec = Spec { mask: mask.clone(), scale, softcap, tile: tile.max(1) };
     let (q_, k_, v_) = (q.detach(), k.detach(), v.detach());
     let (o, lse) = spec.forward(&q_, &k_, &v_)?;

@@ -24,9 +24,8 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if index.is_file() {
         return shards_from_index(&index);
     }
-    let pickle = ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt"]
-        .iter()
-        .find(|f| dir.join(f).exists());
+    let pickle =
+        ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt"].iter().find(|f| dir.join(f).exists());
     if let Some(p) = pickle {
         bail!(
             "{} holds only pickle weights ({p}); dpo loads safetensors only, because unpickling can run arbitrary code. \
@@ -48,20 +47,15 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut shards = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .with_context(|| format!("{}: weight_map[{tensor:?}] is not a file name", index.display()))?;
+        let file =
+            file.as_str().with_context(|| format!("{}: weight_map[{tensor:?}] is not a file name", index.display()))?;
         shards.insert(file.to_string());
     }
     shards
         .into_iter()
         .map(|f| {
             let p = dir.join(&f);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                bail!("{} names shard {f}, which is missing", index.display())
-            }
+            if p.is_file() { Ok(p) } else { bail!("{} names shard {f}, which is missing", index.display()) }
         })
         .collect()
 }
@@ -88,8 +82,12 @@ pub fn stored_dtype(dir: &Path) -> Result<DType> {
     let len = u64::from_le_bytes(n).min(100_000_000) as usize;
     let mut header = vec![0u8; len];
     f.read_exact(&mut header).with_context(|| format!("{} is truncated", file.display()))?;
-    let json: serde_json::Value = serde_json::from_slice(&header).with_context(|| format!("{} is corrupt", file.display()))?;
-    let dtype = json.as_object().and_then(|o| o.iter().find(|(k, _)| *k != "__metadata__")).and_then(|(_, v)| v.get("dtype")?.as_str());
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).with_context(|| format!("{} is corrupt", file.display()))?;
+    let dtype = json
+        .as_object()
+        .and_then(|o| o.iter().find(|(k, _)| *k != "__metadata__"))
+        .and_then(|(_, v)| v.get("dtype")?.as_str());
     Ok(match dtype {
         Some("BF16") => DType::BF16,
         Some("F16") => DType::F16,

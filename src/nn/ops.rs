@@ -71,11 +71,7 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (w, w_layout) = self.w.storage_and_layout();
         match &*w {
             Storage::Cuda(w) => self.fwd(x, layout, w, w_layout),
@@ -104,9 +100,7 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x);
     }
     let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv, n_rep, t, d))?
-        .reshape((b, kv * n_rep, t, d))
+    x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, t, d))?.reshape((b, kv * n_rep, t, d))
 }
 
 #[cfg(test)]
@@ -138,11 +132,13 @@ mod tests {
 
     #[test]
     fn rope_carries_gradients_and_leaves_position_zero() {
-        let x = Var::from_tensor(&Tensor::arange(0f32, 16., &Device::Cpu).unwrap().reshape((1, 1, 2, 8)).unwrap()).unwrap();
+        let x =
+            Var::from_tensor(&Tensor::arange(0f32, 16., &Device::Cpu).unwrap().reshape((1, 1, 2, 8)).unwrap()).unwrap();
         // cos/sin rows for positions 0 and 1, HF layout cat(freqs, freqs).
         let freqs: Vec<f32> = (0..4).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 8.0)).collect();
         let table = |f: fn(f32) -> f32| {
-            let v: Vec<f32> = [0.0f32, 1.0].iter().flat_map(|&p| freqs.iter().chain(&freqs).map(move |w| f(p * w))).collect();
+            let v: Vec<f32> =
+                [0.0f32, 1.0].iter().flat_map(|&p| freqs.iter().chain(&freqs).map(move |w| f(p * w))).collect();
             Tensor::from_vec(v, (1, 1, 2, 8), &Device::Cpu).unwrap()
         };
         let (cos, sin) = (table(f32::cos), table(f32::sin));

@@ -19,7 +19,6 @@ pub enum Schedule {
     Cosine,
 }
 
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
     pub kind: Schedule,

@@ -60,8 +60,11 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 /// Draws the whole figure on `root`: three panels a row, one per metric, then the heat map.
 pub fn figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, runs: &[RunSeries]) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
-    let heading = if runs.len() == 1 { format!("dpo run {}", runs[0].name) } else { format!("dpo sweep: {} runs", runs.len()) };
-    let body = root.titled(&format!("{heading}   (thick lines: train, per step; ×: held-out eval)"), ("sans-serif", 26)).map_err(err)?;
+    let heading =
+        if runs.len() == 1 { format!("dpo run {}", runs[0].name) } else { format!("dpo sweep: {} runs", runs.len()) };
+    let body = root
+        .titled(&format!("{heading}   (thick lines: train, per step; ×: held-out eval)"), ("sans-serif", 26))
+        .map_err(err)?;
     let (plots, legend) = body.split_horizontally(body.dim_in_pixel().0.saturating_sub(LEGEND_WIDTH));
     legend_panel(&legend, runs)?;
     let metrics = metrics_of(runs);
@@ -141,7 +144,13 @@ fn final_values<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunSe
     for (i, r) in runs.iter().enumerate().take(12) {
         let last = |m: &str| r.train.get(m).and_then(|v| v.last()).map_or("–".to_string(), |v| format!("{v:.3}"));
         let eval = |m: &str| r.eval.as_ref().and_then(|e| e.get(m)).map_or("–".to_string(), |v| format!("{v:.3}"));
-        let text = format!("loss {} / {}   acc {} / {}", last("loss"), eval("loss"), last("rewards/accuracies"), eval("rewards/accuracies"));
+        let text = format!(
+            "loss {} / {}   acc {} / {}",
+            last("loss"),
+            eval("loss"),
+            last("rewards/accuracies"),
+            eval("rewards/accuracies")
+        );
         area.draw(&Text::new(text, (0, y), ("sans-serif", 16).into_font().color(&color(i)))).map_err(err)?;
         y += 24;
     }
@@ -160,7 +169,12 @@ fn heat_axes(runs: &[RunSeries]) -> Option<(Vec<String>, Vec<String>)> {
     (betas.len() * lrs.len() > 1).then_some((betas, lrs))
 }
 
-fn heat_map<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunSeries], betas: &[String], lrs: &[String]) -> Result<()> {
+fn heat_map<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    runs: &[RunSeries],
+    betas: &[String],
+    lrs: &[String],
+) -> Result<()> {
     let has_eval = runs.iter().any(|r| r.eval.is_some());
     let value = |r: &RunSeries| -> Option<f64> {
         match &r.eval {
@@ -169,7 +183,11 @@ fn heat_map<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunSeries
             None => None,
         }
     };
-    let caption = if has_eval { "eval reward accuracy (β × lr)" } else { "final train reward accuracy (β × lr; no eval set)" };
+    let caption = if has_eval {
+        "eval reward accuracy (β × lr)"
+    } else {
+        "final train reward accuracy (β × lr; no eval set)"
+    };
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 20))
         .margin(12)
@@ -197,10 +215,17 @@ fn heat_map<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunSeries
         let (Some(y), Some(x)) = (betas.iter().position(|v| v == b), lrs.iter().position(|v| v == l)) else { continue };
         let Some(acc) = value(r) else { continue };
         let fill = shade(acc);
-        let cell = [(SegmentValue::Exact(x), SegmentValue::Exact(y)), (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1))];
+        let cell = [
+            (SegmentValue::Exact(x), SegmentValue::Exact(y)),
+            (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
+        ];
         chart.draw_series(std::iter::once(Rectangle::new(cell, fill.filled()))).map_err(err)?;
         let ink = if acc > 0.6 { WHITE } else { BLACK };
-        let label = Text::new(format!("{acc:.2}"), (SegmentValue::CenterOf(x), SegmentValue::CenterOf(y)), ("sans-serif", 20).into_font().color(&ink));
+        let label = Text::new(
+            format!("{acc:.2}"),
+            (SegmentValue::CenterOf(x), SegmentValue::CenterOf(y)),
+            ("sans-serif", 20).into_font().color(&ink),
+        );
         chart.draw_series(std::iter::once(label)).map_err(err)?;
     }
     Ok(())

@@ -46,11 +46,15 @@ pub fn read_runs(dir: &Path) -> Result<Vec<RunSeries>> {
     }
     let mut runs = Vec::new();
     let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let mut dirs: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join(crate::train::METRICS_FILE).is_file()).collect();
+    let mut dirs: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(crate::train::METRICS_FILE).is_file())
+        .collect();
     dirs.sort();
     for d in dirs {
         let name = d.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let params = name.split('_').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let params =
+            name.split('_').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
         runs.push(read_run(&d, name, params)?);
     }
     if runs.is_empty() {
@@ -63,11 +67,15 @@ pub fn read_runs(dir: &Path) -> Result<Vec<RunSeries>> {
 fn read_curve(path: &Path) -> Result<(Vec<f64>, BTreeMap<&'static str, Vec<f64>>)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut steps = Vec::new();
-    let mut values: BTreeMap<&'static str, Vec<f64>> = METRICS.iter().chain(&OPTIONAL_METRICS).map(|m| (*m, Vec::new())).collect();
+    let mut values: BTreeMap<&'static str, Vec<f64>> =
+        METRICS.iter().chain(&OPTIONAL_METRICS).map(|m| (*m, Vec::new())).collect();
     let mut lines = 0;
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        let get = |key: &str| v[key].as_f64().with_context(|| format!("{}:{}: missing number {key:?}", path.display(), i + 1));
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let get = |key: &str| {
+            v[key].as_f64().with_context(|| format!("{}:{}: missing number {key:?}", path.display(), i + 1))
+        };
         steps.push(get("step")?);
         get("loss")?;
         for m in METRICS.iter().chain(&OPTIONAL_METRICS) {
@@ -85,11 +93,13 @@ fn read_curve(path: &Path) -> Result<(Vec<f64>, BTreeMap<&'static str, Vec<f64>>
 fn read_run(dir: &Path, name: String, params: BTreeMap<String, String>) -> Result<RunSeries> {
     let (steps, train) = read_curve(&dir.join(crate::train::METRICS_FILE))?;
     let curve_path = dir.join(crate::train::EVAL_CURVE_FILE);
-    let (eval_steps, eval_curve) = if curve_path.is_file() { read_curve(&curve_path)? } else { (Vec::new(), BTreeMap::new()) };
+    let (eval_steps, eval_curve) =
+        if curve_path.is_file() { read_curve(&curve_path)? } else { (Vec::new(), BTreeMap::new()) };
     let eval_path = dir.join(crate::train::EVAL_FILE);
     let eval = match std::fs::read_to_string(&eval_path) {
         Ok(t) => {
-            let v: serde_json::Value = serde_json::from_str(&t).with_context(|| format!("{} is not JSON", eval_path.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&t).with_context(|| format!("{} is not JSON", eval_path.display()))?;
             Some(METRICS.iter().chain(&OPTIONAL_METRICS).filter_map(|m| v[*m].as_f64().map(|x| (*m, x))).collect())
         }
         Err(_) => None,

@@ -24,8 +24,8 @@ pub mod segment;
 
 pub use fingerprint::Fingerprint;
 
-use crate::fsutil::atomic;
 use crate::data::{PairBatch, TokenizedPair};
+use crate::fsutil::atomic;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -71,7 +71,8 @@ impl RefCache {
             atomic::write_bytes(&dir.join(META_FILE), meta.as_bytes())?;
         }
         let digest = fingerprint.digest();
-        let mut cache = Self { dir, digest, entries: HashMap::new(), pending: Vec::new(), hits: 0, misses: 0, rebuilt: None };
+        let mut cache =
+            Self { dir, digest, entries: HashMap::new(), pending: Vec::new(), hits: 0, misses: 0, rebuilt: None };
         if let Err(e) = cache.load() {
             let reason = format!("{e:#}");
             eprintln!("reference cache {}: {reason}; clearing it and recomputing", cache.dir.display());
@@ -87,7 +88,8 @@ impl RefCache {
     fn load(&mut self) -> Result<()> {
         for seg in segments(&self.dir)? {
             let bytes = std::fs::read(&seg).with_context(|| format!("reading {}", seg.display()))?;
-            let entries = segment::decode(&bytes, &self.digest).with_context(|| format!("segment {}", seg.display()))?;
+            let entries =
+                segment::decode(&bytes, &self.digest).with_context(|| format!("segment {}", seg.display()))?;
             self.entries.extend(entries);
         }
         Ok(())
@@ -153,7 +155,8 @@ impl RefCache {
 fn tokens_match(entries: &[Entry], batch: &PairBatch) -> bool {
     let n = entries.len();
     entries.iter().enumerate().all(|(i, e)| {
-        e.chosen_tokens as usize == batch.response_tokens[i] && e.rejected_tokens as usize == batch.response_tokens[n + i]
+        e.chosen_tokens as usize == batch.response_tokens[i]
+            && e.rejected_tokens as usize == batch.response_tokens[n + i]
     })
 }
 

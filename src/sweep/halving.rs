@@ -28,7 +28,12 @@ pub fn rungs(runs: usize, total: usize) -> Vec<usize> {
 }
 
 /// Runs the plan's runs by successive halving, filling `rows`.
-pub(crate) fn run(plan: &super::plan::Plan, runs: &[(PlannedRun, TrainArgs)], rows: &mut [Row], shared: &mut Shared) -> Result<()> {
+pub(crate) fn run(
+    plan: &super::plan::Plan,
+    runs: &[(PlannedRun, TrainArgs)],
+    rows: &mut [Row],
+    shared: &mut Shared,
+) -> Result<()> {
     let first = &runs.first().context("the sweep has no runs")?.1;
     let total = crate::train::plan::StepPlan::new(first, shared.data.len()).total_steps;
     let rungs = rungs(runs.len(), total);
@@ -43,7 +48,11 @@ pub(crate) fn run(plan: &super::plan::Plan, runs: &[(PlannedRun, TrainArgs)], ro
                 return Ok(());
             }
             let (planned, args) = &runs[i];
-            let done = if last { planned.output_dir.join(super::RUN_FILE).is_file() } else { eval_at(&planned.output_dir, rung)?.is_some() };
+            let done = if last {
+                planned.output_dir.join(super::RUN_FILE).is_file()
+            } else {
+                eval_at(&planned.output_dir, rung)?.is_some()
+            };
             if done {
                 if last {
                     rows[i] = finished_row(planned, &read_run(&planned.output_dir)?);
@@ -69,8 +78,10 @@ pub(crate) fn run(plan: &super::plan::Plan, runs: &[(PlannedRun, TrainArgs)], ro
         if last {
             break;
         }
-        let mut ranked: Vec<(usize, (f64, f64))> =
-            alive.iter().map(|&i| Ok((i, eval_at(&runs[i].0.output_dir, rung)?.context("a paused run has no eval line")?))).collect::<Result<_>>()?;
+        let mut ranked: Vec<(usize, (f64, f64))> = alive
+            .iter()
+            .map(|&i| Ok((i, eval_at(&runs[i].0.output_dir, rung)?.context("a paused run has no eval line")?)))
+            .collect::<Result<_>>()?;
         // Best first: higher reward accuracy, then lower eval loss; ties keep grid order.
         ranked.sort_by(|(i, a), (j, b)| b.0.total_cmp(&a.0).then(a.1.total_cmp(&b.1)).then(i.cmp(j)));
         let keep = ranked.len().div_ceil(2);
@@ -89,7 +100,8 @@ fn line_at_step(dir: &Path, file: &str, step: usize) -> Result<Option<serde_json
     let path = dir.join(file);
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
     for (n, line) in text.lines().enumerate() {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), n + 1))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), n + 1))?;
         if v["step"].as_u64() == Some(step as u64) {
             return Ok(Some(v));
         }
@@ -109,7 +121,8 @@ fn eval_at(dir: &Path, step: usize) -> Result<Option<(f64, f64)>> {
 /// The row of a run dropped at `step`: its train loss and eval metrics at that step.
 fn stopped_row(r: &PlannedRun, step: usize) -> Result<Row> {
     let find = |file: &str| -> Result<serde_json::Value> {
-        line_at_step(&r.output_dir, file, step)?.with_context(|| format!("{} has no line for step {step}", r.output_dir.join(file).display()))
+        line_at_step(&r.output_dir, file, step)?
+            .with_context(|| format!("{} has no line for step {step}", r.output_dir.join(file).display()))
     };
     let (train, eval) = (find(crate::train::METRICS_FILE)?, find(EVAL_CURVE_FILE)?);
     Ok(Row {

@@ -15,8 +15,8 @@ pub mod halving;
 pub mod plan;
 pub mod summary;
 
-use crate::fsutil::atomic;
 use crate::config::UsageError;
+use crate::fsutil::atomic;
 use crate::train::{Inputs, Outcome};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -92,7 +92,14 @@ pub fn plan(args: &SweepArgs) -> Result<Plan> {
     if grid.points().len() < 2 && grid == Grid::default() {
         bail!(UsageError("give at least one of --beta, --lr, --loss to sweep over".into()));
     }
-    let mut plan = Plan { config, sets: args.sets.clone(), grid, output_dir: PathBuf::new(), eval_dataset: args.eval_dataset.clone(), early_stop: args.early_stop.clone() };
+    let mut plan = Plan {
+        config,
+        sets: args.sets.clone(),
+        grid,
+        output_dir: PathBuf::new(),
+        eval_dataset: args.eval_dataset.clone(),
+        early_stop: args.early_stop.clone(),
+    };
     plan.output_dir = match &args.output_dir {
         Some(d) => d.clone(),
         None => plan.train_args(&Point(Vec::new()))?.output_dir,
@@ -145,7 +152,8 @@ pub fn run(args: &SweepArgs) -> Result<Summary> {
     let stop = crate::train::interrupt::StopSignal::install()?;
 
     let mut rows: Vec<Row> = runs.iter().map(|(r, _)| pending_row(r)).collect();
-    let mut shared = Shared { loaded: &mut loaded, data: &data, eval_data: eval_data.as_ref(), cache: cache.as_mut(), stop: &stop };
+    let mut shared =
+        Shared { loaded: &mut loaded, data: &data, eval_data: eval_data.as_ref(), cache: cache.as_mut(), stop: &stop };
     if plan.early_stop.is_some() {
         if eval_data.is_none() {
             bail!(UsageError("--early-stop halving ranks runs by eval reward accuracy: give --eval-dataset (or eval_dataset / eval_split in the config)".into()));
@@ -198,14 +206,29 @@ pub(crate) enum Segment {
 
 /// Trains (or resumes) one run with `args`, in the sweep's loaded model, pausing after
 /// `pause_after` (a halving rung); a finished run gets its `run_summary.json`.
-pub(crate) fn train_segment(planned: &PlannedRun, mut args: crate::config::TrainArgs, pause_after: Option<usize>, shared: &mut Shared) -> Segment {
+pub(crate) fn train_segment(
+    planned: &PlannedRun,
+    mut args: crate::config::TrainArgs,
+    pause_after: Option<usize>,
+    shared: &mut Shared,
+) -> Segment {
     match run_state(&planned.output_dir) {
         "resume" => args.resume = Some(planned.output_dir.display().to_string()),
         _ => args.overwrite_output_dir = true,
     }
     let started = Instant::now();
-    let inputs = Inputs { loaded: shared.loaded, data: shared.data, eval_data: shared.eval_data, cache: shared.cache.as_deref_mut() };
-    let failed = |e: &anyhow::Error| Row { status: Status::Failed, error: Some(format!("{e:#}")), seconds: started.elapsed().as_secs_f64(), ..pending_row(planned) };
+    let inputs = Inputs {
+        loaded: shared.loaded,
+        data: shared.data,
+        eval_data: shared.eval_data,
+        cache: shared.cache.as_deref_mut(),
+    };
+    let failed = |e: &anyhow::Error| Row {
+        status: Status::Failed,
+        error: Some(format!("{e:#}")),
+        seconds: started.elapsed().as_secs_f64(),
+        ..pending_row(planned)
+    };
     let control = crate::train::RunControl { pause_after_steps: pause_after, stop_after_steps: None };
     match crate::train::run_loaded(&args, control, inputs) {
         Ok(Outcome::Finished(s)) => {
@@ -269,4 +292,3 @@ pub(crate) fn finished_row(r: &PlannedRun, s: &serde_json::Value) -> Row {
         ..pending_row(r)
     }
 }
-

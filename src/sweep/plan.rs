@@ -83,7 +83,9 @@ impl Grid {
             }
             points = points
                 .into_iter()
-                .flat_map(|p| values.iter().map(move |v| Point([p.0.clone(), vec![(key.to_string(), v.clone())]].concat())))
+                .flat_map(|p| {
+                    values.iter().map(move |v| Point([p.0.clone(), vec![(key.to_string(), v.clone())]].concat()))
+                })
                 .collect();
         }
         points
@@ -96,7 +98,8 @@ fn check_loss(item: &str) -> std::result::Result<(), String> {
     use clap::ValueEnum;
     for name in item.split('+') {
         if crate::loss::LossKind::from_str(name, false).is_err() {
-            let known: Vec<String> = crate::loss::LossKind::value_variants().iter().map(|k| k.name().to_string()).collect();
+            let known: Vec<String> =
+                crate::loss::LossKind::value_variants().iter().map(|k| k.name().to_string()).collect();
             return Err(format!("{name:?} is not a loss; the losses are {}", known.join(", ")));
         }
     }
@@ -121,7 +124,8 @@ pub const PLAN_FILE: &str = "sweep_plan.json";
 impl Plan {
     pub fn read(output_dir: &Path) -> Result<Self> {
         let path = output_dir.join(PLAN_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("--resume {}: reading {}", output_dir.display(), path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("--resume {}: reading {}", output_dir.display(), path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
     }
 
@@ -132,13 +136,20 @@ impl Plan {
     /// The `train` settings of one run: config file, then `--set`, then the grid values, with
     /// the run folder as output and (unless the config names one) `OUTPUT/ref-cache` shared.
     pub fn train_args(&self, point: &Point) -> Result<TrainArgs> {
-        let mut flags = vec!["dpo".to_string(), "train".to_string(), "--config".to_string(), self.config.display().to_string()];
+        let mut flags =
+            vec!["dpo".to_string(), "train".to_string(), "--config".to_string(), self.config.display().to_string()];
         for set in &self.sets {
             let table = parse_setting(set).map_err(|e| UsageError(format!("{e:#}")))?;
-            if let Some(key) = table.keys().find(|k| PARAMS.contains(&k.as_str()) && !self.grid.values(k).is_empty() || *k == "output_dir") {
+            if let Some(key) = table
+                .keys()
+                .find(|k| PARAMS.contains(&k.as_str()) && !self.grid.values(k).is_empty() || *k == "output_dir")
+            {
                 bail!(UsageError(format!("--set {set}: {key} is set by the sweep itself")));
             }
-            flags.extend(table_flags::<TrainArgs>(table, &|_| format!("--set {set}")).map_err(|e| UsageError(format!("{e:#}")))?);
+            flags.extend(
+                table_flags::<TrainArgs>(table, &|_| format!("--set {set}"))
+                    .map_err(|e| UsageError(format!("{e:#}")))?,
+            );
         }
         for (k, v) in &point.0 {
             flags.push(Grid::flag(k, v));
@@ -150,7 +161,8 @@ impl Plan {
             flags.push(format!("--eval-dataset={}", eval.display()));
         }
         let expanded = expand_config_file::<TrainArgs>(flags)?;
-        let mut args = TrainArgs::try_parse_from(&expanded[1..]).map_err(|e| UsageError(format!("run {}: {e}", point.name())))?;
+        let mut args =
+            TrainArgs::try_parse_from(&expanded[1..]).map_err(|e| UsageError(format!("run {}: {e}", point.name())))?;
         if args.ref_cache.is_none() {
             args.ref_cache = Some(self.output_dir.join("ref-cache"));
         }

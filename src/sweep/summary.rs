@@ -79,7 +79,9 @@ impl Summary {
 
     pub fn markdown(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.4}"));
-        let mut md = String::from("# Sweep summary\n\n| run | status | train loss | eval loss | eval reward acc | eval margin | seconds | best |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        let mut md = String::from(
+            "# Sweep summary\n\n| run | status | train loss | eval loss | eval reward acc | eval margin | seconds | best |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        );
         for r in &self.rows {
             let status = match (&r.status, &r.error) {
                 (Status::Failed, Some(e)) => format!("failed: {}", e.replace('|', "/").replace('\n', " ")),
@@ -99,10 +101,15 @@ impl Summary {
         }
         md.push_str(&format!("\n{} of {} runs finished, {} failed.", self.finished, self.rows.len(), self.failed));
         if self.stopped > 0 {
-            md.push_str(&format!(" {} stopped early by successive halving (their metrics are from the step they stopped at).", self.stopped));
+            md.push_str(&format!(
+                " {} stopped early by successive halving (their metrics are from the step they stopped at).",
+                self.stopped
+            ));
         }
         if let Some(b) = &self.best {
-            md.push_str(&format!(" Best: {b} (highest eval reward accuracy, then lowest eval loss; lowest train loss without eval)."));
+            md.push_str(&format!(
+                " Best: {b} (highest eval reward accuracy, then lowest eval loss; lowest train loss without eval)."
+            ));
         }
         md.push('\n');
         md

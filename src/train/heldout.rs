@@ -15,7 +15,13 @@ use crate::setup::{Dataset, Loaded};
 use anyhow::Result;
 
 /// Mean metrics of the policy (adapters on, no dropout) over every pair of `data`, in file order.
-pub fn evaluate(loaded: &Loaded, data: &Dataset, objective: &Objective, batch_size: usize, cache: Option<&mut RefCache>) -> Result<RewardMetrics> {
+pub fn evaluate(
+    loaded: &Loaded,
+    data: &Dataset,
+    objective: &Objective,
+    batch_size: usize,
+    cache: Option<&mut RefCache>,
+) -> Result<RewardMetrics> {
     let indices: Vec<usize> = (0..data.len()).collect();
     let scores = score_all(&loaded.model, loaded.pad_id, data, &indices, batch_size, objective, cache)?;
     Ok(RewardMetrics::mean(&scores))

@@ -97,7 +97,11 @@ impl MemoryPlan {
         let layers = arch.num_layers as f64;
         // Kept across layers: everything (plain), or each layer's input (recomputation), which
         // also re-creates one layer's saved set at the backward's peak.
-        let kept = if setup.recompute { f(2.0 * arch.hidden_size as f64 * layers + one_layer, e) } else { f(per_token_layer * layers, e) };
+        let kept = if setup.recompute {
+            f(2.0 * arch.hidden_size as f64 * layers + one_layer, e)
+        } else {
+            f(per_token_layer * layers, e)
+        };
         let backward = f(backward_floats(arch), e);
         let head = match setup.path {
             // The fused head keeps the scored rows' f32 logits for its backward.
@@ -110,7 +114,9 @@ impl MemoryPlan {
         let tile = (geo.rows * arch.num_heads * tiled_attention::TILE.min(geo.row_len) * geo.row_len) as u64 * 4;
         let head_chunk = (8u64 << 20) * 4 * 4;
         let workspace = match setup.path {
-            LayerPath::CpuOp => (if setup.cuda { 0 } else { CPU_BASELINE }) + (arch.vocab_size * arch.hidden_size) as u64 / 8,
+            LayerPath::CpuOp => {
+                (if setup.cuda { 0 } else { CPU_BASELINE }) + (arch.vocab_size * arch.hidden_size) as u64 / 8
+            }
             LayerPath::Generic => (if setup.cuda { 256 << 20 } else { CPU_BASELINE }) + 4 * tile + head_chunk,
         };
         Self { weights, adapter_and_optimizer, activations, workspace }
@@ -141,7 +147,8 @@ fn cpu_op_floats(arch: &Architecture, geo: &Geometry) -> (f64, f64) {
     let pre = usize::from(arch.placement != NormPlacement::Post);
     let post = usize::from(arch.placement != NormPlacement::Pre);
     let qk = usize::from(arch.qk_norm.is_some());
-    let saved = pre * h + qk * width + width + q + arch.num_heads + post * h + h + pre * h + 3 * i + post * h + geo.lora_ranks;
+    let saved =
+        pre * h + qk * width + width + q + arch.num_heads + post * h + h + pre * h + 3 * i + post * h + geo.lora_ranks;
     // Plus the layer's output, which the next layer holds as its input.
     ((saved + h) as f64, saved as f64)
 }
@@ -155,7 +162,8 @@ const GENERIC_GRAPH_FACTOR: f64 = 1.65;
 /// products each add one copy; a recomputed layer holds its graph and, while it back-propagates,
 /// most of that again in gradients.
 fn generic_floats(arch: &Architecture, geo: &Geometry) -> (f64, f64) {
-    let (h, q, kv, i) = (arch.hidden_size as f64, arch.q_width() as f64, arch.kv_width() as f64, arch.intermediate_size as f64);
+    let (h, q, kv, i) =
+        (arch.hidden_size as f64, arch.q_width() as f64, arch.kv_width() as f64, arch.intermediate_size as f64);
     let norms = match arch.placement {
         NormPlacement::Pre => 2.0,
         NormPlacement::Sandwich => 4.0,
@@ -182,7 +190,8 @@ pub fn available(device: &Device) -> Option<u64> {
     match device {
         Device::Cpu => {
             let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-            let kb: u64 = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+            let kb: u64 =
+                meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
             Some(kb * 1024)
         }
         #[cfg(feature = "cuda")]
@@ -210,7 +219,11 @@ pub fn lora_geometry(arch: &Architecture, lora: &crate::lora::LoraConfig) -> (us
 
 /// The plan of a `train` run, from its settings, the opened model and its data: the largest
 /// micro-batch is `--batch-size` rows as long as the longest pair.
-pub fn plan_run(args: &crate::config::TrainArgs, files: &crate::setup::ModelFiles, data: &crate::setup::Dataset) -> Result<(MemoryPlan, Setup, Geometry)> {
+pub fn plan_run(
+    args: &crate::config::TrainArgs,
+    files: &crate::setup::ModelFiles,
+    data: &crate::setup::Dataset,
+) -> Result<(MemoryPlan, Setup, Geometry)> {
     let (lora_params, lora_ranks) = if args.full {
         // Every weight trained: its gradient (and accumulated copy) and two AdamW moments.
         (files.arch.weight_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum(), 0)
@@ -230,7 +243,11 @@ pub fn plan_run(args: &crate::config::TrainArgs, files: &crate::setup::ModelFile
         lora_ranks,
     };
     let setup = Setup {
-        path: if args.full { LayerPath::Generic } else { LayerPath::default_for(&files.arch, &files.device, files.dtype) },
+        path: if args.full {
+            LayerPath::Generic
+        } else {
+            LayerPath::default_for(&files.arch, &files.device, files.dtype)
+        },
         dtype: files.dtype,
         stored_bytes: crate::model::weights::stored_dtype(&files.model_dir)?.size_in_bytes(),
         recompute: args.gradient_checkpointing.enabled(&files.device),
@@ -240,7 +257,14 @@ pub fn plan_run(args: &crate::config::TrainArgs, files: &crate::setup::ModelFile
 }
 
 /// Refuses a plan larger than `budget` bytes, naming the flags that would bring it down.
-pub fn check(plan: &MemoryPlan, budget: u64, what: &str, setup: &Setup, geo: &Geometry, batch_size: usize) -> Result<()> {
+pub fn check(
+    plan: &MemoryPlan,
+    budget: u64,
+    what: &str,
+    setup: &Setup,
+    geo: &Geometry,
+    batch_size: usize,
+) -> Result<()> {
     if plan.total() <= budget {
         return Ok(());
     }
@@ -249,7 +273,10 @@ pub fn check(plan: &MemoryPlan, budget: u64, what: &str, setup: &Setup, geo: &Ge
         levers.push("--gradient-checkpointing on (keeps one layer's activations instead of all)".to_string());
     }
     if batch_size > 1 {
-        levers.push(format!("--batch-size {} with --grad-accum (same effective batch, fewer pairs at once)", batch_size.div_ceil(2)));
+        levers.push(format!(
+            "--batch-size {} with --grad-accum (same effective batch, fewer pairs at once)",
+            batch_size.div_ceil(2)
+        ));
     }
     levers.push(format!("--max-length / --max-prompt-length (the longest pair is {} tokens)", geo.row_len));
     if setup.dtype == DType::F32 && setup.cuda {

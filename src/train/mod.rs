@@ -93,10 +93,14 @@ pub struct RunControl {
 #[derive(Debug)]
 pub enum Outcome {
     Finished(TrainSummary),
-    Paused { step: usize },
+    Paused {
+        step: usize,
+    },
     /// SIGINT/SIGTERM after the step in progress, with a checkpoint to resume from.
     Interrupted(interrupt::Interrupted),
-    Stopped { step: usize },
+    Stopped {
+        step: usize,
+    },
 }
 
 /// Loads the model, data and (with `--ref-cache`) the reference cache, then trains to the end.
@@ -143,7 +147,9 @@ pub fn run_with(args: &TrainArgs, control: RunControl) -> Result<Outcome> {
 /// same targets), so runs are independent.
 pub fn run_loaded(args: &TrainArgs, control: RunControl, inputs: Inputs) -> Result<Outcome> {
     if args.full {
-        bail!("--full runs cannot share a loaded model (each trains every weight): run them with `dpo train`, not `dpo sweep`");
+        bail!(
+            "--full runs cannot share a loaded model (each trains every weight): run them with `dpo train`, not `dpo sweep`"
+        );
     }
     let prepared = prepare(args)?;
     trainer::Trainer::setup(args, control, inputs, prepared)?.run()
@@ -152,12 +158,20 @@ pub fn run_loaded(args: &TrainArgs, control: RunControl, inputs: Inputs) -> Resu
 /// Fills `cache` with the reference log-probs of every micro-batch the run will score: the
 /// training steps in order, then the held-out pairs (`dpo ref-cache build`, and `--full` before
 /// its first step).
-pub fn precompute_reference(args: &TrainArgs, loaded: &Loaded, data: &Dataset, eval: Option<&Dataset>, cache: &mut RefCache) -> Result<()> {
+pub fn precompute_reference(
+    args: &TrainArgs,
+    loaded: &Loaded,
+    data: &Dataset,
+    eval: Option<&Dataset>,
+    cache: &mut RefCache,
+) -> Result<()> {
     let objective = crate::setup::objective(&args.common)?;
     let plan = plan::StepPlan::new(args, data.len());
     let order = crate::data::order::PairOrder::new(data.len(), (!args.no_shuffle).then_some(args.seed));
     let mut fill = |data: &Dataset, indices: &[usize]| -> Result<()> {
-        for item in crate::scoring::micro_batches(data, indices, plan.batch_size, loaded.pad_id, &loaded.device, &objective) {
+        for item in
+            crate::scoring::micro_batches(data, indices, plan.batch_size, loaded.pad_id, &loaded.device, &objective)
+        {
             let (pairs, batch) = item?;
             crate::scoring::reference_logps(&loaded.model, &pairs, &batch, Some(&mut *cache))?;
         }
@@ -177,7 +191,14 @@ pub fn precompute_reference(args: &TrainArgs, loaded: &Loaded, data: &Dataset, e
 /// the base model's config and tokenizer files, so the folder loads as a model.
 pub fn save_full_model(dir: &Path, params: &[adapter::NamedParam], base: &Path) -> Result<()> {
     checkpoint::save_weights(&dir.join(checkpoint::MODEL_FILE), params)?;
-    for name in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+    for name in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ] {
         let from = base.join(name);
         if from.is_file() {
             let bytes = std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
@@ -276,7 +297,10 @@ pub fn reference_fingerprint(args: &crate::config::CommonArgs, loaded: &Loaded) 
         settings.push(("ld_alpha", alpha.to_string()));
     }
     if let Some(t) = &args.template_file {
-        settings.push(("template_file", crate::fsutil::sha256_file(t).with_context(|| format!("hashing --template-file {}", t.display()))?));
+        settings.push((
+            "template_file",
+            crate::fsutil::sha256_file(t).with_context(|| format!("hashing --template-file {}", t.display()))?,
+        ));
     }
     Fingerprint::new(&model, &settings)
 }
@@ -318,7 +342,11 @@ pub(crate) fn append_eval_line(output_dir: &Path, step: usize, m: &RewardMetrics
     let mut line = serde_json::to_value(m)?;
     line["step"] = step.into();
     let path = output_dir.join(EVAL_CURVE_FILE);
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
     writeln!(f, "{line}")?;
     Ok(())
 }
@@ -328,7 +356,10 @@ pub(crate) fn append_eval_line(output_dir: &Path, step: usize, m: &RewardMetrics
 pub(crate) fn check_no_stale_adapters(model: &mut crate::model::CausalLm, params: usize) -> Result<()> {
     let attached = model.linear_layers_mut().iter().filter(|(_, _, l)| l.lora().is_some()).count();
     if attached * 2 != params {
-        bail!("the model carries {attached} adapters but this run attached {}: runs sharing a loaded model must target the same layers", params / 2);
+        bail!(
+            "the model carries {attached} adapters but this run attached {}: runs sharing a loaded model must target the same layers",
+            params / 2
+        );
     }
     Ok(())
 }
@@ -337,7 +368,10 @@ pub(crate) fn check_no_stale_adapters(model: &mut crate::model::CausalLm, params
 pub(crate) fn provenance(args: &TrainArgs, loaded: &Loaded) -> Result<checkpoint::Provenance> {
     Ok(checkpoint::Provenance {
         model: Source::model(&args.common.model.display().to_string(), &loaded.model_dir)?,
-        dataset: Source::files(&args.common.dataset.display().to_string(), &crate::setup::dataset_files(&args.common)?)?,
+        dataset: Source::files(
+            &args.common.dataset.display().to_string(),
+            &crate::setup::dataset_files(&args.common)?,
+        )?,
         template: crate::config::name_of(&args.common.template),
     })
 }
@@ -354,7 +388,8 @@ fn prepare_output_dir(dir: &Path, overwrite: bool, resuming: bool) -> Result<()>
         return Ok(());
     }
     let checkpoints = checkpoint::list(dir)?;
-    let previous = !checkpoints.is_empty() || [METRICS_FILE, adapter::WEIGHTS_FILE].iter().any(|f| dir.join(f).exists());
+    let previous =
+        !checkpoints.is_empty() || [METRICS_FILE, adapter::WEIGHTS_FILE].iter().any(|f| dir.join(f).exists());
     if previous && !overwrite {
         bail!(
             "{} already holds a training run; resume it with --resume {}, choose another --output-dir, or pass --overwrite-output-dir",

@@ -9,12 +9,12 @@
 //! ```
 use super::step::{GradAccumulator, micro_step};
 use crate::config::TrainArgs;
-use crate::scoring::{micro_batches as micro_batches_of, reference_for};
 use crate::data::order::PairOrder;
-use crate::nn::LoraMode;
 use crate::loss::BatchScore;
+use crate::nn::LoraMode;
 use crate::refcache::RefCache;
 use crate::rng::SeededRng;
+use crate::scoring::{micro_batches as micro_batches_of, reference_for};
 use crate::setup::Dataset;
 use anyhow::Result;
 use candle_core::Var;
@@ -49,7 +49,11 @@ impl StepPlan {
 
     /// Warmup steps: --warmup-steps, else ceil(--warmup-ratio × total steps) as transformers does.
     pub fn warmup(&self, args: &TrainArgs) -> usize {
-        if args.warmup_steps > 0 { args.warmup_steps } else { (args.warmup_ratio * self.total_steps as f64).ceil() as usize }
+        if args.warmup_steps > 0 {
+            args.warmup_steps
+        } else {
+            (args.warmup_ratio * self.total_steps as f64).ceil() as usize
+        }
     }
 }
 
@@ -78,15 +82,30 @@ impl StepWork<'_> {
         let micro_batches = indices.len().div_ceil(self.plan.batch_size);
         let mut grads = GradAccumulator::new(self.vars.len());
         let (mut scores, mut tokens): (Vec<BatchScore>, usize) = (Vec::new(), 0);
-        for item in micro_batches_of(self.data, &indices, self.plan.batch_size, self.pad_id, self.model.device(), self.objective) {
+        for item in micro_batches_of(
+            self.data,
+            &indices,
+            self.plan.batch_size,
+            self.pad_id,
+            self.model.device(),
+            self.objective,
+        ) {
             let (pairs, batch) = item?;
             let reference = reference_for(self.model, self.objective, &pairs, &batch, cache.as_deref_mut())?;
             let mut mode = if dropout > 0.0 { LoraMode::Train(dropout_rng) } else { LoraMode::On };
             let scale = 1.0 / micro_batches as f64;
-            scores.push(micro_step(self.model, &batch, self.objective, self.vars, &mut mode, reference.as_ref(), scale, &mut grads)?);
+            scores.push(micro_step(
+                self.model,
+                &batch,
+                self.objective,
+                self.vars,
+                &mut mode,
+                reference.as_ref(),
+                scale,
+                &mut grads,
+            )?);
             tokens += batch.tokens;
         }
         Ok((scores, grads.into_grads()?, tokens))
     }
 }
-

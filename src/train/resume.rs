@@ -8,18 +8,27 @@
 //! # Ok(()) }
 //! ```
 use crate::checkpoint::{Checkpoint, PRE_STEP_FILE};
+use crate::config::TrainArgs;
+use crate::fsutil::atomic;
 use crate::lora::adapter::NamedParam;
 use crate::loss::RewardMetrics;
 use crate::rng::{SeededRng, Stream};
-use crate::fsutil::atomic;
-use crate::config::TrainArgs;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 
 /// Settings a resumed run may change: they do not alter the math of the steps to come
 /// (`max_steps` extends or shortens the run, as the user asks; `device` moves it).
-const MAY_CHANGE: &[&str] =
-    &["logging_steps", "save_steps", "save_total_limit", "max_steps", "device", "overwrite_output_dir", "eval_steps", "gradient_checkpointing", "max_memory"];
+const MAY_CHANGE: &[&str] = &[
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "max_steps",
+    "device",
+    "overwrite_output_dir",
+    "eval_steps",
+    "gradient_checkpointing",
+    "max_memory",
+];
 
 /// Refuses a resume whose flags would change the math of the run, naming each such flag.
 pub fn check_compatible(args: &TrainArgs, ckpt: &Checkpoint) -> Result<()> {
@@ -37,7 +46,9 @@ pub fn check_compatible(args: &TrainArgs, ckpt: &Checkpoint) -> Result<()> {
     if !changed.is_empty() {
         let detail: Vec<String> = changed
             .iter()
-            .map(|k| format!("--{} (checkpoint: {}, now: {})", k.replace('_', "-"), show(saved.get(k)), show(now.get(k))))
+            .map(|k| {
+                format!("--{} (checkpoint: {}, now: {})", k.replace('_', "-"), show(saved.get(k)), show(now.get(k)))
+            })
             .collect();
         bail!(
             "cannot resume from {}: these flags would change the run: {}. Drop them, or start a new run in another --output-dir",
@@ -71,9 +82,16 @@ pub fn trim_metrics(path: &Path, step: usize) -> Result<()> {
 /// holds (the adapter before that step, the data position, the RNG position) and refuses to go
 /// on if any differs from the logged value by more than 1e-6. Leaves `params` at the pre-step
 /// values; the caller restores the checkpoint afterwards.
-pub fn verify(ckpt: &Checkpoint, params: &[NamedParam], work: &super::StepWork, dropout: f64, device: &candle_core::Device) -> Result<()> {
+pub fn verify(
+    ckpt: &Checkpoint,
+    params: &[NamedParam],
+    work: &super::StepWork,
+    dropout: f64,
+    device: &candle_core::Device,
+) -> Result<()> {
     let path = ckpt.dir.join(PRE_STEP_FILE);
-    let pre = candle_core::safetensors::load(&path, device).with_context(|| format!("--verify-resume needs {}", path.display()))?;
+    let pre = candle_core::safetensors::load(&path, device)
+        .with_context(|| format!("--verify-resume needs {}", path.display()))?;
     for p in params {
         p.var.set(pre.get(&p.name).with_context(|| format!("{} lacks {}", path.display(), p.name))?)?;
     }

@@ -12,9 +12,9 @@
 //! # Ok(()) }
 //! ```
 use crate::data::PairBatch;
-use crate::nn::LoraMode;
 use crate::loss::{BatchScore, Objective};
 use crate::model::CausalLm;
+use crate::nn::LoraMode;
 use crate::scoring::score;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};

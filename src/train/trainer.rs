@@ -16,17 +16,19 @@
 use super::interrupt::{Interrupted, StopSignal};
 use super::plan::{StepPlan, StepWork};
 use super::progress::Progress;
-use crate::optim::schedule::LrSchedule;
 use super::step::{clip, global_norm};
-use super::{EVAL_CURVE_FILE, EVAL_FILE, Inputs, METRICS_FILE, Outcome, Prepared, RunControl, StepMetrics, TrainSummary};
+use super::{
+    EVAL_CURVE_FILE, EVAL_FILE, Inputs, METRICS_FILE, Outcome, Prepared, RunControl, StepMetrics, TrainSummary,
+};
 use crate::checkpoint::{self, Checkpoint, Provenance};
 use crate::config::TrainArgs;
 use crate::data::order::PairOrder;
 use crate::fsutil::atomic;
-use crate::lora::adapter::{self, NamedParam};
 use crate::lora::LoraConfig;
+use crate::lora::adapter::{self, NamedParam};
 use crate::loss::{Objective, RewardMetrics};
 use crate::optim::AdamW;
+use crate::optim::schedule::LrSchedule;
 use crate::refcache::RefCache;
 use crate::rng::{SeededRng, Stream};
 use crate::setup::{Dataset, Loaded};
@@ -96,7 +98,12 @@ impl<'a> Trainer<'a> {
         loaded.model.set_recompute(args.gradient_checkpointing.enabled(&loaded.device) && !args.full);
         let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
         let plan = StepPlan::new(args, data.len());
-        let schedule = LrSchedule { kind: args.lr_scheduler, base_lr: args.lr, warmup_steps: plan.warmup(args), total_steps: plan.total_steps };
+        let schedule = LrSchedule {
+            kind: args.lr_scheduler,
+            base_lr: args.lr,
+            warmup_steps: plan.warmup(args),
+            total_steps: plan.total_steps,
+        };
         let writes_checkpoints = args.save_steps.is_some() || control.pause_after_steps.is_some() || args.verify_resume;
         let provenance = writes_checkpoints.then(|| super::provenance(args, loaded)).transpose()?;
         Ok(Self {
@@ -107,7 +114,19 @@ impl<'a> Trainer<'a> {
             stop: StopSignal::install()?,
             resume: prepared.resume,
             config_toml: prepared.config_toml,
-            args, control, loaded, data, eval_data, cache, objective, lora, params, vars, plan, schedule, provenance,
+            args,
+            control,
+            loaded,
+            data,
+            eval_data,
+            cache,
+            objective,
+            lora,
+            params,
+            vars,
+            plan,
+            schedule,
+            provenance,
             metrics: None,
             last: None,
             last_eval: None,
@@ -117,7 +136,15 @@ impl<'a> Trainer<'a> {
     }
 
     fn work(&self) -> StepWork<'_> {
-        StepWork { model: &self.loaded.model, pad_id: self.loaded.pad_id, data: self.data, order: &self.order, plan: &self.plan, objective: &self.objective, vars: &self.vars }
+        StepWork {
+            model: &self.loaded.model,
+            pad_id: self.loaded.pad_id,
+            data: self.data,
+            order: &self.order,
+            plan: &self.plan,
+            objective: &self.objective,
+            vars: &self.vars,
+        }
     }
 
     fn metrics_path(&self) -> PathBuf {
@@ -125,14 +152,25 @@ impl<'a> Trainer<'a> {
     }
 
     /// LoRA adapters (fresh or `--init-adapter`), plus a reward model's score head.
-    fn attach_adapter(args: &TrainArgs, objective: &crate::loss::Objective, loaded: &mut Loaded) -> Result<(LoraConfig, Vec<NamedParam>)> {
+    fn attach_adapter(
+        args: &TrainArgs,
+        objective: &crate::loss::Objective,
+        loaded: &mut Loaded,
+    ) -> Result<(LoraConfig, Vec<NamedParam>)> {
         let (mut lora, mut params) = match &args.init_adapter {
             Some(dir) => adapter::attach_from_dir(&mut loaded.model, dir, Some(args.lora_dropout))?,
-            None => adapter::attach_fresh(&mut loaded.model, &LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?, args.seed)?,
+            None => adapter::attach_fresh(
+                &mut loaded.model,
+                &LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?,
+                args.seed,
+            )?,
         };
         super::check_no_stale_adapters(&mut loaded.model, params.len())?;
         if lora.sequence_classification && !objective.reward_model {
-            bail!("--init-adapter {}: a reward model's adapter (task_type SEQ_CLS); train it with `dpo reward train`", args.init_adapter.as_deref().unwrap_or(std::path::Path::new("?")).display());
+            bail!(
+                "--init-adapter {}: a reward model's adapter (task_type SEQ_CLS); train it with `dpo reward train`",
+                args.init_adapter.as_deref().unwrap_or(std::path::Path::new("?")).display()
+            );
         }
         if objective.reward_model {
             // The score head: from --init-adapter when it has one, else fresh; trained in full.
@@ -154,7 +192,8 @@ impl<'a> Trainer<'a> {
             Some(ckpt) => {
                 if self.args.verify_resume {
                     let now = self.provenance.as_ref().context("provenance is computed for --verify-resume")?;
-                    now.check_same_as(&ckpt.manifest.provenance).with_context(|| format!("--verify-resume: the inputs of {} changed", ckpt.dir.display()))?;
+                    now.check_same_as(&ckpt.manifest.provenance)
+                        .with_context(|| format!("--verify-resume: the inputs of {} changed", ckpt.dir.display()))?;
                     super::resume::verify(&ckpt, &self.params, &self.work(), self.dropout(), &self.loaded.device)?;
                 }
                 ckpt.restore(&self.params, &mut self.optimizer, &self.loaded.device)?;
@@ -169,14 +208,20 @@ impl<'a> Trainer<'a> {
                 first
             }
             None => {
-                std::fs::write(self.metrics_path(), b"").with_context(|| format!("creating {}", self.metrics_path().display()))?;
+                std::fs::write(self.metrics_path(), b"")
+                    .with_context(|| format!("creating {}", self.metrics_path().display()))?;
                 if curve.exists() {
                     std::fs::remove_file(&curve).with_context(|| format!("removing the old {}", curve.display()))?;
                 }
                 1
             }
         };
-        self.metrics = Some(std::fs::OpenOptions::new().append(true).open(self.metrics_path()).with_context(|| format!("opening {}", self.metrics_path().display()))?);
+        self.metrics = Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(self.metrics_path())
+                .with_context(|| format!("opening {}", self.metrics_path().display()))?,
+        );
         Ok(first)
     }
 
@@ -185,8 +230,17 @@ impl<'a> Trainer<'a> {
         let started = Instant::now();
         let rng_before_step = self.dropout_rng.word_pos();
         let next_position = self.plan.positions(step).last().map_or((step - 1) * self.plan.per_step, |p| p + 1);
-        let work = StepWork { model: &self.loaded.model, pad_id: self.loaded.pad_id, data: self.data, order: &self.order, plan: &self.plan, objective: &self.objective, vars: &self.vars };
-        let (scores, grads, tokens) = work.forward_backward(step, self.dropout(), &mut self.dropout_rng, self.cache.as_deref_mut())?;
+        let work = StepWork {
+            model: &self.loaded.model,
+            pad_id: self.loaded.pad_id,
+            data: self.data,
+            order: &self.order,
+            plan: &self.plan,
+            objective: &self.objective,
+            vars: &self.vars,
+        };
+        let (scores, grads, tokens) =
+            work.forward_backward(step, self.dropout(), &mut self.dropout_rng, self.cache.as_deref_mut())?;
         let grad_norm = global_norm(&grads)?;
         if !grad_norm.is_finite() {
             bail!("step {step}: gradient norm is {grad_norm}; stopping before the adapter is corrupted");
@@ -194,7 +248,9 @@ impl<'a> Trainer<'a> {
         // The pre-step adapter (for --verify-resume) is a small copy; for --full it would be the
         // whole model every step, so full runs keep none (and refuse --verify-resume).
         let pre_step = match (&self.provenance, &self.lora) {
-            (Some(_), Some(_)) => Some(self.vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?),
+            (Some(_), Some(_)) => {
+                Some(self.vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?)
+            }
             _ => None,
         };
         let lr = self.schedule.lr_at(step);
@@ -220,9 +276,16 @@ impl<'a> Trainer<'a> {
     /// Scores the held-out pairs when due (`--eval-steps`, or a pause) into the eval curve.
     /// It reads the adapter and draws no random numbers: it never changes the run.
     pub fn evaluate(&mut self, step: usize, paused: bool) -> Result<()> {
-        let due = paused || self.args.eval_steps.is_some_and(|every| step % every == 0 || step == self.plan.total_steps);
+        let due =
+            paused || self.args.eval_steps.is_some_and(|every| step % every == 0 || step == self.plan.total_steps);
         let Some(data) = self.eval_data.filter(|_| due) else { return Ok(()) };
-        let m = super::heldout::evaluate(self.loaded, data, &self.objective, self.args.batch_size, self.cache.as_deref_mut())?;
+        let m = super::heldout::evaluate(
+            self.loaded,
+            data,
+            &self.objective,
+            self.args.batch_size,
+            self.cache.as_deref_mut(),
+        )?;
         super::append_eval_line(&self.args.output_dir, step, &m)?;
         self.last_eval = Some((step, m));
         Ok(())
@@ -272,7 +335,9 @@ impl<'a> Trainer<'a> {
         self.close_log()?;
         let args = self.args;
         match &self.lora {
-            Some(lora) => adapter::save(&args.output_dir, &self.params, lora, &args.common.model.display().to_string())?,
+            Some(lora) => {
+                adapter::save(&args.output_dir, &self.params, lora, &args.common.model.display().to_string())?
+            }
             None => super::save_full_model(&args.output_dir, &self.params, &self.loaded.model_dir)?,
         }
         let total_steps = self.plan.total_steps;
@@ -281,7 +346,13 @@ impl<'a> Trainer<'a> {
             Some(d) => {
                 let m = match self.last_eval.take() {
                     Some((step, m)) if step == total_steps => m,
-                    _ => super::heldout::evaluate(self.loaded, d, &self.objective, args.batch_size, self.cache.as_deref_mut())?,
+                    _ => super::heldout::evaluate(
+                        self.loaded,
+                        d,
+                        &self.objective,
+                        args.batch_size,
+                        self.cache.as_deref_mut(),
+                    )?,
                 };
                 atomic::write_bytes(&args.output_dir.join(EVAL_FILE), serde_json::to_string_pretty(&m)?.as_bytes())?;
                 Some(m)
@@ -319,9 +390,15 @@ impl<'a> Trainer<'a> {
             if let Some(signal) = signal {
                 self.close_log()?;
                 let Some(checkpoint) = saved else {
-                    bail!("interrupted by signal {signal} at step {step}; no checkpoint written (pass --save-steps to make runs resumable)")
+                    bail!(
+                        "interrupted by signal {signal} at step {step}; no checkpoint written (pass --save-steps to make runs resumable)"
+                    )
                 };
-                return Ok(Outcome::Interrupted(Interrupted { signal, checkpoint, output_dir: self.args.output_dir.clone() }));
+                return Ok(Outcome::Interrupted(Interrupted {
+                    signal,
+                    checkpoint,
+                    output_dir: self.args.output_dir.clone(),
+                }));
             }
             if paused {
                 self.close_log()?;
@@ -338,9 +415,16 @@ impl<'a> Trainer<'a> {
     fn announce(&self) {
         let n = self.data.len();
         if self.data.truncated > 0 {
-            eprintln!("{} of {n} pairs were truncated to --max-length {}", self.data.truncated, self.args.common.max_length);
+            eprintln!(
+                "{} of {n} pairs were truncated to --max-length {}",
+                self.data.truncated, self.args.common.max_length
+            );
         }
         let parameters: usize = self.vars.iter().map(|v| v.elem_count()).sum();
-        eprintln!("training {} LoRA tensors ({parameters} parameters) on {n} pairs for {} steps", self.vars.len(), self.plan.total_steps);
+        eprintln!(
+            "training {} LoRA tensors ({parameters} parameters) on {n} pairs for {} steps",
+            self.vars.len(),
+            self.plan.total_steps
+        );
     }
 }

@@ -128,7 +128,8 @@ pub fn bin() -> PathBuf {
 }
 
 /// The ten model families of tests/fixtures/zoo (tiny random models made with transformers 5.24).
-pub const ZOO: [&str; 10] = ["llama3", "mistral-hd", "qwen3", "qwen2-yarn", "gemma", "gemma2", "gemma3", "phi3", "smollm3", "olmo2"];
+pub const ZOO: [&str; 10] =
+    ["llama3", "mistral-hd", "qwen3", "qwen2-yarn", "gemma", "gemma2", "gemma3", "phi3", "smollm3", "olmo2"];
 
 pub fn zoo_dir(family: &str) -> PathBuf {
     fixtures().join("zoo").join(family)
@@ -158,7 +159,11 @@ pub fn load_zoo(family: &str, path: dpo::model::LayerPath) -> (CausalLm, Vec<Nam
 pub fn norm_close(got: &[f64], want: &[f64], tol: f64) -> Result<(), String> {
     let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
     let diff = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-    if got.len() == want.len() && diff <= tol * norm.max(1e-12) { Ok(()) } else { Err(format!("|Δ| {diff:e} vs {tol:e}·|g| {norm:e}")) }
+    if got.len() == want.len() && diff <= tol * norm.max(1e-12) {
+        Ok(())
+    } else {
+        Err(format!("|Δ| {diff:e} vs {tol:e}·|g| {norm:e}"))
+    }
 }
 
 /// The dpo binary as a script runs it, from the repository root. `--stop-after-steps N` among
@@ -166,7 +171,9 @@ pub fn norm_close(got: &[f64], want: &[f64], tol: f64) -> Result<(), String> {
 /// step N"); the layer-path switch is cleared so a test's environment never leaks in.
 pub fn dpo_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Command {
     let mut cmd = std::process::Command::new(bin());
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).env_remove(dpo::model::causal_lm::PATH_ENV).env_remove("DPO_STOP_AFTER_STEPS");
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove(dpo::model::causal_lm::PATH_ENV)
+        .env_remove("DPO_STOP_AFTER_STEPS");
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a.as_ref() == "--stop-after-steps" {

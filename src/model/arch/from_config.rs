@@ -72,9 +72,18 @@ fn traits(family: Family) -> Traits {
     };
     match family {
         Family::Llama => Traits { mlp_bias: Bias::Key("mlp_bias"), ..llama_like },
-        Family::Mistral => Traits { qkv_bias: Bias::Never, o_bias: Bias::Never, default_max_positions: 131072, ..llama_like },
-        Family::Qwen2 => Traits { qkv_bias: Bias::Always, o_bias: Bias::Never, default_max_positions: 32768, ..llama_like },
-        Family::Qwen3 => Traits { qk_norm: Some(QkNorm::PerHead), default_head_dim: Some(128), default_max_positions: 32768, ..llama_like },
+        Family::Mistral => {
+            Traits { qkv_bias: Bias::Never, o_bias: Bias::Never, default_max_positions: 131072, ..llama_like }
+        }
+        Family::Qwen2 => {
+            Traits { qkv_bias: Bias::Always, o_bias: Bias::Never, default_max_positions: 32768, ..llama_like }
+        }
+        Family::Qwen3 => Traits {
+            qk_norm: Some(QkNorm::PerHead),
+            default_head_dim: Some(128),
+            default_max_positions: 32768,
+            ..llama_like
+        },
         Family::Gemma => gemma,
         Family::Gemma2 => Traits {
             placement: NormPlacement::Sandwich,
@@ -94,8 +103,17 @@ fn traits(family: Family) -> Traits {
             default_max_positions: 131072,
             ..gemma
         },
-        Family::Phi3 => Traits { fused: true, qkv_bias: Bias::Never, o_bias: Bias::Never, default_eps: 1e-5, default_max_positions: 4096, ..llama_like },
-        Family::SmolLm3 => Traits { mlp_bias: Bias::Key("mlp_bias"), default_tie: true, default_max_positions: 32768, ..llama_like },
+        Family::Phi3 => Traits {
+            fused: true,
+            qkv_bias: Bias::Never,
+            o_bias: Bias::Never,
+            default_eps: 1e-5,
+            default_max_positions: 4096,
+            ..llama_like
+        },
+        Family::SmolLm3 => {
+            Traits { mlp_bias: Bias::Key("mlp_bias"), default_tie: true, default_max_positions: 32768, ..llama_like }
+        }
         Family::Olmo2 => Traits {
             placement: NormPlacement::Post,
             norm_scale_in_f32: true,
@@ -116,7 +134,9 @@ impl<'a> Keys<'a> {
 
     fn usize(&self, key: &str) -> Result<Option<usize>> {
         self.get(key)
-            .map(|v| v.as_u64().map(|n| n as usize).with_context(|| format!("{key} must be a non-negative integer, got {v}")))
+            .map(|v| {
+                v.as_u64().map(|n| n as usize).with_context(|| format!("{key} must be a non-negative integer, got {v}"))
+            })
             .transpose()
     }
 
@@ -264,7 +284,9 @@ fn refuse_features_outside_the_description(k: &Keys) -> Result<()> {
         if let Some(p) = k.f64(key)?
             && p != 0.0
         {
-            bail!("{key} = {p}: dropout inside the frozen base model is not implemented (only LoRA dropout); set it to 0.0");
+            bail!(
+                "{key} = {p}: dropout inside the frozen base model is not implemented (only LoRA dropout); set it to 0.0"
+            );
         }
     }
     if k.bool("use_bidirectional_attention")? == Some(true) {
@@ -300,21 +322,34 @@ fn ropes(k: &Keys, family: Family, head_dim: usize, max_positions: usize) -> Res
         // layers, default 1e6), rope_local_base_freq (sliding, default 1e4) and rope_scaling
         // (full layers only).
         let nested = k.get("rope_parameters").and_then(|v| v.as_object());
-        let params_for = |layer_type: &str, theta_key: &str, default_theta: f64, scaling: Option<&Value>| -> Result<Rope> {
-            let mut p = nested.and_then(|n| n.get(layer_type)).and_then(|v| v.as_object()).cloned().unwrap_or_default();
-            if let Some(Value::Object(s)) = scaling {
-                for (key, v) in s {
-                    p.insert(key.clone(), v.clone());
+        let params_for =
+            |layer_type: &str, theta_key: &str, default_theta: f64, scaling: Option<&Value>| -> Result<Rope> {
+                let mut p =
+                    nested.and_then(|n| n.get(layer_type)).and_then(|v| v.as_object()).cloned().unwrap_or_default();
+                if let Some(Value::Object(s)) = scaling {
+                    for (key, v) in s {
+                        p.insert(key.clone(), v.clone());
+                    }
                 }
-            }
-            let theta = k.f64(theta_key)?.unwrap_or(default_theta);
-            rope_from_params(&p, &format!("rope_parameters.{layer_type}"), theta, partial, head_dim, max_positions, None, family)
-        };
+                let theta = k.f64(theta_key)?.unwrap_or(default_theta);
+                rope_from_params(
+                    &p,
+                    &format!("rope_parameters.{layer_type}"),
+                    theta,
+                    partial,
+                    head_dim,
+                    max_positions,
+                    None,
+                    family,
+                )
+            };
         let full = params_for("full_attention", "rope_theta", 1_000_000.0, k.get("rope_scaling"))?;
         let sliding = params_for("sliding_attention", "rope_local_base_freq", 10_000.0, None)?;
         let types = layer_types(k, num_layers)?.unwrap_or_else(|| {
             let pattern = k.usize("sliding_window_pattern").ok().flatten().unwrap_or(6);
-            (0..num_layers).map(|i| if (i + 1) % pattern != 0 { "sliding_attention".into() } else { "full_attention".into() }).collect()
+            (0..num_layers)
+                .map(|i| if (i + 1) % pattern != 0 { "sliding_attention".into() } else { "full_attention".into() })
+                .collect()
         });
         let per_layer = types.iter().map(|t| Some(if t == "sliding_attention" { 1 } else { 0 })).collect();
         return Ok((vec![full, sliding], per_layer));
@@ -323,7 +358,9 @@ fn ropes(k: &Keys, family: Family, head_dim: usize, max_positions: usize) -> Res
         (_, Some(Value::Object(s))) => (s.clone(), "rope_scaling"),
         (Some(Value::Object(p)), _) => (p.clone(), "rope_parameters"),
         (None, None) => (Map::new(), "rope_parameters"),
-        (_, Some(other)) | (Some(other), None) => bail!("rope_parameters / rope_scaling must be an object, got {other}"),
+        (_, Some(other)) | (Some(other), None) => {
+            bail!("rope_parameters / rope_scaling must be an object, got {other}")
+        }
     };
     if params.0.keys().any(|key| key == "full_attention" || key == "sliding_attention") {
         bail!("{}: RoPE nested by layer type is only read for gemma3_text", params.1);
@@ -372,8 +409,11 @@ fn rope_from_params(
         bail!("{what}.mrope_section: multimodal RoPE is not supported");
     }
     let rotary_dim = (head_dim as f64 * partial) as usize;
-    let original = || -> Result<usize> { Ok(top_original.or(pk.usize("original_max_position_embeddings")?).unwrap_or(max_positions)) };
-    let factor = || -> Result<f64> { pk.f64("factor")?.with_context(|| format!("{what}: rope_type {kind:?} needs a factor")) };
+    let original = || -> Result<usize> {
+        Ok(top_original.or(pk.usize("original_max_position_embeddings")?).unwrap_or(max_positions))
+    };
+    let factor =
+        || -> Result<f64> { pk.f64("factor")?.with_context(|| format!("{what}: rope_type {kind:?} needs a factor")) };
     let scaling = match kind {
         "default" => RopeScaling::Default,
         "linear" => RopeScaling::Linear { factor: factor()? },
@@ -404,7 +444,11 @@ fn rope_from_params(
                 let f: Option<Vec<f64>> = a.iter().map(|x| x.as_f64()).collect();
                 let f = f.with_context(|| format!("{what}.{key} must be a list of numbers"))?;
                 if f.len() != rotary_dim / 2 {
-                    bail!("{what}.{key} has {} factors; the rotary dimension {rotary_dim} needs {}", f.len(), rotary_dim / 2);
+                    bail!(
+                        "{what}.{key} has {} factors; the rotary dimension {rotary_dim} needs {}",
+                        f.len(),
+                        rotary_dim / 2
+                    );
                 }
                 Ok(f)
             };
@@ -416,7 +460,9 @@ fn rope_from_params(
                 attention_factor: pk.f64("attention_factor")?,
             }
         }
-        other => bail!("{what}.rope_type {other:?} is not supported: choose default, linear, dynamic, llama3, yarn or longrope"),
+        other => bail!(
+            "{what}.rope_type {other:?} is not supported: choose default, linear, dynamic, llama3, yarn or longrope"
+        ),
     };
     Ok(Rope { theta, rotary_dim, scaling, max_position_embeddings: max_positions })
 }
@@ -446,7 +492,9 @@ fn no_rope_layers(k: &Keys, num_layers: usize) -> Result<Vec<Option<usize>>> {
             if list.len() != num_layers {
                 bail!("no_rope_layers has {} entries for {num_layers} layers", list.len());
             }
-            list.iter().map(|x| x.as_u64().map(|f| f != 0).context("no_rope_layers must be a list of 0/1")).collect::<Result<_>>()?
+            list.iter()
+                .map(|x| x.as_u64().map(|f| f != 0).context("no_rope_layers must be a list of 0/1"))
+                .collect::<Result<_>>()?
         }
         None => {
             let interval = k.usize("no_rope_layer_interval")?.unwrap_or(4).max(1);
@@ -528,7 +576,11 @@ mod tests {
     #[test]
     fn unknown_model_types_are_refused_listing_the_supported_ones() {
         let e = err(r#","model_type":"gpt_neox""#);
-        assert!(e.contains("\"gpt_neox\"") && e.contains("llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2"), "{e}");
+        assert!(
+            e.contains("\"gpt_neox\"")
+                && e.contains("llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2"),
+            "{e}"
+        );
         assert!(err(r#","model_type":"mpt""#).contains("ALiBi"));
         assert!(err(r#","model_type":"gemma3""#).contains("gemma3_text"));
     }
@@ -538,7 +590,11 @@ mod tests {
         let e = err(r#","model_type":"qwen2","num_experts":60"#);
         assert!(e.contains("num_experts = 60") && e.contains("mixture-of-experts"), "{e}");
         let e = err(r#","model_type":"llama","rope_scaling":{"rope_type":"mrope_interleaved","factor":2.0}"#);
-        assert!(e.contains("rope_scaling.rope_type \"mrope_interleaved\"") && e.contains("default, linear, dynamic, llama3, yarn or longrope"), "{e}");
+        assert!(
+            e.contains("rope_scaling.rope_type \"mrope_interleaved\"")
+                && e.contains("default, linear, dynamic, llama3, yarn or longrope"),
+            "{e}"
+        );
         assert!(err(r#","model_type":"llama","alibi":true"#).contains("ALiBi"));
         let e = err(r#","model_type":"llama","hidden_act":"relu""#);
         assert!(e.contains("hidden_act = \"relu\""), "{e}");
@@ -557,7 +613,9 @@ mod tests {
         assert_eq!(a.attn_scale, 1.0 / 16.0, "query_pre_attn_scalar defaults to 256");
         assert_eq!(a.layers.iter().map(|l| l.window).collect::<Vec<_>>(), vec![Some(4096), None]);
         assert!(a.tie_word_embeddings && a.embed_scale == Some(8.0) && a.norm.unit_offset);
-        let explicit_null = Architecture::from_json(&base(r#","model_type":"gemma2","head_dim":16,"final_logit_softcapping":null"#)).unwrap();
+        let explicit_null =
+            Architecture::from_json(&base(r#","model_type":"gemma2","head_dim":16,"final_logit_softcapping":null"#))
+                .unwrap();
         assert_eq!(explicit_null.final_softcap, None);
         let m = Architecture::from_json(&base(r#","model_type":"mistral""#)).unwrap();
         assert_eq!(m.layers[1].window, Some(4096), "Mistral's class default window");

@@ -189,7 +189,8 @@ impl Architecture {
     /// transformers saves (`lm_head.weight` only when untied). The loader reads exactly these.
     pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (h, v) = (self.hidden_size, self.vocab_size);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h]), ("model.norm.weight".to_string(), vec![h])];
+        let mut out =
+            vec![("model.embed_tokens.weight".to_string(), vec![v, h]), ("model.norm.weight".to_string(), vec![h])];
         if !self.tie_word_embeddings {
             out.push(("lm_head.weight".to_string(), vec![v, h]));
         }

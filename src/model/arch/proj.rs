@@ -40,7 +40,8 @@ pub enum ProjInput {
 }
 
 /// Every linear a family can have, in the order a forward pass uses them.
-pub const ALL: [Proj; 9] = [Proj::Q, Proj::K, Proj::V, Proj::Qkv, Proj::O, Proj::Gate, Proj::Up, Proj::GateUp, Proj::Down];
+pub const ALL: [Proj; 9] =
+    [Proj::Q, Proj::K, Proj::V, Proj::Qkv, Proj::O, Proj::Gate, Proj::Up, Proj::GateUp, Proj::Down];
 
 impl Proj {
     /// The module's name in transformers and peft (`q_proj`).

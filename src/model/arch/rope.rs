@@ -17,13 +17,22 @@ use anyhow::{Result, bail};
 pub enum RopeScaling {
     Default,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// NTK-aware dynamic scaling. Its frequencies equal the default ones for every sequence up to
     /// `max_position_embeddings` and change only beyond it; dpo refuses longer sequences, so
     /// for training it *is* the default RoPE.
-    Dynamic { factor: f64 },
+    Dynamic {
+        factor: f64,
+    },
     /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max: usize },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max: usize,
+    },
     /// YaRN: interpolated and extrapolated frequencies blended by a ramp; cos/sin scaled by the
     /// attention factor.
     Yarn {
@@ -38,7 +47,13 @@ pub enum RopeScaling {
     },
     /// LongRoPE (Phi-3): per-frequency factors, the long set once a batch's longest sequence
     /// passes `original_max`; cos/sin scaled by the attention factor.
-    LongRope { short: Vec<f64>, long: Vec<f64>, original_max: usize, factor: Option<f64>, attention_factor: Option<f64> },
+    LongRope {
+        short: Vec<f64>,
+        long: Vec<f64>,
+        original_max: usize,
+        factor: Option<f64>,
+        attention_factor: Option<f64>,
+    },
 }
 
 /// One RoPE setting: what `rotary_emb` holds for a layer type.
@@ -187,7 +202,9 @@ mod tests {
     #[test]
     fn llama3_keeps_high_and_divides_low_frequencies() {
         let base = rope(RopeScaling::Default).inv_freq(0);
-        let l3 = rope(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max: 64 }).inv_freq(0);
+        let l3 =
+            rope(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max: 64 })
+                .inv_freq(0);
         assert_eq!(l3[0], base[0]);
         assert!((l3[7] - base[7] / 8.0).abs() <= 1e-12);
     }
@@ -197,7 +214,13 @@ mod tests {
         let r = Rope {
             theta: 10000.0,
             rotary_dim: 4,
-            scaling: RopeScaling::LongRope { short: vec![1.0, 2.0], long: vec![3.0, 4.0], original_max: 64, factor: None, attention_factor: None },
+            scaling: RopeScaling::LongRope {
+                short: vec![1.0, 2.0],
+                long: vec![3.0, 4.0],
+                original_max: 64,
+                factor: None,
+                attention_factor: None,
+            },
             max_position_embeddings: 256,
         };
         assert_eq!(r.inv_freq(63), vec![1.0, 0.005]);

@@ -42,7 +42,12 @@ impl Geometry {
                             .map(|q0| {
                                 let q1 = (q0 + TILE).min(b.q_len);
                                 let used = (q0..q1)
-                                    .map(|i| b.mask[i * nk..(i + 1) * nk].iter().rposition(|m| m.is_finite()).map_or(0, |j| j + 1))
+                                    .map(|i| {
+                                        b.mask[i * nk..(i + 1) * nk]
+                                            .iter()
+                                            .rposition(|m| m.is_finite())
+                                            .map_or(0, |j| j + 1)
+                                    })
                                     .max()
                                     .unwrap_or(0);
                                 (q0, q1, used)
@@ -78,7 +83,18 @@ impl Heads {
 
     /// Scores of one tile: `scale·q·kᵀ`, capped, masked; with the cap's derivative when asked.
     #[allow(clippy::too_many_arguments)]
-    fn scores(&self, sc: &mut [f32], cap_grad: Option<&mut [f32]>, q: &[f32], width: usize, kb: &[f32], used: usize, m: usize, mask_rows: impl Fn(usize) -> std::ops::Range<usize>, mask: &[f32]) {
+    fn scores(
+        &self,
+        sc: &mut [f32],
+        cap_grad: Option<&mut [f32]>,
+        q: &[f32],
+        width: usize,
+        kb: &[f32],
+        used: usize,
+        m: usize,
+        mask_rows: impl Fn(usize) -> std::ops::Range<usize>,
+        mask: &[f32],
+    ) {
         let d = self.head_dim;
         Gemm::a_bt(m, used, d).serial().run(sc, used, q, width, kb, d, false, self.scale);
         if let Some(cap) = self.softcap {
@@ -103,8 +119,9 @@ pub(super) fn forward(geo: &Geometry, heads: Heads, qkv: &[f32]) -> (Vec<f32>, V
     let mut o = vec![0f32; n * qw];
     let mut lse = vec![0f32; nh * n];
     let (o_ptr, lse_ptr) = (SharedMut(o.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
-    let tasks: Vec<(usize, usize, usize)> =
-        (0..geo.rows).flat_map(|r| (0..geo.blocks[r].len()).flat_map(move |bi| (0..nh).map(move |hd| (r, bi, hd)))).collect();
+    let tasks: Vec<(usize, usize, usize)> = (0..geo.rows)
+        .flat_map(|r| (0..geo.blocks[r].len()).flat_map(move |bi| (0..nh).map(move |hd| (r, bi, hd))))
+        .collect();
     tasks.into_par_iter().for_each(|(r, bi, head)| {
         let blk = &geo.blocks[r][bi];
         let base = r * geo.len;
@@ -123,7 +140,18 @@ pub(super) fn forward(geo: &Geometry, heads: Heads, qkv: &[f32]) -> (Vec<f32>, V
                 unsafe { *lse_ptr.ptr().add(head * n + q_row + i) = l };
             }
             // SAFETY: rows q_row..q_row+m, columns of `head`: written by this task only.
-            unsafe { Gemm::a_b(m, d, used).serial().run_raw(o_ptr.ptr().add(q_row * qw + head * d), qw, sc.as_ptr(), used, vb.as_ptr(), d, false, 1.0) };
+            unsafe {
+                Gemm::a_b(m, d, used).serial().run_raw(
+                    o_ptr.ptr().add(q_row * qw + head * d),
+                    qw,
+                    sc.as_ptr(),
+                    used,
+                    vb.as_ptr(),
+                    d,
+                    false,
+                    1.0,
+                )
+            };
         }
     });
     (o, lse)
@@ -171,7 +199,18 @@ pub(super) fn backward(geo: &Geometry, heads: Heads, qkv: &[f32], o: &[f32], lse
                         kernels::softcap_grad(dst, &cap_grad[..m * used], cap);
                     }
                     // SAFETY: q columns of `head`, rows of this block: this task only.
-                    unsafe { Gemm::a_b(m, d, used).serial().run_raw(dq_ptr.ptr().add(q_row * width + head * d), width, dst.as_ptr(), used, kb.as_ptr(), d, false, heads.scale) };
+                    unsafe {
+                        Gemm::a_b(m, d, used).serial().run_raw(
+                            dq_ptr.ptr().add(q_row * width + head * d),
+                            width,
+                            dst.as_ptr(),
+                            used,
+                            kb.as_ptr(),
+                            d,
+                            false,
+                            heads.scale,
+                        )
+                    };
                     Gemm::at_b(used, d, m).serial().run(&mut dkb, d, dst, used, q, width, true, heads.scale);
                 }
             }
@@ -189,7 +228,15 @@ pub(super) fn backward(geo: &Geometry, heads: Heads, qkv: &[f32], o: &[f32], lse
 }
 
 /// The keys and values `[nk, d]` of one kv head at the given token indices.
-fn gather_kv(qkv: &[f32], width: usize, base: usize, keys: &[u32], k_col: usize, v_col: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+fn gather_kv(
+    qkv: &[f32],
+    width: usize,
+    base: usize,
+    keys: &[u32],
+    k_col: usize,
+    v_col: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let (mut kb, mut vb) = (Vec::with_capacity(keys.len() * d), Vec::with_capacity(keys.len() * d));
     for &key in keys {
         let row = (base + key as usize) * width;

@@ -43,7 +43,15 @@ fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>) -> Cow<'a, [f32]> {
 /// LoRA deltas of a group of linears that read the same `x` `[n, in]`: `u_i = (x∘mask_i)·A_iᵀ`
 /// (one GEMM for the whole group when [`stacked`]), then `y[:, col_i..] += s_i·u_i·B_iᵀ`.
 /// Returns the `u`s side by side, `[n, Σr]`, for backward.
-pub(super) fn forward(x: &[f32], n: usize, in_dim: usize, group: &[Adapter], a: &[f32], y: &mut [f32], ldy: usize) -> Vec<f32> {
+pub(super) fn forward(
+    x: &[f32],
+    n: usize,
+    in_dim: usize,
+    group: &[Adapter],
+    a: &[f32],
+    y: &mut [f32],
+    ldy: usize,
+) -> Vec<f32> {
     let ranks: usize = group.iter().map(|g| g.rank).sum();
     let mut u = vec![0f32; n * ranks];
     if group.is_empty() {
@@ -55,7 +63,16 @@ pub(super) fn forward(x: &[f32], n: usize, in_dim: usize, group: &[Adapter], a: 
     } else {
         let mut col = 0;
         for g in group {
-            Gemm::a_bt(n, g.rank, in_dim).run(&mut u[col..], ranks, &masked(x, g.mask), in_dim, g.a, in_dim, false, 1.0);
+            Gemm::a_bt(n, g.rank, in_dim).run(
+                &mut u[col..],
+                ranks,
+                &masked(x, g.mask),
+                in_dim,
+                g.a,
+                in_dim,
+                false,
+                1.0,
+            );
             col += g.rank;
         }
     }
@@ -71,7 +88,18 @@ pub(super) fn forward(x: &[f32], n: usize, in_dim: usize, group: &[Adapter], a: 
 /// and `dx += Σ (du_i·A_i)∘mask_i` when the input needs a gradient (one GEMM each for a
 /// [`stacked`] group). `dy` is the group's output gradient, row stride `ldy`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn backward(dy: &[f32], ldy: usize, n: usize, in_dim: usize, group: &[Adapter], a: &[f32], u: &[f32], x: &[f32], dx: Option<&mut [f32]>, g: &mut LoraGrads) {
+pub(super) fn backward(
+    dy: &[f32],
+    ldy: usize,
+    n: usize,
+    in_dim: usize,
+    group: &[Adapter],
+    a: &[f32],
+    u: &[f32],
+    x: &[f32],
+    dx: Option<&mut [f32]>,
+    g: &mut LoraGrads,
+) {
     if group.is_empty() {
         return;
     }

@@ -80,7 +80,9 @@ pub fn supports(arch: &Architecture, device: &Device, dtype: DType) -> std::resu
         None | Some(QkNorm::PerHead) | Some(QkNorm::AcrossHeads) => {}
     }
     let fused_or_split = |a: &[Proj], b: Proj| projections.contains(&b) || a.iter().all(|p| projections.contains(p));
-    if !fused_or_split(&[Proj::Q, Proj::K, Proj::V], Proj::Qkv) || !fused_or_split(&[Proj::Gate, Proj::Up], Proj::GateUp) {
+    if !fused_or_split(&[Proj::Q, Proj::K, Proj::V], Proj::Qkv)
+        || !fused_or_split(&[Proj::Gate, Proj::Up], Proj::GateUp)
+    {
         return Err(format!("projections {projections:?} are not a layout the CPU op knows"));
     }
     if let Some(r) = ropes.iter().find(|r| r.rotary_dim % 2 != 0 || r.rotary_dim > *head_dim) {
@@ -115,7 +117,12 @@ impl LayerParams {
         let linears = layer
             .linears
             .iter()
-            .map(|(p, l)| Linear { proj: *p, weight: l.weight().clone(), bias: l.bias().cloned(), lora: l.lora().cloned() })
+            .map(|(p, l)| Linear {
+                proj: *p,
+                weight: l.weight().clone(),
+                bias: l.bias().cloned(),
+                lora: l.lora().cloned(),
+            })
             .collect();
         Self { arch: arch.clone(), norms: layer.norms.clone(), qk_norm: layer.qk_norm.clone(), linears, recompute }
     }
@@ -123,7 +130,13 @@ impl LayerParams {
 
 /// The layer on `x` `[rows, len, hidden]`: adapters as `mode` says, RoPE from `rope` (none for
 /// a NoPE layer), graph recorded only when something upstream or an adapter needs a gradient.
-pub fn forward(p: &LayerParams, geo: &Arc<Geometry>, rope: Option<Arc<RopeTables>>, x: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
+pub fn forward(
+    p: &LayerParams,
+    geo: &Arc<Geometry>,
+    rope: Option<Arc<RopeTables>>,
+    x: &Tensor,
+    mode: &mut LoraMode,
+) -> Result<Tensor> {
     let shape = x.shape().clone();
     let hidden = p.arch.hidden_size;
     let n = geo.tokens();
@@ -145,7 +158,12 @@ pub fn forward(p: &LayerParams, geo: &Arc<Geometry>, rope: Option<Arc<RopeTables
         return x.apply_op1_arc(Arc::new(Box::new(op)));
     }
     let flat = |f: fn(&LoraWeights) -> &candle_core::Var| -> Result<Tensor> {
-        let parts = p.linears.iter().filter_map(|l| l.lora.as_ref()).map(|l| f(l).as_tensor().flatten_all()).collect::<Result<Vec<_>>>()?;
+        let parts = p
+            .linears
+            .iter()
+            .filter_map(|l| l.lora.as_ref())
+            .map(|l| f(l).as_tensor().flatten_all())
+            .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)
     };
     x.apply_op3_arc(&flat(|l| &l.a)?, &flat(|l| &l.b)?, Arc::new(Box::new(op)))
@@ -273,7 +291,8 @@ impl LayerOp {
             Some(g) => Some([slice(&g[0])?, slice(&g[1])?]),
             None => None,
         };
-        let linears = lin_g.iter().map(|(w, b)| Ok((slice(w)?, b.as_ref().map(slice).transpose()?))).collect::<Result<_>>()?;
+        let linears =
+            lin_g.iter().map(|(w, b)| Ok((slice(w)?, b.as_ref().map(slice).transpose()?))).collect::<Result<_>>()?;
         f(&Weights { norms, qk_norm, linears })
     }
 
@@ -296,7 +315,13 @@ impl LayerOp {
     /// The linears reading `input`: `(index, column in the output buffer)`.
     fn members(&self, input: ProjInput) -> Vec<(usize, usize)> {
         let arch = self.arch();
-        self.p.linears.iter().enumerate().filter(|(_, l)| l.proj.input() == input).map(|(i, l)| (i, arch.proj_geometry(l.proj).1)).collect()
+        self.p
+            .linears
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.proj.input() == input)
+            .map(|(i, l)| (i, arch.proj_geometry(l.proj).1))
+            .collect()
     }
 
     fn group<'a>(&'a self, input: ProjInput, a: &'a [f32], b: &'a [f32]) -> Vec<Adapter<'a>> {
@@ -306,14 +331,26 @@ impl LayerOp {
     /// `y[:, cols] (+)= x·Wᵀ + bias` for every linear reading `input`, then their LoRA deltas;
     /// returns the adapters' `u` for backward.
     #[allow(clippy::too_many_arguments)]
-    fn project(&self, w: &Weights, input: ProjInput, x: &[f32], in_dim: usize, y: &mut [f32], ldy: usize, accumulate: bool, a: &[f32], b: &[f32]) -> Vec<f32> {
+    fn project(
+        &self,
+        w: &Weights,
+        input: ProjInput,
+        x: &[f32],
+        in_dim: usize,
+        y: &mut [f32],
+        ldy: usize,
+        accumulate: bool,
+        a: &[f32],
+        b: &[f32],
+    ) -> Vec<f32> {
         let n = self.geo.tokens();
         for (i, col) in self.members(input) {
             let (weight, bias) = w.linears[i];
             let out = weight.len() / in_dim;
             Gemm::a_bt(n, out, in_dim).run(&mut y[col..], ldy, x, in_dim, weight, in_dim, accumulate, 1.0);
             if let Some(bias) = bias {
-                y.par_chunks_mut(ldy).for_each(|row| row[col..col + out].iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+                y.par_chunks_mut(ldy)
+                    .for_each(|row| row[col..col + out].iter_mut().zip(bias).for_each(|(v, b)| *v += b));
             }
         }
         lora::forward(x, n, in_dim, &self.group(input, a, b), a, y, ldy)
@@ -322,13 +359,35 @@ impl LayerOp {
     /// Backward of [`Self::project`]: `dx (+)= dy·W` over the group (no dW: frozen), and the
     /// adapters' gradients.
     #[allow(clippy::too_many_arguments)]
-    fn project_backward(&self, w: &Weights, input: ProjInput, dy: &[f32], ldy: usize, x: &[f32], in_dim: usize, dx: Option<&mut [f32]>, u: &[f32], a: &[f32], b: &[f32], g: &mut LoraGrads) {
+    fn project_backward(
+        &self,
+        w: &Weights,
+        input: ProjInput,
+        dy: &[f32],
+        ldy: usize,
+        x: &[f32],
+        in_dim: usize,
+        dx: Option<&mut [f32]>,
+        u: &[f32],
+        a: &[f32],
+        b: &[f32],
+        g: &mut LoraGrads,
+    ) {
         let n = self.geo.tokens();
         let mut dx = dx;
         if let Some(dx) = dx.as_deref_mut() {
             for (k, (i, col)) in self.members(input).into_iter().enumerate() {
                 let weight = w.linears[i].0;
-                Gemm::a_b(n, in_dim, weight.len() / in_dim).run(dx, in_dim, &dy[col..], ldy, weight, in_dim, k > 0, 1.0);
+                Gemm::a_b(n, in_dim, weight.len() / in_dim).run(
+                    dx,
+                    in_dim,
+                    &dy[col..],
+                    ldy,
+                    weight,
+                    in_dim,
+                    k > 0,
+                    1.0,
+                );
             }
         }
         lora::backward(dy, ldy, n, in_dim, &self.group(input, a, b), a, u, x, dx, g);
@@ -381,7 +440,17 @@ impl LayerOp {
     /// `residual + post(project(x))`: straight into a copy of the residual when there is no
     /// post-norm; else through its own buffer, kept raw for backward.
     #[allow(clippy::too_many_arguments)]
-    fn residual(&self, w: &Weights, input: ProjInput, residual: &[f32], x: &[f32], in_dim: usize, post: Option<&[f32]>, a: &[f32], b: &[f32]) -> (Vec<f32>, Vec<f32>, Option<PostNormed>) {
+    fn residual(
+        &self,
+        w: &Weights,
+        input: ProjInput,
+        residual: &[f32],
+        x: &[f32],
+        in_dim: usize,
+        post: Option<&[f32]>,
+        a: &[f32],
+        b: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Option<PostNormed>) {
         let h = self.arch().hidden_size;
         let mut out = residual.to_vec();
         let Some(nw) = post else {
@@ -431,28 +500,62 @@ impl LayerOp {
         self.with_weights(|w| Ok(self.backward_impl(w, &s, x, a, b, d_out)))
     }
 
-    fn backward_impl(&self, w: &Weights, s: &Saved, x: &[f32], a: &[f32], b: &[f32], d_out: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn backward_impl(
+        &self,
+        w: &Weights,
+        s: &Saved,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        d_out: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (h, qw, kw, inter, n) = self.dims();
         let width = qw + 2 * kw;
         let mut g = LoraGrads { da: vec![0f32; a.len()], db: vec![0f32; b.len()] };
         // MLP: out = h + post(down(act(gate)·up))
         let d_m = post_norm_backward(d_out, s.mlp_post.as_ref(), w.norms[3], h);
         let mut d_act = vec![0f32; n * inter];
-        self.project_backward(w, ProjInput::MlpOut, &d_m, h, &s.act, inter, Some(&mut d_act), &s.lora_u[3], a, b, &mut g);
+        self.project_backward(
+            w,
+            ProjInput::MlpOut,
+            &d_m,
+            h,
+            &s.act,
+            inter,
+            Some(&mut d_act),
+            &s.lora_u[3],
+            a,
+            b,
+            &mut g,
+        );
         drop(d_m);
         let mut d_gate_up = vec![0f32; n * 2 * inter];
         let activation = self.arch().activation;
-        d_gate_up.par_chunks_mut(2 * inter).zip(s.gate_up.par_chunks(2 * inter)).zip(d_act.par_chunks(inter)).for_each(|((dgu, gu), d)| {
-            let (dg, du) = dgu.split_at_mut(inter);
-            match activation {
-                Activation::Silu => kernels::silu_mul_bwd(dg, du, &gu[..inter], &gu[inter..], d),
-                Activation::GeluTanh => kernels::gelu_tanh_mul_bwd(dg, du, &gu[..inter], &gu[inter..], d),
-            }
-        });
+        d_gate_up.par_chunks_mut(2 * inter).zip(s.gate_up.par_chunks(2 * inter)).zip(d_act.par_chunks(inter)).for_each(
+            |((dgu, gu), d)| {
+                let (dg, du) = dgu.split_at_mut(inter);
+                match activation {
+                    Activation::Silu => kernels::silu_mul_bwd(dg, du, &gu[..inter], &gu[inter..], d),
+                    Activation::GeluTanh => kernels::gelu_tanh_mul_bwd(dg, du, &gu[..inter], &gu[inter..], d),
+                }
+            },
+        );
         drop(d_act);
         let xm = s.mlp_in.as_ref().map_or(s.h.as_slice(), |(v, _)| v.as_slice());
         let mut d_xm = vec![0f32; n * h];
-        self.project_backward(w, ProjInput::Mlp, &d_gate_up, 2 * inter, xm, h, Some(&mut d_xm), &s.lora_u[2], a, b, &mut g);
+        self.project_backward(
+            w,
+            ProjInput::Mlp,
+            &d_gate_up,
+            2 * inter,
+            xm,
+            h,
+            Some(&mut d_xm),
+            &s.lora_u[2],
+            a,
+            b,
+            &mut g,
+        );
         drop(d_gate_up);
         let mut dh = d_out.to_vec();
         pre_norm_backward(&mut dh, &d_xm, &s.h, s.mlp_in.as_ref(), w.norms[2], h);
@@ -460,7 +563,19 @@ impl LayerOp {
         // Attention: h = x + post(o_proj(attn(...)))
         let d_a = post_norm_backward(&dh, s.attn_post.as_ref(), w.norms[1], h);
         let mut d_o = vec![0f32; n * qw];
-        self.project_backward(w, ProjInput::AttentionOut, &d_a, h, &s.o, qw, Some(&mut d_o), &s.lora_u[1], a, b, &mut g);
+        self.project_backward(
+            w,
+            ProjInput::AttentionOut,
+            &d_a,
+            h,
+            &s.o,
+            qw,
+            Some(&mut d_o),
+            &s.lora_u[1],
+            a,
+            b,
+            &mut g,
+        );
         drop(d_a);
         let mut d_qkv = attention::backward(&self.geo, self.heads(), &s.qkv, &s.o, &s.lse, &d_o);
         drop(d_o);
@@ -470,7 +585,19 @@ impl LayerOp {
         }
         let xa = s.attn_in.as_ref().map_or(x, |(v, _)| v.as_slice());
         let mut d_xa = if self.need_dx { vec![0f32; n * h] } else { Vec::new() };
-        self.project_backward(w, ProjInput::Attention, &d_qkv, width, xa, h, self.need_dx.then_some(&mut d_xa[..]), &s.lora_u[0], a, b, &mut g);
+        self.project_backward(
+            w,
+            ProjInput::Attention,
+            &d_qkv,
+            width,
+            xa,
+            h,
+            self.need_dx.then_some(&mut d_xa[..]),
+            &s.lora_u[0],
+            a,
+            b,
+            &mut g,
+        );
         if !self.need_dx {
             return (Vec::new(), g.da, g.db);
         }
@@ -529,7 +656,14 @@ fn post_norm_backward<'a>(d: &'a [f32], post: Option<&PostNormed>, w: Option<&[f
 }
 
 /// `dx += ` the gradient of a sublayer's input `d_in`, through its pre-norm if it has one.
-fn pre_norm_backward(dx: &mut [f32], d_in: &[f32], x: &[f32], normed: Option<&(Vec<f32>, Vec<f32>)>, w: Option<&[f32]>, h: usize) {
+fn pre_norm_backward(
+    dx: &mut [f32],
+    d_in: &[f32],
+    x: &[f32],
+    normed: Option<&(Vec<f32>, Vec<f32>)>,
+    w: Option<&[f32]>,
+    h: usize,
+) {
     match (normed, w) {
         (Some((_, inv)), Some(w)) => rms_norm_backward(dx, d_in, x, inv, w, h),
         _ => dx.par_iter_mut().zip(d_in.par_iter()).for_each(|(a, b)| *a += b),
@@ -557,18 +691,43 @@ impl CustomOp3 for LayerOp {
         "cpu-decoder-layer-lora"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.run_forward(cpu_storage_f32(s1, l1)?, cpu_storage_f32(s2, l2)?, cpu_storage_f32(s3, l3)?, !self.p.recompute)?;
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self.run_forward(
+            cpu_storage_f32(s1, l1)?,
+            cpu_storage_f32(s2, l2)?,
+            cpu_storage_f32(s3, l3)?,
+            !self.p.recompute,
+        )?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         self.backward_tensors(x, Some((a, b)), dy)
     }
 }
 
 impl LayerOp {
-    fn backward_tensors(&self, x: &Tensor, ab: Option<(&Tensor, &Tensor)>, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward_tensors(
+        &self,
+        x: &Tensor,
+        ab: Option<(&Tensor, &Tensor)>,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let (xs, xl) = x.storage_and_layout();
         let (ds, dl) = dy.storage_and_layout();
