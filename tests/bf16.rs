@@ -32,7 +32,9 @@ fn bf16_reference_logps_match_golden_within_stated_tolerance() {
     assert_eq!(model.dtype(), DType::BF16);
     let logps = response_logps(&model, &batch(&golden_pairs()), &mut LoraMode::Off).unwrap();
     assert_eq!(logps.dtype(), DType::F32, "log-probs are summed in f32");
-    for (i, (got, want)) in to_vec(&logps).iter().zip(&want).enumerate() {
+    let got = to_vec(&logps);
+    assert_eq!(got.len(), want.len(), "bf16 reference logps");
+    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
         assert_rel(&format!("bf16 reference logp {i}"), *got, *want, 2.5e-3);
     }
 }
@@ -55,6 +57,7 @@ fn bf16_policy_step_keeps_adapters_gradients_and_optimizer_in_f32() {
     assert_close("bf16 vs f32 policy logps", &lp16, &lp32, 0.1);
     assert_ne!(lp16, lp32, "bf16 really ran in bf16");
     assert_rel("bf16 vs f32 loss", loss16, loss32, 2e-3);
+    assert_eq!((g16.len(), g32.len()), (p16.len(), p16.len()), "one gradient per LoRA tensor");
     for ((p, a), b) in p16.iter().zip(&g16).zip(&g32) {
         assert_eq!((p.var.dtype(), a.dtype()), (DType::F32, DType::F32), "{}: adapter and gradient in f32", p.name);
         norm_close(&to_vec(a), &to_vec(b), 5e-2).unwrap_or_else(|e| panic!("{}: {e}", p.name));
@@ -66,6 +69,7 @@ fn bf16_policy_step_keeps_adapters_gradients_and_optimizer_in_f32() {
     // Recomputation is the same computation in bf16 too.
     let (_, lp16r, g16r, _) = run(DType::BF16, true);
     assert_eq!(lp16r, lp16);
+    assert_eq!(g16r.len(), g16.len());
     for (a, b) in g16r.iter().zip(&g16) {
         assert_eq!(to_vec(a), to_vec(b));
     }

@@ -2,7 +2,7 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 /// A run that exercises every piece of state: shuffled order, LoRA dropout (RNG), warmup +
 /// linear decay (scheduler), clipping, weight decay, gradient accumulation, an epoch boundary
@@ -206,16 +206,15 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143() {
     let mut args = run_args(&out);
     let steps = args.iter().position(|a| a == "--max-steps").unwrap() + 1;
     args[steps] = "100000".into();
-    let child = Command::new(bin()).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    // Wait until training is under way (a metrics line exists), then ask it to stop.
+    let mut child = Running::spawn(&mut dpo_command(&args));
+    // Wait until training is under way (two metrics lines), then ask it to stop.
     let metrics = out.join("metrics.jsonl");
-    while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 2 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    child.wait_until("two lines in metrics.jsonl", || {
+        std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) >= 2
+    });
     unsafe { libc_kill(child.id() as i32, 15) };
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(143));
-    let err = String::from_utf8_lossy(&o.stderr);
+    let (status, err) = child.wait("dpo to exit after SIGTERM");
+    assert_eq!(status.code(), Some(143), "{err}");
     assert!(err.contains("dpo train --resume"), "{err}");
     let newest = *checkpoints(&out).last().unwrap();
     assert_eq!(newest, metrics_without_timing(&out).len(), "checkpoint of the last finished step");

@@ -22,6 +22,11 @@ fn data(rel: &str) -> PathBuf {
     fixtures().join("data").join(rel)
 }
 
+/// `FILE:LINE: ` as an error names a bad row (the colon after the number: line 4 is not line 40).
+fn at(file: &Path, line: usize) -> String {
+    format!("{}:{line}: ", file.display())
+}
+
 fn err(files: &[PathBuf]) -> String {
     match build(files, "auto") {
         Ok((_, a)) => a.check_skip_ratio(0.01).map(|_| "no error".to_string()).unwrap_or_else(|e| format!("{e:#}")),
@@ -139,21 +144,26 @@ fn bad_inputs_fail_naming_file_line_and_field() {
         std::fs::write(&p, bytes).unwrap();
         p
     };
-    let e = err(&[write("malformed.jsonl", b"{\"question\": \"x\"\n")]);
-    assert!(e.contains("malformed.jsonl:4") && e.contains("malformed JSON"), "{e}");
-    let e = err(&[write("types.jsonl", b"{\"question\": \"x\", \"chosen\": 3, \"rejected\": \"r\"}\n")]);
-    assert!(e.contains("types.jsonl:4") && e.contains("\"chosen\" must be a string"), "{e}");
-    let e = err(&[write("empty.jsonl", b"{\"question\": \"x\", \"chosen\": \"\", \"rejected\": \"r\"}\n")]);
-    assert!(e.contains("empty.jsonl:4") && e.contains("empty response"), "{e}");
-    let e = err(&[write("utf8.jsonl", b"{\"question\": \"\xff\", \"chosen\": \"a\", \"rejected\": \"r\"}\n")]);
-    assert!(e.contains("utf8.jsonl:4") && e.contains("UTF-8"), "{e}");
+    let bad = write("malformed.jsonl", b"{\"question\": \"x\"\n");
+    let e = err(&[bad.clone()]);
+    assert!(e.contains(&at(&bad, 4)) && e.contains("malformed JSON"), "{e}");
+    let bad = write("types.jsonl", b"{\"question\": \"x\", \"chosen\": 3, \"rejected\": \"r\"}\n");
+    let e = err(&[bad.clone()]);
+    assert!(e.contains(&at(&bad, 4)) && e.contains("\"chosen\" must be a string"), "{e}");
+    let bad = write("empty.jsonl", b"{\"question\": \"x\", \"chosen\": \"\", \"rejected\": \"r\"}\n");
+    let e = err(&[bad.clone()]);
+    assert!(e.contains(&at(&bad, 4)) && e.contains("empty response"), "{e}");
+    let bad = write("utf8.jsonl", b"{\"question\": \"\xff\", \"chosen\": \"a\", \"rejected\": \"r\"}\n");
+    let e = err(&[bad.clone()]);
+    assert!(e.contains(&at(&bad, 4)) && e.contains("UTF-8"), "{e}");
     let cols = dir.join("cols.jsonl");
     std::fs::write(&cols, "{\"instruction\": \"x\", \"output\": \"y\"}\n").unwrap();
     let e = err(&[cols.clone()]);
-    assert!(e.contains("cols.jsonl:1") && e.contains("instruction, output"), "{e}");
+    assert!(e.contains(&at(&cols, 1)) && e.contains("instruction, output"), "{e}");
     let zero = dir.join("zero.jsonl");
     std::fs::write(&zero, "not json\n").unwrap();
-    assert!(err(&[zero]).contains("no usable rows"));
+    let e = err(&[zero.clone()]);
+    assert!(e.contains("no usable rows") && e.contains(&format!("{}malformed JSON", at(&zero, 1))), "{e}");
     let tok = PairTokenizer::from_model_dir(&model_dir("tiny-llama")).unwrap();
     // An unknown --format is a usage error (exit 2) listing the formats.
     let o = dpo(&[
@@ -175,11 +185,16 @@ fn bad_inputs_fail_naming_file_line_and_field() {
         .and_then(|(_, a)| a.check_skip_ratio(0.01))
         .err();
     let e = e.map(|e| format!("{e:#}")).unwrap_or_default();
-    assert!(e.contains("roles must alternate") && e.contains("test.jsonl:1"), "{e}");
-    let s = Settings { template_file: Some(dir.join("nope.jinja")), ..Settings::default() };
-    assert!(Pipeline::build(&[orca("test")], s, tok, &model_dir("tiny-llama")).is_err());
+    assert!(e.contains("roles must alternate") && e.contains(&at(&orca("test"), 1)), "{e}");
+    let nope = dir.join("nope.jinja");
+    let s = Settings { template_file: Some(nope.clone()), ..Settings::default() };
+    let e = Pipeline::build(&[orca("test")], s, tok, &model_dir("tiny-llama")).err().map(|e| format!("{e:#}"));
+    assert!(e.as_ref().is_some_and(|e| e.contains(p(&nope))), "a missing template file is named: {e:?}");
     let e = err(&[orca("test"), data("ultrafeedback_binarized/test_prefs.parquet")]);
-    assert_ne!(e, "no error");
+    // Orca's columns, fixed by the first file, are missing from every row of the parquet file.
+    let parquet = data("ultrafeedback_binarized/test_prefs.parquet");
+    assert!(e.contains("32 of 64 rows are unusable"), "{e}");
+    assert!(e.contains(&format!("{}: row 1: missing field \"question\"", parquet.display())), "{e}");
 }
 
 #[test]

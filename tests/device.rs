@@ -20,8 +20,15 @@ fn device() -> Device {
 
 struct Check {
     name: String,
-    error: f64,
+    /// The error, or why none could be measured (lengths, NaN/inf): a failure.
+    error: Result<f64, String>,
     tolerance: f64,
+}
+
+impl Check {
+    fn ok(&self) -> bool {
+        self.error.as_ref().is_ok_and(|e| *e <= self.tolerance)
+    }
 }
 
 /// Log-probs (max |Δ|) and LoRA gradients (max |Δ|/|g| over tensors) of the mean sigmoid loss
@@ -32,7 +39,7 @@ fn logps_and_grads(
     pairs: &[dpo::data::TokenizedPair],
     want_logps: &[f64],
     grads_file: &std::path::Path,
-) -> (f64, f64) {
+) -> (Result<f64, String>, Result<f64, String>) {
     let batch = PairBatch::new(pairs, 3, model.device()).unwrap();
     let loss = Objective::single(LossKind::Sigmoid, 0.1);
     let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, &batch, &loss, &mut LoraMode::On).unwrap();
@@ -40,17 +47,21 @@ fn logps_and_grads(
         &Tensor::cat(&[&logps.ref_chosen, &logps.ref_rejected, &logps.policy_chosen, &logps.policy_rejected], 0)
             .unwrap(),
     );
-    let logp_err = got.iter().zip(want_logps).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let logp_err = max_abs_diff("logps", &got, want_logps);
     let grads = losses.mean_all().unwrap().backward().unwrap();
     let want = load_safetensors(grads_file);
-    let grad_err = params
-        .iter()
-        .map(|p| {
-            let (g, w) = (to_vec(grads.get(&p.var).unwrap()), to_vec(&want[&p.name]));
+    if want.len() != params.len() {
+        return (logp_err, Err(format!("{} golden gradients for {} LoRA tensors", want.len(), params.len())));
+    }
+    let mut grad_err = Ok(0.0f64);
+    for p in params {
+        let (g, w) = (to_vec(grads.get(&p.var).unwrap()), to_vec(&want[&p.name]));
+        let rel = comparable(&format!("grad {}", p.name), &g, &w).map(|()| {
             let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt();
             g.iter().zip(&w).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt() / norm.max(1e-12)
-        })
-        .fold(0.0, f64::max);
+        });
+        grad_err = grad_err.and_then(|worst| rel.map(|r| worst.max(r)));
+    }
     (logp_err, grad_err)
 }
 
@@ -105,7 +116,7 @@ fn golden_values_on_the_test_device() {
     let m16 = CausalLm::load(&model_dir("tiny-llama-bf16"), DType::BF16, &dev).unwrap();
     let b = PairBatch::new(&golden_pairs(), 3, &dev).unwrap();
     let got16 = to_vec(&dpo::scoring::response_logps(&m16, &b, &mut LoraMode::Off).unwrap());
-    let rel = got16.iter().zip(&want16).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
+    let rel = max_rel_diff("bf16 reference logps", &got16, &want16);
     checks.push(Check {
         name: "tiny-llama-bf16 bf16 reference logps (relative)".into(),
         error: rel,
@@ -114,7 +125,13 @@ fn golden_values_on_the_test_device() {
 
     let report: Vec<_> = checks
         .iter()
-        .map(|c| json!({"check": c.name, "error": c.error, "tolerance": c.tolerance, "ok": c.error <= c.tolerance}))
+        .map(|c| {
+            let error = match &c.error {
+                Ok(e) => json!(e),
+                Err(why) => json!(why),
+            };
+            json!({"check": c.name, "error": error, "tolerance": c.tolerance, "ok": c.ok()})
+        })
         .collect();
     let report = json!({"device": format!("{dev:?}"), "checks": report});
     if let Ok(path) = std::env::var("DPO_TEST_REPORT") {
@@ -122,8 +139,11 @@ fn golden_values_on_the_test_device() {
     }
     let failed: Vec<String> = checks
         .iter()
-        .filter(|c| !(c.error <= c.tolerance))
-        .map(|c| format!("{}: {:e} > {:e}", c.name, c.error, c.tolerance))
+        .filter(|c| !c.ok())
+        .map(|c| match &c.error {
+            Ok(e) => format!("{}: {e:e} > {:e}", c.name, c.tolerance),
+            Err(why) => format!("{}: {why}", c.name),
+        })
         .collect();
     assert!(failed.is_empty(), "on {dev:?}:\n{}", failed.join("\n"));
 }

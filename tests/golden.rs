@@ -98,7 +98,9 @@ fn losses_and_metrics_match_golden() {
             let scored = score(&model, &batch, &objective, &mut LoraMode::On).unwrap();
             let want = &m["losses"][name];
             let per_pair = objective.per_pair(&scored.logps, None).unwrap().expect("a loss per pair");
-            for (i, (got, want)) in per_pair.iter().zip(f64s(&want["per_pair"])).enumerate() {
+            let want_pairs = f64s(&want["per_pair"]);
+            assert_eq!(per_pair.len(), want_pairs.len(), "{golden_model} {name}: per-pair losses");
+            for (i, (got, want)) in per_pair.iter().zip(want_pairs).enumerate() {
                 assert_rel(&format!("{golden_model} {name} pair {i}"), *got, want, 1e-5);
             }
             let metrics = RewardMetrics::mean(&[scored.collect(&objective, &batch, false).unwrap()]);

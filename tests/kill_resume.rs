@@ -3,7 +3,6 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const TRIALS: usize = 20;
@@ -53,7 +52,8 @@ fn next(state: &mut u64) -> u64 {
 fn sigkill_at_random_times_then_resume_is_bit_identical() {
     let reference = scratch("kill_reference");
     let started = Instant::now();
-    assert!(Command::new(bin()).args(args(&reference)).output().unwrap().status.success());
+    let (status, err) = dpo_bounded("the uninterrupted run", &args(&reference));
+    assert!(status.success(), "{err}");
     let full = started.elapsed().as_millis() as u64;
     let want_adapter = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
     let want_metrics = metrics_without_timing(&reference);
@@ -63,10 +63,12 @@ fn sigkill_at_random_times_then_resume_is_bit_identical() {
     for trial in 0..TRIALS {
         let out = scratch(&format!("kill_trial_{trial}"));
         let delay = next(&mut seed) % full.max(1);
-        let mut child = Command::new(bin()).args(args(&out)).stderr(std::process::Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(delay));
-        let _ = child.kill(); // SIGKILL
-        child.wait().unwrap();
+        let mut child = Running::spawn(&mut dpo_command(&args(&out)));
+        match child.run_for(Duration::from_millis(delay)) {
+            // Finished before the kill: it must have succeeded.
+            Some(status) => assert!(status.success(), "trial {trial}: dpo failed on its own: {}", child.stderr()),
+            None => child.kill(), // SIGKILL
+        }
 
         if !out.join("adapter_model.safetensors").exists() {
             let resume = if dpo::checkpoint::list(&out).unwrap().is_empty() {
@@ -78,8 +80,8 @@ fn sigkill_at_random_times_then_resume_is_bit_identical() {
                 resumed += 1;
                 vec!["train".into(), "--resume".into(), out.to_str().unwrap().into()]
             };
-            let o = Command::new(bin()).args(&resume).output().unwrap();
-            assert!(o.status.success(), "trial {trial} (killed at {delay} ms): {}", String::from_utf8_lossy(&o.stderr));
+            let (status, err) = dpo_bounded(&format!("trial {trial}'s resumed run"), &resume);
+            assert!(status.success(), "trial {trial} (killed at {delay} ms): {err}");
         }
         assert_eq!(
             std::fs::read(out.join("adapter_model.safetensors")).unwrap(),

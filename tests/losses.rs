@@ -84,7 +84,9 @@ fn pairs(g: &serde_json::Value) -> Vec<TokenizedPair> {
 
 /// The README's rule: `|a − b| ≤ 1e-5·max(1, |b|) + 2^-21·sensitivity` (sensitivity: how much the
 /// loss moves when the summed fp32 log-probs move by a relative 1).
+/// NaN or inf on either side fails.
 fn loss_close(what: &str, got: f64, want: f64, sensitivity: f64) -> Result<(), String> {
+    comparable(what, &[got], &[want])?;
     let tol = 1e-5 * want.abs().max(1.0) + sensitivity / f64::from(1u32 << 21);
     if (got - want).abs() <= tol {
         Ok(())
@@ -126,6 +128,14 @@ fn every_golden_loss_matches_trl_losses_metrics_and_gradients() {
             (None, None) => {}
             (Some(got), Some(want)) => {
                 let sens = f64s(&c["logp_sensitivity"]["per_pair"]);
+                if got.len() != want.len() || sens.len() != want.len() {
+                    check(Err(format!(
+                        "per-pair: {} computed, {} golden, {} sensitivities",
+                        got.len(),
+                        want.len(),
+                        sens.len()
+                    )));
+                }
                 for (i, (a, b)) in got.iter().zip(want).enumerate() {
                     check(loss_close(&format!("pair {i}"), *a, b.as_f64().unwrap(), sens[i]));
                 }
@@ -153,10 +163,8 @@ fn every_golden_loss_matches_trl_losses_metrics_and_gradients() {
         assert_eq!(want.len(), params.len(), "{name}: one golden gradient per LoRA tensor");
         for p in &params {
             let got = to_vec(grads.get(&p.var).unwrap_or_else(|| panic!("{name} {}: no gradient", p.name)));
-            let worst = got.iter().zip(to_vec(&want[&p.name])).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-            if worst > 1e-4 * norm {
-                check(Err(format!("gradient {}: max |Δ| {worst:e} > 1e-4·{norm}", p.name)));
-            }
+            // Within 1e-4 of the whole gradient's norm, elementwise.
+            check(all_close(&format!("gradient {}", p.name), &got, &to_vec(&want[&p.name]), Tol::abs(1e-4 * norm)));
         }
     }
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
@@ -241,9 +249,7 @@ fn cli_eval_and_one_step_train_give_trl_losses_and_gradient_norms() {
             sens["batch"].as_f64().unwrap(),
         ));
         let (got, want) = (step["grad_norm"].as_f64().unwrap(), c["grad_norm"].as_f64().unwrap());
-        if (got - want).abs() > 1e-4 * want {
-            check(Err(format!("train grad_norm: got {got}, want {want}")));
-        }
+        check(all_close("train grad_norm", &[got], &[want], Tol::rel(1e-4)));
     }
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }

@@ -37,7 +37,8 @@ fn merged_model_equals_base_plus_adapter() {
         let want = to_vec(&response_logps(&with_adapter, &b, &mut LoraMode::On).unwrap());
         if tol.is_nan() {
             // bf16 storage rounds each weight to 8 bits of mantissa: close, not exact.
-            let worst = got.iter().zip(&want).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
+            let worst =
+                max_rel_diff(&format!("{model} bf16 merged logps"), &got, &want).unwrap_or_else(|e| panic!("{e}"));
             assert!(worst < 0.02, "bf16 merge drifted {worst}");
             assert_eq!(read_json(&out.join("config.json"))["dtype"], "bfloat16");
         } else {

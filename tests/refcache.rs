@@ -7,22 +7,34 @@ use dpo::data::PairBatch;
 use dpo::refcache::RefCache;
 use dpo::scoring::{reference_forwards, reference_logps};
 
+/// 4 steps of 4 pairs: the 16 pairs whose reference log-probs a run needs.
+const FIXED: [&str; 12] = [
+    "--device",
+    "cpu",
+    "--batch-size",
+    "4",
+    "--lr",
+    "5e-3",
+    "--max-steps",
+    "4",
+    "--max-grad-norm",
+    "0",
+    "--lr-scheduler",
+    "constant",
+];
+const PAIRS: usize = 16;
+
 fn args(out: &std::path::Path, extra: &[&str]) -> TrainArgs {
-    let fixed = [
-        "--device",
-        "cpu",
-        "--batch-size",
-        "4",
-        "--lr",
-        "5e-3",
-        "--max-steps",
-        "4",
-        "--max-grad-norm",
-        "0",
-        "--lr-scheduler",
-        "constant",
-    ];
-    train_args(out, &[&fixed[..], extra].concat())
+    train_args(out, &[&FIXED[..], extra].concat())
+}
+
+/// The same run through the binary, for its stderr.
+fn cli(out: &std::path::Path, extra: &[&str]) -> String {
+    let (model, data) = (model_dir("tiny-llama"), orca("train"));
+    let base = ["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(out)];
+    let o = dpo(&[&base[..], &FIXED, extra].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    stderr(&o)
 }
 
 #[test]
@@ -82,8 +94,11 @@ fn training_with_the_cache_is_bit_identical_to_training_without() {
     let dir = scratch("refcache-train");
     let cache = dir.join("cache");
     dpo::train::run(&args(&dir.join("plain"), &[])).unwrap();
-    dpo::train::run(&args(&dir.join("fill"), &["--ref-cache", cache.to_str().unwrap()])).unwrap();
-    dpo::train::run(&args(&dir.join("hit"), &["--ref-cache", cache.to_str().unwrap(), "--beta", "0.1"])).unwrap();
+    let fill = cli(&dir.join("fill"), &["--ref-cache", p(&cache)]);
+    assert_eq!(ref_cache_counts(&fill), (0, PAIRS), "the first run fills the cache (reused, computed)");
+    // The hit: every pair's reference read from the cache, no reference forward.
+    let hit = cli(&dir.join("hit"), &["--ref-cache", p(&cache), "--beta", "0.1"]);
+    assert_eq!(ref_cache_counts(&hit), (PAIRS, 0), "the second run is all hits (reused, computed)");
     let plain = metrics_without_timing(&dir.join("plain"));
     assert_eq!(plain.len(), 4);
     assert_eq!(metrics_without_timing(&dir.join("fill")), plain);

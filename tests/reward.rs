@@ -41,10 +41,14 @@ fn rewards_loss_metrics_and_gradients_match_trl() {
     }
     let objective = Objective::reward_model();
     let batch = batch(&pairs);
+    // A delta: the counter is per thread and other code on this thread may have run before.
+    let before = dpo::scoring::reference_forwards();
     let scored = dpo::scoring::score_batch(&model, &batch, &objective, &mut LoraMode::On).unwrap();
-    assert_eq!(dpo::scoring::reference_forwards(), 0, "a reward model has no reference");
+    assert_eq!(dpo::scoring::reference_forwards() - before, 0, "a reward model has no reference");
     let (rc, rr) = (to_vec(&scored.logps.policy_chosen), to_vec(&scored.logps.policy_rejected));
     let per_pair = objective.per_pair(&scored.logps, None).unwrap().unwrap();
+    let n = g["pairs"].as_array().unwrap().len();
+    assert_eq!((rc.len(), rr.len(), per_pair.len()), (n, n, n), "rewards and losses per golden pair");
     for (i, p) in g["pairs"].as_array().unwrap().iter().enumerate() {
         assert_fixture_close(&format!("pair {i} r_chosen"), rc[i], p["reward_chosen"].as_f64().unwrap(), 1e-5);
         assert_fixture_close(&format!("pair {i} r_rejected"), rr[i], p["reward_rejected"].as_f64().unwrap(), 1e-5);
@@ -101,7 +105,9 @@ fn five_step_reward_training_matches_trl_and_saves_a_peft_seq_cls_adapter_that_s
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let lines = metrics_without_timing(&out);
-    for (got, want) in lines.iter().zip(g["train"]["steps"].as_array().unwrap()) {
+    let steps = g["train"]["steps"].as_array().unwrap();
+    assert_eq!(lines.len(), steps.len(), "metrics lines vs golden steps");
+    for (got, want) in lines.iter().zip(steps) {
         let step = got["step"].as_u64().unwrap();
         assert_fixture_close(
             &format!("step {step} loss"),
@@ -161,7 +167,9 @@ fn five_step_reward_training_matches_trl_and_saves_a_peft_seq_cls_adapter_that_s
     assert_fixture_close("score loss", summary["loss"].as_f64().unwrap(), g["batch8"]["loss"].as_f64().unwrap(), 1e-5);
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&scores).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    for (line, p) in lines.iter().zip(g["pairs"].as_array().unwrap()) {
+    let pairs = g["pairs"].as_array().unwrap();
+    assert_eq!(lines.len(), pairs.len(), "one score line per golden pair");
+    for (line, p) in lines.iter().zip(pairs) {
         assert_fixture_close(
             "reward_chosen",
             line["reward_chosen"].as_f64().unwrap(),

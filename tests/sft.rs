@@ -8,7 +8,6 @@ use dpo::data::pipeline::{Pipeline, Settings};
 use dpo::loss::{Objective, RewardMetrics};
 use dpo::nn::LoraMode;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn stages() -> serde_json::Value {
@@ -66,8 +65,9 @@ fn batch_loss_metrics_and_gradients_match_trl() {
         let want = &g["sft"][name]["batch8"];
         let pairs = &completions(file)[..8];
         let batch = batch(pairs);
+        let before = dpo::scoring::reference_forwards();
         let scored = dpo::scoring::score_batch(&model, &batch, &objective, &mut LoraMode::On).unwrap();
-        assert_eq!(dpo::scoring::reference_forwards(), 0, "SFT runs no reference forward");
+        assert_eq!(dpo::scoring::reference_forwards() - before, 0, "SFT runs no reference forward");
         let loss = scored.loss.to_scalar::<f32>().unwrap() as f64;
         assert_fixture_close(&format!("{file} loss"), loss, want["loss"].as_f64().unwrap(), 1e-5);
         let metrics = RewardMetrics::mean(&[scored.collect(&objective, &batch, false).unwrap()]);
@@ -187,22 +187,20 @@ fn sigkilled_sft_resumes_bit_identically() {
         ["--max-steps", "10", "--batch-size", "2", "--save-steps", "1", "--lora-dropout", "0.05", "--seed", "3"];
     let reference = scratch("sft_kill_reference");
     let started = Instant::now();
-    let o = dpo(&sft_args(&reference, "chat_messages.jsonl", &extra));
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (status, err) = dpo_bounded("the uninterrupted run", &sft_args(&reference, "chat_messages.jsonl", &extra));
+    assert!(status.success(), "{err}");
     let full = started.elapsed().as_millis() as u64;
     let want_adapter = std::fs::read(reference.join("adapter_model.safetensors")).unwrap();
     let want_metrics = metrics_without_timing(&reference);
     let mut resumed = 0;
     for trial in 0..6u64 {
         let out = scratch(&format!("sft_kill_{trial}"));
-        let mut child = Command::new(bin())
-            .args(sft_args(&out, "chat_messages.jsonl", &extra))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis((trial * 2 + 1) * full / 13));
-        let _ = child.kill();
-        child.wait().unwrap();
+        let mut child = Running::spawn(&mut dpo_command(&sft_args(&out, "chat_messages.jsonl", &extra)));
+        match child.run_for(Duration::from_millis((trial * 2 + 1) * full / 13)) {
+            // Finished before the kill: it must have succeeded.
+            Some(status) => assert!(status.success(), "trial {trial}: dpo sft failed on its own: {}", child.stderr()),
+            None => child.kill(),
+        }
         if out.join("adapter_model.safetensors").exists() {
             continue;
         }
@@ -212,8 +210,8 @@ fn sigkilled_sft_resumes_bit_identically() {
             resumed += 1;
             vec!["sft".into(), "--resume".into(), p(&out).into()]
         };
-        let o = dpo(&resume);
-        assert!(o.status.success(), "trial {trial}: {}", stderr(&o));
+        let (status, err) = dpo_bounded(&format!("trial {trial}'s resumed run"), &resume);
+        assert!(status.success(), "trial {trial}: {err}");
         assert_eq!(
             std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
             want_adapter,

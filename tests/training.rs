@@ -68,11 +68,12 @@ fn golden_twenty_step_run_matches_pytorch() {
     dpo::train::run(&golden_run_args(&out, 20)).unwrap();
     let lines = metrics_lines(&out);
     assert_eq!(lines.len(), 20);
+    assert_eq!(steps.len(), 20, "golden steps");
     for (line, want) in lines.iter().zip(steps) {
         let step = line["step"].as_u64().unwrap();
         assert_eq!(step, want["step"].as_u64().unwrap());
         let (got, want_loss) = (line["loss"].as_f64().unwrap(), want["loss"].as_f64().unwrap());
-        assert!((got - want_loss).abs() <= 1e-4, "step {step}: loss {got} vs golden {want_loss}");
+        assert_close(&format!("step {step} loss"), &[got], &[want_loss], 1e-4);
         assert_eq!(
             line["rewards/accuracies"].as_f64().unwrap(),
             want["reward_accuracy"].as_f64().unwrap(),
@@ -167,6 +168,7 @@ fn gradient_accumulation_equals_one_big_batch() {
     let split = scratch("accum_split");
     dpo::train::run(&train_args(&split, &[&base[..], &["--batch-size", "2", "--grad-accum", "2"]].concat())).unwrap();
     let (a, b) = (metrics_lines(&one), metrics_lines(&split));
+    assert_eq!((a.len(), b.len()), (3, 3), "metrics lines");
     for (x, y) in a.iter().zip(&b) {
         let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
         assert!((lx - ly).abs() < 1e-5, "loss {lx} vs {ly}");

@@ -81,14 +81,98 @@ pub fn to_vec(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
 
-pub fn assert_close(what: &str, got: &[f64], want: &[f64], abs_tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= abs_tol, "{what}[{i}]: got {g}, want {w} (|Δ| {} > {abs_tol})", (g - w).abs());
+/// Tolerance of [`all_close`]: element i passes when `|got[i] − want[i]| ≤ abs + rel·|want[i]|`.
+#[derive(Clone, Copy, Debug)]
+pub struct Tol {
+    pub abs: f64,
+    pub rel: f64,
+}
+
+impl Tol {
+    pub const fn abs(abs: f64) -> Tol {
+        Tol { abs, rel: 0.0 }
+    }
+    pub const fn rel(rel: f64) -> Tol {
+        Tol { abs: 0.0, rel }
     }
 }
 
+/// Equal lengths and every value finite on both sides, else why not. A NaN fails every `<=` but
+/// vanishes in `fold(0.0, f64::max)`: any comparison must reject it first, and say so.
+pub fn comparable(what: &str, got: &[f64], want: &[f64]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values computed, {} golden", got.len(), want.len()));
+    }
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if !g.is_finite() || !w.is_finite() {
+            let at = if got.len() == 1 { String::new() } else { format!("[{i}]") };
+            return Err(format!("{what}{at}: got {g}, want {w}: a non-finite value (NaN/inf) on either side fails"));
+        }
+    }
+    Ok(())
+}
+
+/// `max |got − want|`, after [`comparable`].
+pub fn max_abs_diff(what: &str, got: &[f64], want: &[f64]) -> Result<f64, String> {
+    comparable(what, got, want)?;
+    Ok(got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max))
+}
+
+/// `max |got − want| / |want|`, after [`comparable`] (an exact 0 wanted: 0 if equal, else ∞).
+pub fn max_rel_diff(what: &str, got: &[f64], want: &[f64]) -> Result<f64, String> {
+    comparable(what, got, want)?;
+    let rel = |g: f64, w: f64| if g == w { 0.0 } else { (g - w).abs() / w.abs() };
+    Ok(got.iter().zip(want).map(|(g, w)| rel(*g, *w)).fold(0.0, f64::max))
+}
+
+/// The one elementwise comparison: lengths, then finiteness (both sides), then
+/// `|got − want| ≤ tol.abs + tol.rel·|want|` everywhere; the error names `what`, how many elements
+/// failed and the worst one (largest excess over its bound) with its index.
+pub fn all_close(what: &str, got: &[f64], want: &[f64], tol: Tol) -> Result<(), String> {
+    comparable(what, got, want)?;
+    // A NaN bound would pass everything.
+    if !(tol.abs >= 0.0 && tol.rel >= 0.0 && tol.abs.is_finite() && tol.rel.is_finite()) {
+        return Err(format!("{what}: tolerance {tol:?} is not a finite non-negative bound"));
+    }
+    let mut bad = 0;
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (tol.abs + tol.rel * w.abs());
+        if excess > 0.0 {
+            bad += 1;
+            if worst.is_none_or(|(_, e)| excess > e) {
+                worst = Some((i, excess));
+            }
+        }
+    }
+    match worst {
+        None => Ok(()),
+        Some((i, _)) => {
+            let (g, w) = (got[i], want[i]);
+            Err(format!(
+                "{what}: {bad} of {} elements outside |Δ| ≤ {:e} + {:e}·|want|; worst [{i}]: got {g}, want {w} (|Δ| {:e})",
+                got.len(),
+                tol.abs,
+                tol.rel,
+                (g - w).abs()
+            ))
+        }
+    }
+}
+
+pub fn assert_all_close(what: &str, got: &[f64], want: &[f64], tol: Tol) {
+    if let Err(e) = all_close(what, got, want, tol) {
+        panic!("{e}");
+    }
+}
+
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], abs_tol: f64) {
+    assert_all_close(what, got, want, Tol::abs(abs_tol));
+}
+
+/// `|got − want| ≤ rel_tol·max(|want|, 1e-12)`; NaN or inf on either side fails.
 pub fn assert_rel(what: &str, got: f64, want: f64, rel_tol: f64) {
+    comparable(what, &[got], &[want]).unwrap_or_else(|e| panic!("{e}"));
     let err = (got - want).abs() / want.abs().max(1e-12);
     assert!(err <= rel_tol, "{what}: got {got}, want {want} (rel {err:e} > {rel_tol:e})");
 }
@@ -97,7 +181,9 @@ pub fn assert_rel(what: &str, got: f64, want: f64, rel_tol: f64) {
 /// `|a − b| ≤ tol · max(1, |b|)`. Relative for large values; for metrics near zero that are
 /// differences of two ~−60 log-probs (rewards/rejected ≈ 0.0014) a pure relative bound would ask
 /// for bit-identical float32 sums — TRL itself differs from the golden value by 1e-4 relative there.
+/// NaN or inf on either side fails.
 pub fn assert_fixture_close(what: &str, got: f64, want: f64, tol: f64) {
+    comparable(what, &[got], &[want]).unwrap_or_else(|e| panic!("{e}"));
     let err = (got - want).abs();
     assert!(err <= tol * want.abs().max(1.0), "{what}: got {got}, want {want} (|Δ| {err:e} > {tol:e}·max(1,|want|))");
 }
@@ -155,15 +241,13 @@ pub fn load_zoo(family: &str, path: dpo::model::LayerPath) -> (CausalLm, Vec<Nam
     (m, params)
 }
 
-/// `|got − want| ≤ tol·|want|` over whole tensors (the gradient rule: within tol of the norm).
+/// `|got − want| ≤ tol·|want|` over whole tensors (the gradient rule: within tol of the norm),
+/// after [`comparable`] (lengths, and NaN or inf on either side fails).
 pub fn norm_close(got: &[f64], want: &[f64], tol: f64) -> Result<(), String> {
+    comparable("tensor", got, want)?;
     let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
     let diff = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-    if got.len() == want.len() && diff <= tol * norm.max(1e-12) {
-        Ok(())
-    } else {
-        Err(format!("|Δ| {diff:e} vs {tol:e}·|g| {norm:e}"))
-    }
+    if diff <= tol * norm.max(1e-12) { Ok(()) } else { Err(format!("|Δ| {diff:e} vs {tol:e}·|g| {norm:e}")) }
 }
 
 /// The dpo binary as a script runs it, from the repository root. `--stop-after-steps N` among
@@ -204,4 +288,127 @@ pub fn train_args(out: &Path, extra: &[&str]) -> dpo::config::TrainArgs {
     let (model, data) = (model_dir("tiny-llama"), orca("train"));
     let base = ["train", "--model", p(&model), "--dataset", p(&data), "--output-dir", p(out)];
     dpo::config::TrainArgs::try_parse_from([&base[..], extra].concat()).unwrap()
+}
+
+/// `(reused, computed)` from the one `reference cache: N pairs reused, M computed` line a run
+/// prints on stderr (parsed, not substring-matched: "12 computed" is also in "112 computed").
+pub fn ref_cache_counts(stderr: &str) -> (usize, usize) {
+    let lines: Vec<&str> = stderr.lines().filter_map(|l| l.trim().strip_prefix("reference cache: ")).collect();
+    assert_eq!(lines.len(), 1, "want one reference cache line on stderr:\n{stderr}");
+    let parsed = lines[0]
+        .strip_suffix(" computed")
+        .and_then(|l| l.split_once(" pairs reused, "))
+        .and_then(|(n, m)| Some((n.parse().ok()?, m.parse().ok()?)));
+    parsed.unwrap_or_else(|| panic!("unparsable reference cache line {:?}", lines[0]))
+}
+
+/// How long a test waits on a child `dpo` before it kills it and fails.
+pub const CHILD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A running `dpo` whose stderr is drained on a thread (a full pipe cannot stall it, and the
+/// text is there to show when it dies early), waited on with deadlines only.
+pub struct Running {
+    child: std::process::Child,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    started: std::time::Instant,
+}
+
+impl Running {
+    pub fn spawn(cmd: &mut std::process::Command) -> Running {
+        use std::io::Read;
+        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let mut pipe = child.stderr.take().unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Running { child, stderr, reader: Some(reader), started: std::time::Instant::now() }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its stderr so far (all of it once it has exited).
+    pub fn stderr(&mut self) -> String {
+        if self.child.try_wait().unwrap().is_some() {
+            if let Some(r) = self.reader.take() {
+                r.join().unwrap();
+            }
+        }
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Polls `ready` while the child runs; fails at once if the child exits first, and after
+    /// [`CHILD_DEADLINE`] (killing it), naming `what` it waited for.
+    pub fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) {
+        loop {
+            if ready() {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("dpo exited ({status}) before {what}; stderr:\n{}", self.stderr());
+            }
+            self.fail_after_deadline(what);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Lets the child run for `d` (or until it exits: its status then).
+    pub fn run_for(&mut self, d: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + d;
+        while std::time::Instant::now() < until {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5).min(until - std::time::Instant::now()));
+        }
+        self.child.try_wait().unwrap()
+    }
+
+    /// SIGKILL (if still running), then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        self.wait("the killed dpo to be reaped");
+    }
+
+    /// Waits for the exit within [`CHILD_DEADLINE`] of the start; kills it and fails after.
+    pub fn wait(&mut self, what: &str) -> (std::process::ExitStatus, String) {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, self.stderr());
+            }
+            self.fail_after_deadline(what);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn fail_after_deadline(&mut self, what: &str) {
+        if self.started.elapsed() > CHILD_DEADLINE {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!("waited {:?} for {what}; killed dpo; stderr:\n{}", CHILD_DEADLINE, self.stderr());
+        }
+    }
+}
+
+impl Drop for Running {
+    // A test that fails mid-wait leaves no dpo behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// [`dpo_command`] run to completion within [`CHILD_DEADLINE`]: (status, stderr).
+pub fn dpo_bounded<S: AsRef<std::ffi::OsStr>>(what: &str, args: &[S]) -> (std::process::ExitStatus, String) {
+    Running::spawn(&mut dpo_command(args)).wait(what)
 }
