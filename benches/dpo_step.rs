@@ -27,6 +27,8 @@ use dpo::model::{Architecture, CausalLm, LayerPath};
 use dpo::nn::LoraMode;
 use dpo::optim::AdamW;
 use dpo::rng::{SeededRng, Stream};
+use dpo::scoring::Reference;
+use dpo::task::Task;
 use dpo::train::step::global_norm;
 use std::time::Instant;
 
@@ -73,7 +75,7 @@ fn bench_config(family: &str, shape: &serde_json::Value) -> Architecture {
 fn timed_step(
     model: &CausalLm,
     batch: &PairBatch,
-    loss: &Objective,
+    loss: &Task,
     vars: &[Var],
     opt: &mut AdamW,
     lr: f64,
@@ -90,7 +92,7 @@ fn timed_step(
         }
         t = Instant::now();
     };
-    let reference = dpo::scoring::reference_for(model, loss, &[], batch, None).unwrap();
+    let reference = Reference::computed(loss, None).logps(model, &[], batch).unwrap();
     lap(0, &mut marks);
     let dpo::scoring::Scored { loss: losses, .. } =
         dpo::scoring::score(model, batch, loss, &mut LoraMode::On, reference.as_ref()).unwrap();
@@ -167,12 +169,8 @@ fn main() {
     if kind == LossKind::ExoPair {
         loss.params.label_smoothing = 1e-3;
     }
-    let batch = if unshared {
-        PairBatch::unshared(&batch_pairs, 0, &device).unwrap()
-    } else {
-        PairBatch::new(&batch_pairs, 0, &device).unwrap()
-    };
-    let batch = if loss.unpaired() {
+    let loss = Task::train(loss);
+    let batch = if let Task::Kto(_) = loss {
         // KTO: each pair's responses become a desirable and an undesirable example, each scored
         // with its KL completion (the previous example's), as `train` builds them.
         let examples = batch_pairs
@@ -180,15 +178,14 @@ fn main() {
             .flat_map(|p| [(p.prompt.clone(), p.chosen.clone(), true), (p.prompt.clone(), p.rejected.clone(), false)])
             .map(|(prompt, chosen, label)| (TokenizedPair { prompt, chosen, rejected: Vec::new() }, Some(label)))
             .collect();
-        let (examples, labels) = dpo::scoring::kl_pairs(examples).unwrap();
-        let mut b = PairBatch::new(&examples, 0, &device).unwrap();
-        b.labels = Some(labels);
-        b
+        loss.micro_batch(examples, 0, &device).unwrap().1
+    } else if unshared {
+        PairBatch::unshared(&batch_pairs, 0, &device).unwrap()
     } else {
-        dpo::scoring::layout_for(batch, &batch_pairs, &loss).unwrap()
+        loss.micro_batch(batch_pairs.iter().map(|p| (p.clone(), None)).collect(), 0, &device).unwrap().1
     };
     if std::env::var("DPO_BENCH_COMPOSITE").is_ok_and(|v| v == "1") {
-        model.set_path(LayerPath::Generic);
+        model = model.on_path(LayerPath::Generic);
     }
     // Recomputation: DPO_BENCH_CHECKPOINTING=1/0; by default as `train` decides (on for CUDA).
     let recompute = match std::env::var("DPO_BENCH_CHECKPOINTING") {
@@ -247,7 +244,7 @@ fn main() {
     eprintln!(
         "reference forward {reference_seconds:.3} s, policy forward {forward_seconds:.3} s, backward {backward_seconds:.3} s, grad norm + AdamW {optimizer_seconds:.3} s"
     );
-    let reference = dpo::scoring::reference_for(&model, &loss, &[], &batch, None).unwrap();
+    let reference = Reference::computed(&loss, None).logps(&model, &[], &batch).unwrap();
     if std::env::var("DPO_BENCH_PROFILE").is_ok() {
         for _ in 0..2 {
             let t = Instant::now();

@@ -67,10 +67,37 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     let mut names: Vec<String> = base.tensors().into_iter().map(|(n, _)| n).collect();
     names.sort();
 
-    // Every adapter tensor must be an adapter of one of this architecture's linears, with its
-    // shape, and every targeted linear must have both: check before writing anything.
-    let expected = adapter_shapes(&arch, &lora);
-    for (key, t) in &deltas_src {
+    check_adapter(&arch, &lora, &deltas_src, &adapter_path, &args.model)?;
+    let merged_modules = deltas_src.len() / 2;
+    let merge_one = |name: &str| -> Result<Tensor> {
+        let w = base.load(name, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let Some(module) = name.strip_suffix(".weight") else { return Ok(w.to_dtype(dtype)?) };
+        let key = |which: &str| format!("base_model.model.{module}.{which}.weight");
+        match (deltas_src.get(&key("lora_A")), deltas_src.get(&key("lora_B"))) {
+            (Some(a), Some(b)) => {
+                let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * lora.scale())?;
+                Ok((w + delta)?.to_dtype(dtype)?)
+            }
+            _ => Ok(w.to_dtype(dtype)?),
+        }
+    };
+
+    atomic::write_dir(&args.output, |tmp| write_merged(tmp, args, &names, &base, dtype, &merge_one))?;
+    eprintln!("merged {merged_modules} LoRA modules into {}", args.output.display());
+    Ok(())
+}
+
+/// Every adapter tensor must be an adapter of one of this architecture's linears, with its
+/// shape, and every targeted linear must have both: checked before anything is written.
+fn check_adapter(
+    arch: &Architecture,
+    lora: &LoraConfig,
+    deltas_src: &HashMap<String, Tensor>,
+    adapter_path: &Path,
+    model: &Path,
+) -> Result<()> {
+    let expected = adapter_shapes(arch, lora);
+    for (key, t) in deltas_src {
         let module = key
             .strip_prefix("base_model.model.")
             .and_then(|k| k.strip_suffix(".lora_A.weight").or_else(|| k.strip_suffix(".lora_B.weight")))
@@ -79,7 +106,7 @@ pub fn run(args: &MergeArgs) -> Result<()> {
             None => bail!(
                 "{}: {key} adapts {module}, which the base model in {} does not have (or its adapter_config.json does not target)",
                 adapter_path.display(),
-                args.model.display()
+                model.display()
             ),
             Some(shape) if t.dims() != shape => {
                 bail!(
@@ -95,49 +122,44 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     if let Some(missing) = expected.keys().find(|k| !deltas_src.contains_key(*k)) {
         bail!("{}: missing {missing}, which adapter_config.json targets", adapter_path.display());
     }
-    let merged_modules = deltas_src.len() / 2;
-    let merge_one = |name: &str| -> Result<Tensor> {
-        let w = base.load(name, &Device::Cpu)?.to_dtype(DType::F32)?;
-        let Some(module) = name.strip_suffix(".weight") else { return Ok(w.to_dtype(dtype)?) };
-        let key = |which: &str| format!("base_model.model.{module}.{which}.weight");
-        match (deltas_src.get(&key("lora_A")), deltas_src.get(&key("lora_B"))) {
-            (Some(a), Some(b)) => {
-                let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * lora.scale())?;
-                Ok((w + delta)?.to_dtype(dtype)?)
-            }
-            _ => Ok(w.to_dtype(dtype)?),
-        }
-    };
+    Ok(())
+}
 
-    atomic::write_dir(&args.output, |tmp| {
-        let shards = plan_shards(&names, &base, dtype, args.max_shard_size)?;
-        let count = shards.len();
-        let mut weight_map = BTreeMap::new();
-        let mut total_size = 0u64;
-        for (i, shard) in shards.iter().enumerate() {
-            let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
-            let mut tensors = Vec::with_capacity(shard.len());
-            for name in shard {
-                let t = merge_one(name)?;
-                total_size += (t.elem_count() * dtype.size_in_bytes()) as u64;
-                weight_map.insert(name.clone(), file.clone());
-                tensors.push((name.clone(), t));
-            }
-            let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-            std::fs::write(tmp.join(&file), safetensors::serialize(tensors, Some(meta))?)?;
+/// Writes the merged shards, their index, the config (in the new dtype) and the tokenizer files
+/// into `tmp`.
+fn write_merged(
+    tmp: &Path,
+    args: &MergeArgs,
+    names: &[String],
+    base: &MmapedSafetensors,
+    dtype: DType,
+    merge_one: &dyn Fn(&str) -> Result<Tensor>,
+) -> Result<()> {
+    let shards = plan_shards(names, base, dtype, args.max_shard_size)?;
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let mut total_size = 0u64;
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        let mut tensors = Vec::with_capacity(shard.len());
+        for name in shard {
+            let t = merge_one(name)?;
+            total_size += (t.elem_count() * dtype.size_in_bytes()) as u64;
+            weight_map.insert(name.clone(), file.clone());
+            tensors.push((name.clone(), t));
         }
-        let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
-        std::fs::write(tmp.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
-        write_config(&args.model.join("config.json"), &tmp.join("config.json"), dtype)?;
-        for f in COPIED_FILES {
-            let src = args.model.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, tmp.join(f)).with_context(|| format!("copying {}", src.display()))?;
-            }
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        std::fs::write(tmp.join(&file), safetensors::serialize(tensors, Some(meta))?)?;
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
+    std::fs::write(tmp.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
+    write_config(&args.model.join("config.json"), &tmp.join("config.json"), dtype)?;
+    for f in COPIED_FILES {
+        let src = args.model.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, tmp.join(f)).with_context(|| format!("copying {}", src.display()))?;
         }
-        Ok(())
-    })?;
-    eprintln!("merged {merged_modules} LoRA modules into {}", args.output.display());
+    }
     Ok(())
 }
 

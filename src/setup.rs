@@ -1,23 +1,24 @@
-//! What `train` and `eval` both do first: open the device, resolve `--model` / `--dataset` (local
-//! paths or Hub repo ids), load the model and tokenizer, and index and audit the pairs.
+//! What every subcommand that reads a model and data does first: open the device, resolve
+//! `--model` / `--dataset` (local paths or Hub repo ids), load the model and tokenizer, and index
+//! and audit the rows the task reads.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
 //! # let common: dpo::config::CommonArgs = todo!();
 //! let loaded = dpo::setup::load_model(&common)?;
-//! let data = dpo::setup::load_pairs(&common, &loaded)?;
+//! let data = dpo::setup::load_rows(&common, &loaded, &dpo::task::Task::Sft)?;
 //! println!("{} pairs, {} truncated", data.len(), data.truncated);
 //! # Ok(()) }
 //! ```
 use crate::config::CommonArgs;
-use crate::data::audit::Audit;
 use crate::data::pipeline::Pipeline;
-use crate::data::{PairTokenizer, TokenizedPair};
+use crate::data::{Dataset, PairTokenizer, Rows};
 use crate::hub::{self, Hub};
-use crate::loss::Objective;
+use crate::lora::adapter::NamedParam;
 use crate::model::weights::mmap_weights;
-use crate::model::{Architecture, CausalLm};
-use anyhow::{Context, Result, bail};
+use crate::model::{Architecture, CausalLm, LayerPath};
+use crate::task::Task;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use std::path::PathBuf;
 
@@ -68,33 +69,43 @@ pub struct ModelFiles {
     pub dtype: DType,
     pub pad_id: u32,
     pub model_dir: PathBuf,
+    /// The layer path asked for ([`crate::model::LayerPath::choose`] decides).
+    pub layer_path: LayerPath,
 }
 
 /// Resolves `--model`, reads its config.json and tokenizer; no weights yet.
 pub fn open_model(common: &CommonArgs) -> Result<ModelFiles> {
-    let device = common.device.open()?;
+    let device = common.placement.device.open()?;
     let dtype = common.dtype.resolve(&device);
     let dir = model_dir(common)?;
     let arch = Architecture::from_file(&dir.join("config.json"))?;
     let tokenizer = PairTokenizer::from_model_dir(&dir)?;
     let pad_id = arch.pad_token_id.unwrap_or(tokenizer.eos_id());
-    Ok(ModelFiles { arch, tokenizer, device, dtype, pad_id, model_dir: dir })
+    Ok(ModelFiles { arch, tokenizer, device, dtype, pad_id, model_dir: dir, layer_path: common.layer_path })
 }
 
 impl ModelFiles {
-    /// Memory-maps the weights and builds the model.
+    /// Memory-maps the weights and builds the model, frozen.
     pub fn load(self) -> Result<Loaded> {
         let vb = mmap_weights(&self.model_dir, self.dtype, &self.device)?;
-        let model = CausalLm::from_weights(self.arch, vb, self.dtype, &self.device)
+        let model = CausalLm::from_weights(self.arch.clone(), vb, self.dtype, &self.device, self.layer_path)
             .with_context(|| format!("loading the weights in {}", self.model_dir.display()))?;
+        Ok(self.loaded(model))
+    }
+
+    /// Full fine-tuning: the model with every weight trainable, and the weights with their
+    /// checkpoint names.
+    pub fn load_trainable(self) -> Result<(Loaded, Vec<NamedParam>)> {
+        let vb = mmap_weights(&self.model_dir, self.dtype, &self.device)?;
+        let (model, named) = CausalLm::trainable(self.arch.clone(), vb, &self.device)
+            .with_context(|| format!("loading the weights in {}", self.model_dir.display()))?;
+        let params = named.into_iter().map(|(name, var)| NamedParam { name, var }).collect();
+        Ok((self.loaded(model), params))
+    }
+
+    fn loaded(self, model: CausalLm) -> Loaded {
         eprintln!("model: {}; layers run on the {} path", model.arch().summary(), model.path());
-        Ok(Loaded {
-            model,
-            tokenizer: self.tokenizer,
-            device: self.device,
-            pad_id: self.pad_id,
-            model_dir: self.model_dir,
-        })
+        Loaded { model, tokenizer: self.tokenizer, device: self.device, pad_id: self.pad_id, model_dir: self.model_dir }
     }
 }
 
@@ -102,65 +113,26 @@ pub fn load_model(common: &CommonArgs) -> Result<Loaded> {
     open_model(common)?.load()
 }
 
-/// The run's pairs, addressed by index (the trainer asks for them in its seeded order). Only the
-/// byte offset of each row is held; `get` re-reads and tokenizes the row.
-pub struct Dataset {
-    pipeline: Pipeline,
-    /// KTO on preference pairs: example `2i` is pair `i`'s chosen response (desirable),
-    /// `2i + 1` its rejected one (undesirable).
-    unpair: bool,
-    /// Pairs cut by --max-length / --max-prompt-length.
-    pub truncated: usize,
-    /// What the pre-flight pass found.
-    pub audit: Audit,
+/// Reads, audits and indexes every row of `--dataset` as `task` reads them; refuses data with
+/// more than `--max-skip-ratio` unusable rows.
+pub fn load_rows(common: &CommonArgs, loaded: &Loaded, task: &Task) -> Result<Dataset> {
+    read_rows(common, &loaded.tokenizer, loaded.model.arch().vocab_size, &loaded.model_dir, task.rows())
 }
 
-impl Dataset {
-    pub fn len(&self) -> usize {
-        self.pipeline.len() * if self.unpair { 2 } else { 1 }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pipeline.is_empty()
-    }
-
-    /// Pair `i` (0-based, file order among usable rows), tokenized and truncated.
-    pub fn get(&self, i: usize) -> Result<TokenizedPair> {
-        Ok(self.labeled(i)?.0)
-    }
-
-    /// Example `i` with its label: a pair's label is `None`; an unpaired (KTO) example has its
-    /// completion in `chosen`, nothing in `rejected`.
-    pub fn labeled(&self, i: usize) -> Result<(TokenizedPair, Option<bool>)> {
-        if !self.unpair {
-            return self.pipeline.labeled(i);
-        }
-        let pair = self.pipeline.pair(i / 2)?;
-        let desirable = i % 2 == 0;
-        let completion = if desirable { pair.chosen } else { pair.rejected };
-        Ok((TokenizedPair { prompt: pair.prompt, chosen: completion, rejected: Vec::new() }, Some(desirable)))
-    }
+/// As [`load_rows`], before the weights are loaded.
+pub fn load_rows_for(common: &CommonArgs, files: &ModelFiles, task: &Task) -> Result<Dataset> {
+    read_rows(common, &files.tokenizer, files.arch.vocab_size, &files.model_dir, task.rows())
 }
 
-/// Reads, audits and indexes every pair of `--dataset`; refuses data with more than
-/// `--max-skip-ratio` unusable rows.
-pub fn load_pairs(common: &CommonArgs, loaded: &Loaded) -> Result<Dataset> {
-    read_pairs(common, &loaded.tokenizer, loaded.model.arch().vocab_size, &loaded.model_dir)
-}
-
-/// As [`load_pairs`], before the weights are loaded.
-pub fn load_pairs_for(common: &CommonArgs, files: &ModelFiles) -> Result<Dataset> {
-    read_pairs(common, &files.tokenizer, files.arch.vocab_size, &files.model_dir)
-}
-
-fn read_pairs(
+fn read_rows(
     common: &CommonArgs,
     tokenizer: &PairTokenizer,
     vocab_size: usize,
     model_dir: &std::path::Path,
+    rows: Rows,
 ) -> Result<Dataset> {
     let files = dataset_files(common)?;
-    let settings = common.data_settings(Some(vocab_size));
+    let settings = common.data_settings(Some(vocab_size), rows);
     let (pipeline, audit) = Pipeline::build(&files, settings, tokenizer.clone(), model_dir)?;
     audit.check_skip_ratio(common.max_skip_ratio)?;
     if audit.rows_skipped > 0 {
@@ -171,20 +143,5 @@ fn read_pairs(
             audit.skipped.iter().take(3).map(|b| b.to_string()).collect::<Vec<_>>().join("; ")
         );
     }
-    let unpaired_rows = pipeline.format() == crate::data::schema::Format::Unpaired;
-    let kto = objective(common)?.unpaired();
-    if unpaired_rows && !kto {
-        bail!(
-            "{}: the rows are unpaired (prompt, completion, label): train on them with --loss kto",
-            common.dataset.display()
-        );
-    }
-    // KTO on preference pairs: each pair becomes its desirable and its undesirable example.
-    let unpair = kto && !unpaired_rows;
-    Ok(Dataset { pipeline, unpair, truncated: audit.truncated, audit })
-}
-
-/// The objective `--loss` and its parameters describe; a bad combination is a usage error.
-pub fn objective(common: &CommonArgs) -> Result<Objective> {
-    common.objective().map_err(|msg| crate::config::UsageError(msg).into())
+    Ok(Dataset::new(pipeline, audit, rows))
 }

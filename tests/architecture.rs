@@ -1,5 +1,6 @@
-//! The shape of the code, checked: `src/`'s top-level modules form no import cycle (each uses
-//! only modules below it), and no function in `src/train/` is longer than 80 lines.
+//! The shape of the code, checked: in every folder of `src/` (the crate root included) the
+//! modules form no import cycle (each uses only modules below it), and no function in `src/` is
+//! longer than 80 lines (a formula table may be, saying why).
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -31,39 +32,104 @@ fn code(path: &Path) -> String {
         .join("\n")
 }
 
-/// Top-level module → the top-level modules its code names (`crate::x`, `use crate::{x, ...}`).
-fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
-    let mut graph = BTreeMap::new();
-    for entry in std::fs::read_dir(src()).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        if name == "lib" || name == "main" {
-            continue;
+/// A file's module path: `src/model/cpu_layer/mod.rs` → `[model, cpu_layer]`,
+/// `src/model/kernels.rs` → `[model, kernels]`, `src/lib.rs` → `[]`.
+fn module_of(file: &Path) -> Vec<String> {
+    let rel = file.strip_prefix(src()).unwrap();
+    let mut parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string()).collect();
+    if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+        parts.pop();
+    }
+    parts
+}
+
+/// The leading identifiers of a path text (`a::b::C` → `[a, b, C]`).
+fn segments(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    loop {
+        let ident: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        if ident.is_empty() {
+            break;
         }
-        let mut files = Vec::new();
-        if path.is_dir() {
-            rust_files(&path, &mut files)
-        } else {
-            files.push(path.clone())
+        rest = &rest[ident.len()..];
+        out.push(ident);
+        match rest.strip_prefix("::") {
+            Some(r) => rest = r,
+            None => break,
         }
-        let mut deps = BTreeSet::new();
-        for f in files {
-            let text = code(&f);
-            let mut rest = text.as_str();
-            while let Some(i) = rest.find("crate::") {
-                rest = &rest[i + 7..];
-                if let Some(group) = rest.strip_prefix('{') {
-                    let end = group.find('}').unwrap_or(group.len());
-                    deps.extend(group[..end].split(',').map(|p| p.trim().split("::").next().unwrap_or("").to_string()));
-                } else {
-                    deps.insert(rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>());
+    }
+    out
+}
+
+/// The absolute module paths a file's code names, through `crate::…` and `super::…`
+/// (including `use` groups: `crate::{a, b::c}`).
+fn references(file: &Path) -> Vec<Vec<String>> {
+    let text = code(file);
+    let here = module_of(file);
+    let mut out = Vec::new();
+    for (anchor, base) in [("crate::", Vec::new()), ("super::", here[..here.len().saturating_sub(1)].to_vec())] {
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find(anchor) {
+            let preceded = rest[..i].chars().last().is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+            rest = &rest[i + anchor.len()..];
+            if preceded {
+                continue; // `super::super::x` is read from its first `super::`; `dpo::crate::` is not a path
+            }
+            let mut base = base.clone();
+            while let Some(r) = rest.strip_prefix("super::") {
+                base.pop();
+                rest = r;
+            }
+            let items: Vec<&str> = match rest.strip_prefix('{') {
+                Some(group) => group[..group.find('}').unwrap_or(group.len())].split(',').collect(),
+                None => vec![rest],
+            };
+            for item in items {
+                out.push([base.clone(), segments(item.trim())].concat());
+            }
+        }
+    }
+    out
+}
+
+/// For the folder module `folder`: each child module → the sibling modules its files name.
+fn folder_graph(folder: &[String]) -> BTreeMap<String, BTreeSet<String>> {
+    let dir = folder.iter().fold(src(), |d, p| d.join(p));
+    let mut files = Vec::new();
+    rust_files(&dir, &mut files);
+    let children: BTreeSet<String> = files
+        .iter()
+        .map(|f| module_of(f))
+        .filter(|m| m.len() > folder.len() && m[..folder.len()] == *folder)
+        .map(|m| m[folder.len()].clone())
+        .filter(|c| c != "main")
+        .collect();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = children.iter().map(|c| (c.clone(), BTreeSet::new())).collect();
+    for f in &files {
+        let m = module_of(f);
+        let Some(child) = m.get(folder.len()).filter(|_| m[..folder.len()] == *folder) else { continue };
+        for r in references(f) {
+            if r.len() > folder.len() && r[..folder.len()] == *folder {
+                let target = &r[folder.len()];
+                if target != child && children.contains(target) {
+                    graph.get_mut(child).unwrap().insert(target.clone());
                 }
             }
         }
-        deps.retain(|d| !d.is_empty() && *d != name && d != "self");
-        graph.insert(name, deps);
     }
     graph
+}
+
+/// Every folder module under src/ (the crate root included).
+fn folders() -> Vec<Vec<String>> {
+    let mut out = vec![Vec::new()];
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    for f in files.iter().filter(|f| f.file_name().is_some_and(|n| n == "mod.rs")) {
+        out.push(module_of(f));
+    }
+    out
 }
 
 /// A cycle through `start`, if there is one.
@@ -95,11 +161,18 @@ fn cycle_from(graph: &BTreeMap<String, BTreeSet<String>>, start: &str) -> Option
 }
 
 #[test]
-fn top_level_modules_form_no_import_cycle() {
-    let graph = module_graph();
-    assert!(graph.len() > 10 && graph["train"].contains("model"), "the module scan sees the code: {graph:?}");
-    let cycles: Vec<String> = graph.keys().filter_map(|m| cycle_from(&graph, m)).map(|c| c.join(" → ")).collect();
-    assert!(cycles.is_empty(), "import cycles among src/'s top-level modules:\n{}", cycles.join("\n"));
+fn no_folder_of_src_has_an_import_cycle_among_its_files() {
+    let top = folder_graph(&[]);
+    assert!(top.len() > 10 && top["train"].contains("model"), "the module scan sees the code: {top:?}");
+    let model = folder_graph(&["model".to_string()]);
+    assert!(model["causal_lm"].contains("layer") && model["cpu_layer"].contains("kernels"), "{model:?}");
+    let mut cycles = Vec::new();
+    for folder in folders() {
+        let graph = folder_graph(&folder);
+        let at = if folder.is_empty() { "src".to_string() } else { format!("src/{}", folder.join("/")) };
+        cycles.extend(graph.keys().filter_map(|m| cycle_from(&graph, m)).map(|c| format!("{at}: {}", c.join(" → "))));
+    }
+    assert!(cycles.is_empty(), "import cycles among the files of a folder:\n{}", cycles.join("\n"));
 }
 
 /// `(name, lines)` of every function in a file, from its `fn` line to its closing brace.
@@ -138,19 +211,24 @@ fn function_lengths(path: &Path) -> Vec<(String, usize)> {
     out
 }
 
+/// Functions allowed past 80 lines, with the reason.
+const LONG_BY_DESIGN: [(&str, &str); 1] =
+    [("terms::term", "one match arm per loss, each its paper's formula: a table, read arm by arm")];
+
 #[test]
-fn no_function_in_src_train_is_over_80_lines() {
+fn no_function_in_src_is_over_80_lines() {
     let mut files = Vec::new();
-    rust_files(&src().join("train"), &mut files);
+    rust_files(&src(), &mut files);
     let mut all = Vec::new();
     for f in &files {
-        all.extend(
-            function_lengths(f)
-                .into_iter()
-                .map(|(n, l)| (format!("{}::{n}", f.file_stem().unwrap().to_string_lossy()), l)),
-        );
+        let stem = f.file_stem().unwrap().to_string_lossy().into_owned();
+        all.extend(function_lengths(f).into_iter().map(|(n, l)| (format!("{stem}::{n}"), l)));
     }
-    assert!(all.iter().any(|(n, _)| n.ends_with("::run")), "the scan sees the functions: {all:?}");
-    let long: Vec<String> = all.iter().filter(|(_, l)| *l > 80).map(|(n, l)| format!("{n}: {l} lines")).collect();
-    assert!(long.is_empty(), "functions over 80 lines in src/train/:\n{}", long.join("\n"));
+    assert!(all.iter().any(|(n, l)| n == "terms::term" && *l > 80), "the scan sees the functions: {all:?}");
+    let long: Vec<String> = all
+        .iter()
+        .filter(|(n, l)| *l > 80 && !LONG_BY_DESIGN.iter().any(|(exempt, _)| exempt == n))
+        .map(|(n, l)| format!("{n}: {l} lines"))
+        .collect();
+    assert!(long.is_empty(), "functions over 80 lines in src/:\n{}", long.join("\n"));
 }

@@ -16,9 +16,11 @@ use dpo::nn::LoraMode;
 use dpo::optim::AdamW;
 use dpo::scoring::response_logps;
 use dpo::scoring::score_batch as score;
+use dpo::task::Task;
 
 fn load(dtype: DType) -> (CausalLm, Vec<dpo::lora::adapter::NamedParam>) {
-    let mut m = CausalLm::load(&model_dir("tiny-llama-bf16"), dtype, &Device::Cpu).unwrap();
+    let mut m =
+        CausalLm::load(&model_dir("tiny-llama-bf16"), dtype, &Device::Cpu, dpo::model::LayerPath::CpuOp).unwrap();
     let (_, params) =
         dpo::lora::adapter::attach_from_dir(&mut m, &golden_dir("tiny-llama").join("adapter"), None).unwrap();
     (m, params)
@@ -42,7 +44,7 @@ fn bf16_reference_logps_match_golden_within_stated_tolerance() {
 #[test]
 fn bf16_policy_step_keeps_adapters_gradients_and_optimizer_in_f32() {
     let b = batch(&golden_pairs());
-    let loss = Objective::single(LossKind::Sigmoid, 0.1);
+    let loss = Task::Preference(Objective::single(LossKind::Sigmoid, 0.1));
     let run = |dtype: DType, recompute: bool| {
         let (mut model, params) = load(dtype);
         model.set_recompute(recompute);

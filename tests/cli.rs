@@ -120,7 +120,7 @@ fn config_file_sits_between_defaults_and_flags() {
     assert_eq!(resolved["beta"].as_float(), Some(0.25), "config file beats default");
     assert_eq!(resolved["lr"].as_float(), Some(0.002), "flag beats config file");
     assert_eq!(resolved["batch_size"].as_integer(), Some(4), "default when neither sets it");
-    assert_eq!(resolved["lora_targets"].as_str(), Some("q,o"));
+    assert_eq!(resolved["lora_targets"].as_str(), Some("q_proj,o_proj"), "peft's module names, in forward order");
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["steps"], 2);
     let adapter = read_json(&out.join("adapter_config.json"));

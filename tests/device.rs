@@ -11,6 +11,7 @@ use dpo::loss::{LossKind, Objective};
 use dpo::model::CausalLm;
 use dpo::nn::LoraMode;
 use dpo::scoring::score_batch as score;
+use dpo::task::Task;
 use serde_json::json;
 
 fn device() -> Device {
@@ -41,7 +42,7 @@ fn logps_and_grads(
     grads_file: &std::path::Path,
 ) -> (Result<f64, String>, Result<f64, String>) {
     let batch = PairBatch::new(pairs, 3, model.device()).unwrap();
-    let loss = Objective::single(LossKind::Sigmoid, 0.1);
+    let loss = Task::Preference(Objective::single(LossKind::Sigmoid, 0.1));
     let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, &batch, &loss, &mut LoraMode::On).unwrap();
     let got = to_vec(
         &Tensor::cat(&[&logps.ref_chosen, &logps.ref_rejected, &logps.policy_chosen, &logps.policy_rejected], 0)
@@ -73,7 +74,8 @@ fn golden_values_on_the_test_device() {
     let zoo = zoo_golden();
     for family in ZOO {
         let g = &zoo[family];
-        let mut m = CausalLm::load(&zoo_dir(family).join("model"), DType::F32, &dev).unwrap();
+        let mut m =
+            CausalLm::load(&zoo_dir(family).join("model"), DType::F32, &dev, dpo::model::LayerPath::CpuOp).unwrap();
         m.set_recompute(dev.is_cuda());
         let (_, params) = dpo::lora::adapter::attach_from_dir(&mut m, &zoo_dir(family).join("adapter"), None).unwrap();
         let want = [
@@ -91,7 +93,7 @@ fn golden_values_on_the_test_device() {
     }
     // tiny-llama f32, and bf16 against the bf16 golden values.
     let g = &golden()["models"]["tiny-llama"];
-    let mut m = CausalLm::load(&model_dir("tiny-llama"), DType::F32, &dev).unwrap();
+    let mut m = CausalLm::load(&model_dir("tiny-llama"), DType::F32, &dev, dpo::model::LayerPath::CpuOp).unwrap();
     let (_, params) =
         dpo::lora::adapter::attach_from_dir(&mut m, &golden_dir("tiny-llama").join("adapter"), None).unwrap();
     let want = [
@@ -113,7 +115,7 @@ fn golden_values_on_the_test_device() {
     checks.push(Check { name: "tiny-llama f32 grads (of norm)".into(), error: gr, tolerance: 1e-4 });
     let bf16 = read_json(&fixtures().join("golden/tiny-llama-bf16.json"));
     let want16 = [f64s(&bf16["ref_logps"]["chosen"]), f64s(&bf16["ref_logps"]["rejected"])].concat();
-    let m16 = CausalLm::load(&model_dir("tiny-llama-bf16"), DType::BF16, &dev).unwrap();
+    let m16 = CausalLm::load(&model_dir("tiny-llama-bf16"), DType::BF16, &dev, dpo::model::LayerPath::CpuOp).unwrap();
     let b = PairBatch::new(&golden_pairs(), 3, &dev).unwrap();
     let got16 = to_vec(&dpo::scoring::response_logps(&m16, &b, &mut LoraMode::Off).unwrap());
     let rel = max_rel_diff("bf16 reference logps", &got16, &want16);

@@ -9,6 +9,7 @@ use dpo::loss::{LossKind, Objective};
 use dpo::model::{Architecture, CausalLm, LayerPath};
 use dpo::nn::LoraMode;
 use dpo::scoring::score_batch as score;
+use dpo::task::Task;
 
 fn with_sliding_window(model: &str, window: usize) -> CausalLm {
     let dir = model_dir(model);
@@ -17,7 +18,7 @@ fn with_sliding_window(model: &str, window: usize) -> CausalLm {
     cfg["sliding_window"] = window.into();
     let cfg = Architecture::from_json(&cfg.to_string()).unwrap();
     let vb = dpo::model::weights::mmap_weights(&dir, DType::F32, &Device::Cpu).unwrap();
-    CausalLm::from_weights(cfg, vb, DType::F32, &Device::Cpu).unwrap()
+    CausalLm::from_weights(cfg, vb, DType::F32, &Device::Cpu, LayerPath::CpuOp).unwrap()
 }
 
 /// Log-probs and every LoRA gradient of the mean sigmoid loss.
@@ -26,7 +27,7 @@ fn logps_and_grads(
     params: &[dpo::lora::adapter::NamedParam],
     batch: &PairBatch,
 ) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let loss = Objective::single(LossKind::Sigmoid, 0.1);
+    let loss = Task::Preference(Objective::single(LossKind::Sigmoid, 0.1));
     let dpo::scoring::Scored { logps, loss: losses, .. } = score(model, batch, &loss, &mut LoraMode::On).unwrap();
     let grads = losses.mean_all().unwrap().backward().unwrap();
     let all = Tensor::cat(&[&logps.policy_chosen, &logps.policy_rejected, &logps.ref_chosen, &logps.ref_rejected], 0)
@@ -36,7 +37,7 @@ fn logps_and_grads(
 
 fn compare(what: &str, mut model: CausalLm, params: Vec<dpo::lora::adapter::NamedParam>, pairs: &[TokenizedPair]) {
     let fast = logps_and_grads(&model, &params, &PairBatch::new(pairs, 3, &Device::Cpu).unwrap());
-    model.set_path(LayerPath::Generic);
+    model = model.on_path(LayerPath::Generic);
     let plain = logps_and_grads(&model, &params, &PairBatch::unshared(pairs, 3, &Device::Cpu).unwrap());
     assert_close(&format!("{what} logps"), &fast.0, &plain.0, 1e-4);
     for ((g_fast, g_plain), p) in fast.1.iter().zip(&plain.1).zip(&params) {
@@ -87,7 +88,7 @@ fn lora_dropout_on_all_targets_is_the_same_on_the_cpu_layer_op_and_the_composite
         let t = p.var.as_tensor();
         p.var.set(&Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu).unwrap()).unwrap();
     }
-    let loss = Objective::single(LossKind::Sigmoid, 0.1);
+    let loss = Task::Preference(Objective::single(LossKind::Sigmoid, 0.1));
     let run = |model: &CausalLm| {
         let mut rng = SeededRng::new(11, Stream::Dropout);
         let dpo::scoring::Scored { logps, loss: losses, .. } =
@@ -97,7 +98,7 @@ fn lora_dropout_on_all_targets_is_the_same_on_the_cpu_layer_op_and_the_composite
         (to_vec(&logps.policy_chosen), g)
     };
     let fast = run(&model);
-    model.set_path(LayerPath::Generic);
+    model = model.on_path(LayerPath::Generic);
     let plain = run(&model);
     assert_close("dropout logps", &fast.0, &plain.0, 1e-4);
     for ((a, b), p) in fast.1.iter().zip(&plain.1).zip(&params) {

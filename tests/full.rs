@@ -103,7 +103,13 @@ fn three_full_dpo_steps_match_the_golden_run() {
     for f in ["config.json", "tokenizer.json"] {
         assert!(out.join(f).is_file(), "{f} in the output folder");
     }
-    let trained = dpo::model::CausalLm::load(&out, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let trained = dpo::model::CausalLm::load(
+        &out,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        dpo::model::LayerPath::CpuOp,
+    )
+    .unwrap();
     assert_eq!(trained.arch().num_layers, 2);
     // Resuming from checkpoint-1 reproduces the run bit for bit (the reference from the cache).
     let final_bytes = std::fs::read(out.join("model.safetensors")).unwrap();

@@ -3,10 +3,11 @@ mod common;
 use candle_core::Tensor;
 use clap::Parser;
 use common::*;
-use dpo::loss::{LossKind, Objective, RewardMetrics};
+use dpo::loss::{LossKind, Metrics, Objective};
 use dpo::nn::LoraMode;
 use dpo::scoring::score_batch as score;
 use dpo::scoring::{response_logps, split_pairs};
+use dpo::task::Task;
 
 const MODELS: &[(&str, &str)] = &[
     ("tiny-llama", "tiny-llama"),
@@ -26,7 +27,7 @@ fn tokenization_matches_golden_ids() {
         orca("train").to_str().unwrap(),
     ]);
     let loaded = dpo::setup::load_model(&args.common).unwrap();
-    let data = dpo::setup::load_pairs(&args.common, &loaded).unwrap();
+    let data = dpo::setup::load_rows(&args.common, &loaded, &args.settings().unwrap().task).unwrap();
     assert_eq!(data.len(), 64);
     assert_eq!(data.truncated, 0);
     let first8: Vec<_> = (0..8).map(|i| data.get(i).unwrap()).collect();
@@ -95,7 +96,8 @@ fn losses_and_metrics_match_golden() {
         for (name, kind, ls) in kinds {
             let mut objective = Objective::single(kind, 0.1);
             objective.params.label_smoothing = ls;
-            let scored = score(&model, &batch, &objective, &mut LoraMode::On).unwrap();
+            let task = Task::Preference(objective.clone());
+            let scored = score(&model, &batch, &task, &mut LoraMode::On).unwrap();
             let want = &m["losses"][name];
             let per_pair = objective.per_pair(&scored.logps, None).unwrap().expect("a loss per pair");
             let want_pairs = f64s(&want["per_pair"]);
@@ -103,7 +105,7 @@ fn losses_and_metrics_match_golden() {
             for (i, (got, want)) in per_pair.iter().zip(want_pairs).enumerate() {
                 assert_rel(&format!("{golden_model} {name} pair {i}"), *got, want, 1e-5);
             }
-            let metrics = RewardMetrics::mean(&[scored.collect(&objective, &batch, false).unwrap()]);
+            let metrics = Metrics::mean(&[scored.collect(&task, &batch, false).unwrap()]);
             assert_rel(&format!("{golden_model} {name} mean"), metrics.loss, want["mean"].as_f64().unwrap(), 1e-5);
             if name == "sigmoid" {
                 let gm = &m["metrics"];
@@ -127,7 +129,7 @@ fn lora_gradients_of_mean_sigmoid_loss_match_golden() {
     let batch = batch(&golden_pairs());
     for (model, golden_model) in MODELS {
         let (model, params) = load_with_golden_adapter(model, golden_model);
-        let loss = Objective::single(LossKind::Sigmoid, 0.1);
+        let loss = Task::Preference(Objective::single(LossKind::Sigmoid, 0.1));
         let dpo::scoring::Scored { loss: losses, .. } = score(&model, &batch, &loss, &mut LoraMode::On).unwrap();
         let grads = losses.mean_all().unwrap().backward().unwrap();
         let want = load_safetensors(&golden_dir(golden_model).join("grads_sigmoid_mean.safetensors"));

@@ -5,7 +5,7 @@
 mod common;
 use clap::Parser;
 use common::*;
-use dpo::loss::RewardMetrics;
+use dpo::loss::Metrics;
 use dpo::nn::LoraMode;
 use std::path::{Path, PathBuf};
 
@@ -70,13 +70,13 @@ fn kto_batch_matches_trl_examples_loss_metrics_and_gradients() {
     let mut losses = Vec::new();
     for data in [&paired, &unpaired] {
         let a = args(data, &dir);
-        let objective = dpo::setup::objective(&a.common).unwrap();
+        let task = a.settings().unwrap().task;
         let loaded = dpo::setup::load_model(&a.common).unwrap();
-        let dataset = dpo::setup::load_pairs(&a.common, &loaded).unwrap();
+        let dataset = dpo::setup::load_rows(&a.common, &loaded, &task).unwrap();
         assert_eq!(dataset.len(), 8, "{}: 8 examples", data.display());
         let indices: Vec<usize> = (0..8).collect();
         let (pairs, batch) =
-            dpo::scoring::micro_batches(&dataset, &indices, 8, 3, model.device(), &objective).next().unwrap().unwrap();
+            dpo::scoring::micro_batches(&dataset, &indices, 8, 3, model.device(), &task).next().unwrap().unwrap();
         // The examples, labels and KL completions TRL builds.
         for (i, e) in g["examples"].as_array().unwrap().iter().enumerate() {
             let ids =
@@ -86,7 +86,7 @@ fn kto_batch_matches_trl_examples_loss_metrics_and_gradients() {
             assert_eq!(pairs[i].rejected, ids("KL_completion_ids"), "example {i} KL completion");
             assert_eq!(batch.labels.as_ref().unwrap()[i], e["label"].as_bool().unwrap(), "example {i} label");
         }
-        let scored = dpo::scoring::score_batch(&model, &batch, &objective, &mut LoraMode::On).unwrap();
+        let scored = dpo::scoring::score_batch(&model, &batch, &task, &mut LoraMode::On).unwrap();
         let l = &scored.logps;
         for (i, e) in g["examples"].as_array().unwrap().iter().enumerate() {
             for (what, t, key) in [
@@ -101,7 +101,7 @@ fn kto_batch_matches_trl_examples_loss_metrics_and_gradients() {
         let loss = scored.loss.to_scalar::<f32>().unwrap() as f64;
         assert_fixture_close("kto batch loss", loss, g["batch8"]["loss"].as_f64().unwrap(), 1e-5);
         losses.push(loss);
-        let metrics = RewardMetrics::mean(&[scored.collect(&objective, &batch, false).unwrap()]);
+        let metrics = Metrics::mean(&[scored.collect(&task, &batch, false).unwrap()]);
         assert!(metrics.pairwise.is_none());
         for (key, want) in g["batch8"]["metrics"].as_object().unwrap() {
             let got =

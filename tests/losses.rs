@@ -5,9 +5,10 @@
 mod common;
 use common::*;
 use dpo::data::TokenizedPair;
-use dpo::loss::{Objective, RewardMetrics};
+use dpo::loss::{Metrics, Objective};
 use dpo::nn::LoraMode;
-use dpo::scoring::{layout_for, score_batch};
+use dpo::scoring::score_batch;
+use dpo::task::Task;
 use std::path::PathBuf;
 
 fn golden_losses() -> serde_json::Value {
@@ -63,7 +64,7 @@ fn flags_of(config: &str) -> Vec<&'static str> {
 fn objective_of(config: &str) -> Objective {
     let out = scratch("losses_unused");
     let args = train_args(&out, &[&flags_of(config)[..], &["--beta", "0.1"]].concat());
-    args.common.objective().unwrap_or_else(|e| panic!("{config}: {e}"))
+    args.objective.objective().unwrap_or_else(|e| panic!("{config}: {e}"))
 }
 
 fn pairs(g: &serde_json::Value) -> Vec<TokenizedPair> {
@@ -107,8 +108,9 @@ fn every_golden_loss_matches_trl_losses_metrics_and_gradients() {
     let mut failures = Vec::new();
     for (name, c) in configs(&g) {
         let objective = objective_of(&name);
-        let batch = layout_for(batch(&pairs), &pairs, &objective).unwrap();
-        let scored = score_batch(&model, &batch, &objective, &mut LoraMode::On).unwrap();
+        let task = Task::train(objective.clone());
+        let batch = task_batch(&task, &pairs);
+        let scored = score_batch(&model, &batch, &task, &mut LoraMode::On).unwrap();
         let mut check = |r: Result<(), String>| {
             if let Err(e) = r {
                 failures.push(format!("{name}: {e}"));
@@ -143,7 +145,7 @@ fn every_golden_loss_matches_trl_losses_metrics_and_gradients() {
             (got, want) => check(Err(format!("per-pair values: got {got:?}, golden {want:?}"))),
         }
         // Metrics as TRL logs them (those that depend on TRL's padding are not hand-checked).
-        let metrics = RewardMetrics::mean(&[scored.collect(&objective, &batch, false).unwrap()]);
+        let metrics = Metrics::mean(&[scored.collect(&task, &batch, false).unwrap()]);
         let logged = serde_json::to_value(&metrics).unwrap();
         let skip: Vec<&str> =
             c["metrics_not_hand_checked"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
@@ -307,8 +309,9 @@ fn reference_free_losses_skip_the_reference_forward() {
         let objective = objective_of(config);
         assert_eq!(objective.needs_reference(), needs, "{config}");
         let before = dpo::scoring::reference_forwards();
-        let batch = layout_for(batch(&pairs), &pairs, &objective).unwrap();
-        score_batch(&model, &batch, &objective, &mut LoraMode::On).unwrap();
+        let task = Task::train(objective.clone());
+        let batch = task_batch(&task, &pairs);
+        score_batch(&model, &batch, &task, &mut LoraMode::On).unwrap();
         assert_eq!(dpo::scoring::reference_forwards() - before, usize::from(needs), "{config}: reference forwards");
     }
 }

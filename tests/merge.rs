@@ -30,7 +30,7 @@ fn merged_model_equals_base_plus_adapter() {
         assert!(shards.len() > 1, "small --max-shard-size gives several shards");
         assert!(out.join("tokenizer.json").is_file());
 
-        let merged = CausalLm::load(&out, DType::F32, &Device::Cpu).unwrap();
+        let merged = CausalLm::load(&out, DType::F32, &Device::Cpu, dpo::model::LayerPath::CpuOp).unwrap();
         let (with_adapter, _) = load_with_golden_adapter(model, golden_model);
         let b = batch(&golden_pairs());
         let got = to_vec(&response_logps(&merged, &b, &mut LoraMode::Off).unwrap());

@@ -8,13 +8,14 @@ use dpo::model::{CausalLm, LayerPath};
 use dpo::nn::LoraMode;
 use dpo::rng::{SeededRng, Stream};
 use dpo::scoring::score_batch as score;
+use dpo::task::Task;
 
 fn logps_and_grads(
     model: &CausalLm,
     params: &[dpo::lora::adapter::NamedParam],
     pairs: &[dpo::data::TokenizedPair],
 ) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let loss = Objective::single(LossKind::Sigmoid, 0.1);
+    let loss = Task::Preference(Objective::single(LossKind::Sigmoid, 0.1));
     let mut rng = SeededRng::new(3, Stream::Dropout);
     let dpo::scoring::Scored { logps, loss: losses, .. } =
         score(model, &batch(pairs), &loss, &mut LoraMode::Train(&mut rng)).unwrap();
@@ -31,10 +32,14 @@ fn recomputation_changes_no_logprob_or_gradient() {
     for family in ZOO {
         let pairs = zoo_pairs(&golden[family]);
         for path in [LayerPath::CpuOp, LayerPath::Generic] {
-            let mut model =
-                CausalLm::load(&zoo_dir(family).join("model"), candle_core::DType::F32, &candle_core::Device::Cpu)
-                    .unwrap();
-            model.set_path(path);
+            let mut model = CausalLm::load(
+                &zoo_dir(family).join("model"),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+                dpo::model::LayerPath::CpuOp,
+            )
+            .unwrap();
+            model = model.on_path(path);
             let (_, params) =
                 dpo::lora::adapter::attach_from_dir(&mut model, &zoo_dir(family).join("adapter"), Some(0.2)).unwrap();
             let kept = logps_and_grads(&model, &params, &pairs[..4]);

@@ -5,7 +5,7 @@ use common::*;
 use dpo::config::TrainArgs;
 use dpo::data::PairBatch;
 use dpo::refcache::RefCache;
-use dpo::scoring::{reference_forwards, reference_logps};
+use dpo::scoring::{Reference, reference_forwards};
 
 /// 4 steps of 4 pairs: the 16 pairs whose reference log-probs a run needs.
 const FIXED: [&str; 12] = [
@@ -42,19 +42,19 @@ fn cache_hit_skips_the_reference_forward_and_is_bit_identical() {
     let dir = scratch("refcache-hit");
     let a = args(&dir.join("run"), &[]);
     let loaded = dpo::setup::load_model(&a.common).unwrap();
-    let data = dpo::setup::load_pairs(&a.common, &loaded).unwrap();
+    let data = dpo::setup::load_rows(&a.common, &loaded, &a.settings().unwrap().task).unwrap();
     let pairs: Vec<_> = (0..4).map(|i| data.get(i).unwrap()).collect();
     let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
-    let fp = dpo::train::reference_fingerprint(&a.common, &loaded).unwrap();
+    let fp = dpo::train::reference::fingerprint(&a.common, None, &loaded).unwrap();
     let mut cache = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
     let before = reference_forwards();
-    let computed = reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache)).unwrap();
+    let computed = Reference::Compute(Some(&mut cache)).logps(&loaded.model, &pairs, &batch).unwrap().unwrap();
     assert_eq!(reference_forwards(), before + 1, "a miss runs the reference forward");
     cache.flush().unwrap();
 
     let mut reopened = RefCache::open(&dir.join("cache"), fp).unwrap();
     assert_eq!(reopened.len(), 4);
-    let cached = reference_logps(&loaded.model, &pairs, &batch, Some(&mut reopened)).unwrap();
+    let cached = Reference::Compute(Some(&mut reopened)).logps(&loaded.model, &pairs, &batch).unwrap().unwrap();
     assert_eq!(reference_forwards(), before + 1, "a hit skips the reference forward");
     let bits = |t: &candle_core::Tensor| t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&cached), bits(&computed));
@@ -66,12 +66,12 @@ fn corrupt_or_foreign_cache_is_detected_and_rebuilt() {
     let dir = scratch("refcache-corrupt");
     let a = args(&dir.join("run"), &[]);
     let loaded = dpo::setup::load_model(&a.common).unwrap();
-    let data = dpo::setup::load_pairs(&a.common, &loaded).unwrap();
+    let data = dpo::setup::load_rows(&a.common, &loaded, &a.settings().unwrap().task).unwrap();
     let pairs: Vec<_> = (0..2).map(|i| data.get(i).unwrap()).collect();
     let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
-    let fp = dpo::train::reference_fingerprint(&a.common, &loaded).unwrap();
+    let fp = dpo::train::reference::fingerprint(&a.common, None, &loaded).unwrap();
     let mut cache = RefCache::open(&dir.join("cache"), fp.clone()).unwrap();
-    reference_logps(&loaded.model, &pairs, &batch, Some(&mut cache)).unwrap();
+    Reference::Compute(Some(&mut cache)).logps(&loaded.model, &pairs, &batch).unwrap().unwrap();
     cache.flush().unwrap();
     let seg = dpo::refcache::segments(cache.dir()).unwrap().remove(0);
     let mut bytes = std::fs::read(&seg).unwrap();
@@ -93,7 +93,7 @@ fn corrupt_or_foreign_cache_is_detected_and_rebuilt() {
 fn training_with_the_cache_is_bit_identical_to_training_without() {
     let dir = scratch("refcache-train");
     let cache = dir.join("cache");
-    dpo::train::run(&args(&dir.join("plain"), &[])).unwrap();
+    dpo::train::run(&args(&dir.join("plain"), &[]).settings().unwrap()).unwrap();
     let fill = cli(&dir.join("fill"), &["--ref-cache", p(&cache)]);
     assert_eq!(ref_cache_counts(&fill), (0, PAIRS), "the first run fills the cache (reused, computed)");
     // The hit: every pair's reference read from the cache, no reference forward.

@@ -4,9 +4,11 @@
 //! peft's sequence-classification layout.
 mod common;
 use common::*;
+use dpo::lora::AdapterTask;
 use dpo::lora::adapter;
-use dpo::loss::{Objective, RewardMetrics};
+use dpo::loss::Metrics;
 use dpo::nn::LoraMode;
+use dpo::task::Task;
 use std::path::PathBuf;
 
 fn reward() -> serde_json::Value {
@@ -22,7 +24,7 @@ fn rewards_loss_metrics_and_gradients_match_trl() {
     let g = reward();
     let mut model = load("tiny-llama");
     let (cfg, mut params) = adapter::attach_from_dir(&mut model, &rm_init(), None).unwrap();
-    assert!(cfg.sequence_classification, "SEQ_CLS adapter");
+    assert_eq!(cfg.task_type, AdapterTask::SequenceClassification, "SEQ_CLS adapter");
     params.push(adapter::attach_score_head(&mut model, Some(&rm_init()), 0).unwrap());
     let pairs = golden_pairs();
     for (i, p) in g["pairs"].as_array().unwrap().iter().enumerate() {
@@ -39,14 +41,14 @@ fn rewards_loss_metrics_and_gradients_match_trl() {
             "pair {i}: TRL's rejected sequence"
         );
     }
-    let objective = Objective::reward_model();
+    let task = Task::Reward;
     let batch = batch(&pairs);
     // A delta: the counter is per thread and other code on this thread may have run before.
     let before = dpo::scoring::reference_forwards();
-    let scored = dpo::scoring::score_batch(&model, &batch, &objective, &mut LoraMode::On).unwrap();
+    let scored = dpo::scoring::score_batch(&model, &batch, &task, &mut LoraMode::On).unwrap();
     assert_eq!(dpo::scoring::reference_forwards() - before, 0, "a reward model has no reference");
     let (rc, rr) = (to_vec(&scored.logps.policy_chosen), to_vec(&scored.logps.policy_rejected));
-    let per_pair = objective.per_pair(&scored.logps, None).unwrap().unwrap();
+    let per_pair = task.per_pair_losses(&scored.logps, None).unwrap().unwrap();
     let n = g["pairs"].as_array().unwrap().len();
     assert_eq!((rc.len(), rr.len(), per_pair.len()), (n, n, n), "rewards and losses per golden pair");
     for (i, p) in g["pairs"].as_array().unwrap().iter().enumerate() {
@@ -56,7 +58,7 @@ fn rewards_loss_metrics_and_gradients_match_trl() {
     }
     let loss = scored.loss.to_scalar::<f32>().unwrap() as f64;
     assert_fixture_close("batch loss", loss, g["batch8"]["loss"].as_f64().unwrap(), 1e-5);
-    let metrics = RewardMetrics::mean(&[scored.collect(&objective, &batch, false).unwrap()]);
+    let metrics = Metrics::mean(&[scored.collect(&task, &batch, false).unwrap()]);
     for (key, want) in g["batch8"]["metrics"].as_object().unwrap() {
         assert_fixture_close(&format!("metric {key}"), metrics.extra[key], want.as_f64().unwrap(), 1e-5);
     }

@@ -5,8 +5,9 @@ mod common;
 use common::*;
 use dpo::data::TokenizedPair;
 use dpo::data::pipeline::{Pipeline, Settings};
-use dpo::loss::{Objective, RewardMetrics};
+use dpo::loss::Metrics;
 use dpo::nn::LoraMode;
+use dpo::task::Task;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -29,8 +30,13 @@ fn sft_data(file: &str) -> PathBuf {
 fn completions(file: &str) -> Vec<TokenizedPair> {
     let dir = model_dir("tiny-llama");
     let tok = dpo::data::PairTokenizer::from_model_dir(&dir).unwrap();
-    let (p, audit) =
-        Pipeline::build(&[sft_data(file)], Settings { completions: true, ..Settings::default() }, tok, &dir).unwrap();
+    let (p, audit) = Pipeline::build(
+        &[sft_data(file)],
+        Settings { rows: dpo::data::Rows::Completions, ..Settings::default() },
+        tok,
+        &dir,
+    )
+    .unwrap();
     assert_eq!(audit.rows_skipped, 0, "{file}: {:?}", audit.skipped);
     (0..p.len()).map(|i| p.pair(i).unwrap()).collect()
 }
@@ -60,17 +66,17 @@ fn batch_loss_metrics_and_gradients_match_trl() {
     for p in &params {
         assert_eq!(to_vec(&p.var), to_vec(&init[&p.name]), "{}", p.name);
     }
-    let objective = Objective::supervised();
+    let task = Task::Sft;
     for (name, file, grads_prefix) in DATASETS {
         let want = &g["sft"][name]["batch8"];
         let pairs = &completions(file)[..8];
         let batch = batch(pairs);
         let before = dpo::scoring::reference_forwards();
-        let scored = dpo::scoring::score_batch(&model, &batch, &objective, &mut LoraMode::On).unwrap();
+        let scored = dpo::scoring::score_batch(&model, &batch, &task, &mut LoraMode::On).unwrap();
         assert_eq!(dpo::scoring::reference_forwards() - before, 0, "SFT runs no reference forward");
         let loss = scored.loss.to_scalar::<f32>().unwrap() as f64;
         assert_fixture_close(&format!("{file} loss"), loss, want["loss"].as_f64().unwrap(), 1e-5);
-        let metrics = RewardMetrics::mean(&[scored.collect(&objective, &batch, false).unwrap()]);
+        let metrics = Metrics::mean(&[scored.collect(&task, &batch, false).unwrap()]);
         assert!(metrics.pairwise.is_none(), "no rewards for SFT");
         for key in ["entropy", "mean_token_accuracy"] {
             assert_fixture_close(

@@ -7,6 +7,7 @@ use dpo::lora::{LoraConfig, adapter};
 use dpo::loss::{LossKind, Objective};
 use dpo::nn::LoraMode;
 use dpo::scoring::score_batch as score;
+use dpo::task::Task;
 use std::path::Path;
 use std::process::Command;
 
@@ -61,11 +62,11 @@ fn golden_twenty_step_run_matches_pytorch() {
     let steps = reference["run20"]["steps"].as_array().unwrap();
 
     let out1 = scratch("golden_run_1");
-    dpo::train::run(&golden_run_args(&out1, 1)).unwrap();
+    dpo::train::run(&golden_run_args(&out1, 1).settings().unwrap()).unwrap();
     assert_adapter_close(&out1, &golden_dir("tiny-llama").join("lora_after_step1.safetensors"), 1e-4);
 
     let out = scratch("golden_run_20");
-    dpo::train::run(&golden_run_args(&out, 20)).unwrap();
+    dpo::train::run(&golden_run_args(&out, 20).settings().unwrap()).unwrap();
     let lines = metrics_lines(&out);
     assert_eq!(lines.len(), 20);
     assert_eq!(steps.len(), 20, "golden steps");
@@ -88,7 +89,7 @@ fn golden_twenty_step_run_matches_pytorch() {
 #[test]
 fn written_adapter_has_pefts_keys_and_shapes_and_round_trips() {
     let out = scratch("roundtrip");
-    dpo::train::run(&train_args(&out, &["--max-steps", "2", "--lr", "1e-2"])).unwrap();
+    dpo::train::run(&train_args(&out, &["--max-steps", "2", "--lr", "1e-2"]).settings().unwrap()).unwrap();
     let ours = load_safetensors(&out.join("adapter_model.safetensors"));
     let peft = load_safetensors(&golden_dir("tiny-llama").join("adapter/adapter_model.safetensors"));
     let shapes = |m: &std::collections::HashMap<String, Tensor>| {
@@ -129,7 +130,7 @@ fn every_lora_tensor_receives_a_gradient_on_every_target() {
         let noise = Tensor::randn(0f32, 0.1, p.var.shape(), &Device::Cpu).unwrap();
         p.var.set(&noise).unwrap();
     }
-    let loss = Objective::single(LossKind::Sigmoid, 0.1);
+    let loss = Task::Preference(Objective::single(LossKind::Sigmoid, 0.1));
     let mut rng = dpo::rng::SeededRng::new(1, dpo::rng::Stream::Dropout);
     let dpo::scoring::Scored { loss: losses, .. } =
         score(&model, &batch(&golden_pairs()[..2]), &loss, &mut LoraMode::Train(&mut rng)).unwrap();
@@ -164,9 +165,12 @@ fn fresh_adapter_is_seeded_and_leaves_the_model_unchanged() {
 fn gradient_accumulation_equals_one_big_batch() {
     let base = ["--lr", "1e-2", "--lr-scheduler", "constant", "--no-shuffle", "--max-steps", "3"];
     let one = scratch("accum_one");
-    dpo::train::run(&train_args(&one, &[&base[..], &["--batch-size", "4"]].concat())).unwrap();
+    dpo::train::run(&train_args(&one, &[&base[..], &["--batch-size", "4"]].concat()).settings().unwrap()).unwrap();
     let split = scratch("accum_split");
-    dpo::train::run(&train_args(&split, &[&base[..], &["--batch-size", "2", "--grad-accum", "2"]].concat())).unwrap();
+    dpo::train::run(
+        &train_args(&split, &[&base[..], &["--batch-size", "2", "--grad-accum", "2"]].concat()).settings().unwrap(),
+    )
+    .unwrap();
     let (a, b) = (metrics_lines(&one), metrics_lines(&split));
     assert_eq!((a.len(), b.len()), (3, 3), "metrics lines");
     for (x, y) in a.iter().zip(&b) {

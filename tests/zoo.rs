@@ -6,6 +6,7 @@ use dpo::loss::{LossKind, Objective};
 use dpo::model::LayerPath;
 use dpo::nn::LoraMode;
 use dpo::scoring::score_batch as score;
+use dpo::task::Task;
 
 const PATHS: [LayerPath; 2] = [LayerPath::CpuOp, LayerPath::Generic];
 
@@ -16,7 +17,7 @@ fn check_family(family: &str, path: LayerPath, golden: &serde_json::Value) -> Ve
     let (model, params) = load_zoo(family, path);
     let pairs = zoo_pairs(g);
     let batch = batch(&pairs);
-    let loss = Objective::single(LossKind::Sigmoid, 0.1);
+    let loss = Task::Preference(Objective::single(LossKind::Sigmoid, 0.1));
     let dpo::scoring::Scored { logps, loss: losses, .. } = score(&model, &batch, &loss, &mut LoraMode::On).unwrap();
     let mut failures = Vec::new();
     let mut close = |what: &str, got: &candle_core::Tensor, want: &serde_json::Value, tol: f64| {
@@ -67,9 +68,9 @@ fn every_family_reproduces_the_five_step_run_on_both_paths() {
             cmd.args(["--template", "orca", "--lr", "0.01", "--lr-scheduler", "constant", "--max-grad-norm", "0"]);
             cmd.args(["--weight-decay", "0", "--batch-size", "4", "--no-shuffle", "--beta", "0.1", "--max-steps", "5"]);
             if generic {
-                cmd.env(dpo::model::causal_lm::PATH_ENV, "generic");
+                cmd.env(dpo::cli::LAYER_PATH_ENV, "generic");
             } else {
-                cmd.env_remove(dpo::model::causal_lm::PATH_ENV);
+                cmd.env_remove(dpo::cli::LAYER_PATH_ENV);
             }
             let o = cmd.output().unwrap();
             let stderr = String::from_utf8_lossy(&o.stderr);
@@ -165,7 +166,13 @@ fn merged_model_scores_like_base_plus_adapter_for_every_family() {
             out.as_os_str(),
         ]);
         assert!(o.status.success(), "{family}: {}", String::from_utf8_lossy(&o.stderr));
-        let merged = dpo::model::CausalLm::load(&out, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let merged = dpo::model::CausalLm::load(
+            &out,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+            dpo::model::LayerPath::CpuOp,
+        )
+        .unwrap();
         let g = &golden[family];
         let logps = to_vec(&dpo::scoring::response_logps(&merged, &batch(&zoo_pairs(g)), &mut LoraMode::Off).unwrap());
         let want = [f64s(&g["policy_logps"]["chosen"]), f64s(&g["policy_logps"]["rejected"])].concat();
@@ -244,7 +251,13 @@ fn older_hub_keys_resolve_to_the_same_architecture_and_numbers() {
             std::fs::copy(src.join(f), dir.join(f)).unwrap();
         }
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&old).unwrap()).unwrap();
-        let mut m = dpo::model::CausalLm::load(&dir, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let mut m = dpo::model::CausalLm::load(
+            &dir,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+            dpo::model::LayerPath::CpuOp,
+        )
+        .unwrap();
         dpo::lora::adapter::attach_from_dir(&mut m, &zoo_dir(family).join("adapter"), None).unwrap();
         let g = &golden[family];
         let got = to_vec(&dpo::scoring::response_logps(&m, &batch(&zoo_pairs(g)), &mut LoraMode::On).unwrap());

@@ -35,7 +35,7 @@ pub fn random_weights(arch: &Architecture, device: &Device, dtype: DType, std: f
 /// A model of `arch` with random weights.
 pub fn random_model(arch: &Architecture, device: &Device, dtype: DType) -> CausalLm {
     let vb = candle_nn::VarBuilder::from_tensors(random_weights(arch, device, dtype, 0.02), dtype, device);
-    CausalLm::from_weights(arch.clone(), vb, dtype, device).unwrap()
+    CausalLm::from_weights(arch.clone(), vb, dtype, device, dpo::model::LayerPath::CpuOp).unwrap()
 }
 
 /// A model folder: `config` as config.json, random f32 weights, tiny-llama's tokenizer files.

@@ -17,6 +17,10 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub struct Manifest {
     pub dpo_version: String,
     pub step: usize,
+    /// The subcommand that wrote it (`dpo train`, `dpo sft`, `dpo reward train`), which alone
+    /// may resume it; absent in checkpoints of older builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
     /// The model and dataset (as given, Hub commit, sha256 of every file read) and template.
     pub provenance: crate::provenance::Provenance,
     /// The metrics line of this step, as written to metrics.jsonl.

@@ -58,6 +58,8 @@ pub struct Snapshot<'a> {
     pub optimizer: &'a AdamW,
     pub state: TrainerState,
     pub config_toml: &'a str,
+    /// The subcommand that resumes it (`dpo sft`).
+    pub command: &'a str,
     pub provenance: &'a Provenance,
     pub metrics: serde_json::Value,
 }
@@ -102,6 +104,7 @@ pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
         let manifest = Manifest {
             dpo_version: env!("CARGO_PKG_VERSION").to_string(),
             step: snap.state.step,
+            command: Some(snap.command.to_string()),
             provenance: snap.provenance.clone(),
             metrics: snap.metrics.clone(),
             files: hash_dir(tmp)?,

@@ -7,9 +7,9 @@
 //! dpo::cli::inspect::inspect(&args).unwrap();
 //! ```
 use crate::config::CommonArgs;
-use crate::data::PairTokenizer;
 use crate::data::audit::Audit;
 use crate::data::pipeline::Pipeline;
+use crate::data::{PairTokenizer, Rows};
 use anyhow::Result;
 use clap::Parser;
 use std::time::Instant;
@@ -19,6 +19,9 @@ use std::time::Instant;
 pub struct InspectArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// Audit the rows as `dpo sft` reads them (completions), not as preference data.
+    #[arg(long)]
+    pub sft: bool,
     /// Print the audit as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -26,7 +29,8 @@ pub struct InspectArgs {
 
 /// Runs the audit and prints it; fails (exit 1) when the data would be refused by `dpo train`.
 pub fn inspect(args: &InspectArgs) -> Result<()> {
-    let audit = audit(&args.common)?;
+    let rows = if args.sft { Rows::Completions } else { Rows::Examples };
+    let audit = audit(&args.common, rows)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&audit.0)?);
     } else {
@@ -36,7 +40,8 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
 }
 
 /// The audit and the rows/s of the pass.
-pub fn audit(common: &CommonArgs) -> Result<(Audit, f64)> {
+/// The audit of `common`'s dataset read as `rows`, and the rows read per second.
+pub fn audit(common: &CommonArgs, rows: Rows) -> Result<(Audit, f64)> {
     let dir = crate::setup::model_dir(common)?;
     let tokenizer = PairTokenizer::from_model_dir(&dir)?;
     let vocab = std::fs::read_to_string(dir.join("config.json"))
@@ -46,7 +51,7 @@ pub fn audit(common: &CommonArgs) -> Result<(Audit, f64)> {
         .map(|v| v as usize);
     let files = crate::setup::dataset_files(common)?;
     let start = Instant::now();
-    let (_, audit) = Pipeline::build(&files, common.data_settings(vocab), tokenizer, &dir)?;
+    let (_, audit) = Pipeline::build(&files, common.data_settings(vocab, rows), tokenizer, &dir)?;
     let rate = audit.rows_read as f64 / start.elapsed().as_secs_f64().max(1e-9);
     Ok((audit, rate))
 }

@@ -33,9 +33,12 @@ pub struct DirArgs {
     pub json: bool,
 }
 
-pub fn run(cmd: RefCacheCommand) -> Result<()> {
+pub fn run(cmd: RefCacheCommand, layer_path: crate::model::LayerPath) -> Result<()> {
     match cmd {
-        RefCacheCommand::Build(a) => build(&a),
+        RefCacheCommand::Build(mut a) => {
+            a.common.layer_path = layer_path;
+            build(&a)
+        }
         RefCacheCommand::Info(a) => info(&a),
         RefCacheCommand::Clear(a) => clear(&a),
     }
@@ -51,22 +54,19 @@ struct BuildReport {
 
 fn build(args: &TrainArgs) -> Result<()> {
     let mut args = args.clone();
-    if args.ref_cache.is_none() {
-        args.ref_cache = Some(PathBuf::from("auto"));
-    }
-    crate::config::validate(&args)?;
-    let objective = crate::setup::objective(&args.common)?;
-    if !objective.needs_reference() {
+    args.reference.ref_cache.get_or_insert_with(|| PathBuf::from("auto"));
+    let settings = args.settings()?;
+    if !settings.task.needs_reference() {
         bail!(crate::config::UsageError(format!(
             "--loss {} is reference-free: it needs no reference cache",
-            objective.name()
+            settings.task.name()
         )));
     }
-    let loaded = crate::setup::load_model(&args.common)?;
-    let data = crate::setup::load_pairs(&args.common, &loaded)?;
-    let mut cache = crate::train::open_cache(&args, &loaded)?.context("no --ref-cache")?;
-    let eval = crate::train::load_eval_pairs(&args, &loaded)?;
-    crate::train::precompute_reference(&args, &loaded, &data, eval.as_ref(), &mut cache)?;
+    let loaded = crate::setup::load_model(&settings.common)?;
+    let data = crate::setup::load_rows(&settings.common, &loaded, &settings.task)?;
+    let mut cache = crate::train::reference::open_cache(&settings, &loaded)?.context("no --ref-cache")?;
+    let eval = crate::train::load_eval_rows(&settings, &loaded)?;
+    crate::train::reference::precompute_reference(&settings, &loaded, &data, eval.as_ref(), &mut cache)?;
     cache.flush()?;
     let report = BuildReport {
         dir: cache.dir().to_path_buf(),
@@ -74,7 +74,7 @@ fn build(args: &TrainArgs) -> Result<()> {
         computed: cache.misses,
         reused: cache.hits,
     };
-    if args.json {
+    if args.run.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(

@@ -119,13 +119,15 @@ impl Audit {
     /// Fails when more than `max_ratio` of the rows read are unusable, or none is usable.
     pub fn check_skip_ratio(&self, max_ratio: f64) -> Result<()> {
         let examples = || self.skipped.iter().take(5).map(|b| b.to_string()).collect::<Vec<_>>().join("; ");
+        let files = self.files.join(", ");
         if self.rows_used == 0 {
-            bail!("the dataset has no usable rows ({} read): {}", self.rows_read, examples());
+            let why = if self.rows_read == 0 { "the files hold no rows".to_string() } else { examples() };
+            bail!("{files}: the dataset has no usable rows ({} read): {why}", self.rows_read);
         }
         let ratio = self.rows_skipped as f64 / self.rows_read.max(1) as f64;
         if ratio > max_ratio {
             bail!(
-                "{} of {} rows are unusable ({:.1}%, more than --max-skip-ratio {max_ratio}): {}",
+                "{files}: {} of {} rows are unusable ({:.1}%, more than --max-skip-ratio {max_ratio}): {}",
                 self.rows_skipped,
                 self.rows_read,
                 100.0 * ratio,

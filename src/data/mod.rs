@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod batch;
 pub mod chat;
+pub mod dataset;
 pub mod inspect;
 pub mod order;
 pub mod pipeline;
@@ -16,8 +17,22 @@ pub mod template;
 pub mod tokenize;
 
 pub use batch::PairBatch;
+pub use dataset::Dataset;
 pub use template::{Rendered, Template};
 pub use tokenize::{PairTokenizer, TokenizedPair};
+
+/// What a task reads from each row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rows {
+    /// Preference pairs: a prompt, a chosen and a rejected response (every paired layout).
+    #[default]
+    Pairs,
+    /// KTO's labelled examples: unpaired rows (`prompt`, `completion`, `label`), or preference
+    /// pairs, whose two responses become a desirable and an undesirable example.
+    Examples,
+    /// Supervised fine-tuning completions: a prompt and its completion, or a conversation.
+    Completions,
+}
 
 /// One chat turn.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -33,8 +33,8 @@ pub struct Settings {
     pub max_prompt_length: usize,
     /// The model's vocabulary: ids at or beyond it mean tokenizer and model disagree.
     pub vocab_size: Option<usize>,
-    /// Supervised fine-tuning rows (prompt and completion) instead of preference pairs.
-    pub completions: bool,
+    /// What each row holds.
+    pub rows: super::Rows,
 }
 
 impl Default for Settings {
@@ -47,7 +47,7 @@ impl Default for Settings {
             max_length: 1024,
             max_prompt_length: 512,
             vocab_size: None,
-            completions: false,
+            rows: super::Rows::Pairs,
         }
     }
 }
@@ -108,7 +108,7 @@ impl Pipeline {
                 };
                 if ready.is_none() {
                     let schema =
-                        Schema::detect_for(settings.format, settings.columns.clone(), &row.value, settings.completions)
+                        Schema::detect_for(settings.format, settings.columns.clone(), &row.value, settings.rows)
                             .with_context(|| format!("{}", row.at))?;
                     let template = resolve_template(&settings, &schema, &tokenizer, model_dir)?;
                     audit.format = schema.format.name().into();
@@ -135,7 +135,7 @@ impl Pipeline {
         audit.finish();
         let Some((schema, template)) = ready else {
             audit.check_skip_ratio(0.0)?;
-            bail!("the dataset has no rows");
+            bail!("{}: the dataset has no rows", audit.files.join(", "));
         };
         let backing = match spill {
             Some(s) => s.finish()?,

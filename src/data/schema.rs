@@ -29,7 +29,7 @@
 //! let schema = Schema::detect(FormatChoice::Auto, Columns::default(), &row).unwrap();
 //! assert_eq!(schema.example(&row).unwrap().raw_prompt, "2+2?");
 //! ```
-use super::{Example, Message};
+use super::{Example, Message, Rows};
 use anyhow::{Result, bail};
 use serde_json::Value;
 
@@ -128,33 +128,55 @@ pub struct Schema {
 impl Schema {
     /// Picks the format (`--format`, or from `first`'s columns) and checks `first` has its columns.
     pub fn detect(format: FormatChoice, cols: Columns, first: &Value) -> Result<Self> {
-        Self::detect_for(format, cols, first, false)
+        Self::detect_for(format, cols, first, Rows::Pairs)
     }
 
-    /// As [`Schema::detect`], for preference pairs or (`completions`) supervised fine-tuning rows.
-    pub fn detect_for(format: FormatChoice, cols: Columns, first: &Value, completions: bool) -> Result<Self> {
+    /// As [`Schema::detect`], for rows holding what `rows` says: preference pairs, KTO's
+    /// examples (unpaired rows or pairs), or supervised fine-tuning completions.
+    pub fn detect_for(format: FormatChoice, cols: Columns, first: &Value, rows: Rows) -> Result<Self> {
         let Some(obj) = first.as_object() else { bail!("rows must be JSON objects, found {}", kind(first)) };
-        if completions {
+        if rows == Rows::Completions {
             return Self::detect_completions(format, cols, obj);
         }
         if let Some(f) = format.format().filter(|f| f.is_completions()) {
             bail!("format {} holds completions, not preference pairs: train on it with `dpo sft`", f.name());
         }
-        let unpaired = obj.get("label").is_some_and(Value::is_boolean)
-            && obj.contains_key(cols.chosen.as_deref().unwrap_or("completion"));
+        let completion = cols.chosen.as_deref().unwrap_or("completion");
+        let unpaired = obj.contains_key("label") && obj.contains_key(completion);
         if format == FormatChoice::Unpaired || (format == FormatChoice::Auto && unpaired) {
-            let prompt = cols.prompt.unwrap_or_else(|| "prompt".into());
-            let completion = cols.chosen.unwrap_or_else(|| "completion".into());
-            if let Some(missing) =
-                [&prompt, &completion, &"label".to_string()].iter().find(|c| !obj.contains_key(c.as_str()))
-            {
-                bail!(
-                    "format unpaired needs column {missing:?}, but the columns are: {}",
-                    obj.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-            }
-            return Ok(Self { format: Format::Unpaired, prompt, chosen: completion, rejected: String::new() });
+            return Self::detect_unpaired(cols, obj, rows);
         }
+        Self::detect_pairs(format, cols, obj, rows)
+    }
+
+    /// KTO's unpaired layout: prompt, completion and a boolean label.
+    fn detect_unpaired(cols: Columns, obj: &serde_json::Map<String, Value>, rows: Rows) -> Result<Self> {
+        if rows == Rows::Pairs {
+            bail!("the rows are unpaired (prompt, completion, label): train on them with `dpo train --loss kto`");
+        }
+        let prompt = cols.prompt.unwrap_or_else(|| "prompt".into());
+        let completion = cols.chosen.unwrap_or_else(|| "completion".into());
+        if let Some(missing) =
+            [&prompt, &completion, &"label".to_string()].iter().find(|c| !obj.contains_key(c.as_str()))
+        {
+            bail!(
+                "format unpaired needs column {missing:?}, but the columns are: {}",
+                obj.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        if let Some(label) = obj.get("label").filter(|l| !l.is_boolean()) {
+            bail!("format unpaired: column \"label\" must be true or false, found {} {label}", kind(label));
+        }
+        Ok(Self { format: Format::Unpaired, prompt, chosen: completion, rejected: String::new() })
+    }
+
+    /// One of the paired layouts, named by `--format` or told from the columns.
+    fn detect_pairs(
+        format: FormatChoice,
+        cols: Columns,
+        obj: &serde_json::Map<String, Value>,
+        rows: Rows,
+    ) -> Result<Self> {
         let found = || obj.keys().cloned().collect::<Vec<_>>().join(", ");
         let instruction = cols.prompt.clone().unwrap_or_else(|| "instruction".into());
         let format = match format.format() {
@@ -173,8 +195,9 @@ impl Schema {
                     "cannot tell the dataset format from its columns ({}): expected orca (system, question, chosen, rejected), \
                      messages (prompt, chosen/rejected as [{{role, content}}]), hh-rlhf (chosen, rejected dialogues), explicit \
                      (prompt, chosen, rejected), alpaca-ranking (instruction, input, output: [chosen, rejected]) or argilla \
-                     (instruction, chosen_response, rejected_response); pass --format and --prompt-column/--chosen-column/--rejected-column",
-                    found()
+                     (instruction, chosen_response, rejected_response){}; pass --format and --prompt-column/--chosen-column/--rejected-column",
+                    found(),
+                    if rows == Rows::Examples { ", or unpaired (prompt, completion, label)" } else { "" }
                 ),
             },
         };

@@ -6,13 +6,13 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! # let mut model = dpo::model::CausalLm::load(std::path::Path::new("m"), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+//! # let mut model = dpo::model::CausalLm::load(std::path::Path::new("m"), candle_core::DType::F32, &candle_core::Device::Cpu, dpo::model::LayerPath::CpuOp)?;
 //! let cfg = dpo::lora::LoraConfig::new(8, 16.0, 0.0, "q,v")?;
 //! let (cfg, params) = dpo::lora::adapter::attach_fresh(&mut model, &cfg, 42)?;
 //! dpo::lora::adapter::save(std::path::Path::new("out"), &params, &cfg, "my/base")?;
 //! # Ok(()) }
 //! ```
-use super::{ALL_LINEAR, LoraConfig};
+use super::{ALL_LINEAR, AdapterTask, LoraConfig};
 use crate::fsutil::atomic;
 use crate::model::CausalLm;
 use crate::model::arch::proj;
@@ -127,7 +127,7 @@ pub fn attach_score_head(model: &mut CausalLm, dir: Option<&Path>, seed: u64) ->
         }
     };
     let var = Var::from_tensor(&w)?;
-    model.set_score_head(var.clone());
+    model.set_score_head(var.clone())?;
     Ok(NamedParam { name: SCORE_KEY.to_string(), var })
 }
 
@@ -205,7 +205,9 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     let use_rslora = field("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
     let mut cfg = LoraConfig::validated(r as usize, alpha, dropout, targets, use_rslora)
         .with_context(|| format!("in {}", path.display()))?;
-    cfg.sequence_classification = field("task_type").and_then(|v| v.as_str()) == Some("SEQ_CLS");
+    if field("task_type").and_then(|v| v.as_str()) == Some(AdapterTask::SequenceClassification.peft_name()) {
+        cfg.task_type = AdapterTask::SequenceClassification;
+    }
     Ok(cfg)
 }
 
@@ -233,13 +235,16 @@ fn peft_config_json(cfg: &LoraConfig, base_model: &str) -> serde_json::Value {
         "layers_to_transform": null,
         "lora_alpha": if cfg.alpha.fract() == 0.0 { json!(cfg.alpha as i64) } else { json!(cfg.alpha) },
         "lora_dropout": cfg.dropout,
-        "modules_to_save": if cfg.sequence_classification { json!(["score"]) } else { json!(null) },
+        "modules_to_save": match cfg.task_type {
+            AdapterTask::SequenceClassification => json!(["score"]),
+            AdapterTask::CausalLm => json!(null),
+        },
         "peft_type": "LORA",
         "r": cfg.r,
         "rank_pattern": {},
         "revision": null,
         "target_modules": cfg.targets,
-        "task_type": if cfg.sequence_classification { "SEQ_CLS" } else { "CAUSAL_LM" },
+        "task_type": cfg.task_type.peft_name(),
         "use_dora": false,
         "use_rslora": cfg.use_rslora,
     })

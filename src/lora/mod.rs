@@ -28,32 +28,96 @@ pub struct LoraConfig {
     pub targets: Vec<String>,
     /// peft's rank-stabilised scaling `alpha / sqrt(r)`; only ever read from an adapter.
     pub use_rslora: bool,
-    /// A reward model's adapter: peft's `SEQ_CLS` task with the `score` head saved in full
-    /// (`modules_to_save`).
-    pub sequence_classification: bool,
+    /// peft's `task_type`: what the adapted model is.
+    pub task_type: AdapterTask,
+}
+
+/// peft's `task_type` of an adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdapterTask {
+    /// `CAUSAL_LM`: the language model itself.
+    #[default]
+    CausalLm,
+    /// `SEQ_CLS`: a reward model, its `score` head saved in full (`modules_to_save`).
+    SequenceClassification,
+}
+
+impl AdapterTask {
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            AdapterTask::CausalLm => "CAUSAL_LM",
+            AdapterTask::SequenceClassification => "SEQ_CLS",
+        }
+    }
+}
+
+/// `--lora-targets`: a comma list of the family's linears, or `all`; parsed when the flags are,
+/// checked against the family ([`LoraConfig::resolve`]) before any weight is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraTargets(Vec<String>);
+
+impl std::str::FromStr for LoraTargets {
+    type Err = String;
+
+    fn from_str(list: &str) -> std::result::Result<Self, String> {
+        let targets = parse_targets(list).map_err(|e| format!("{e:#}"))?;
+        if targets.is_empty() {
+            return Err("no linear named: give a comma list such as q,v, or all".into());
+        }
+        Ok(Self(targets))
+    }
+}
+
+impl std::fmt::Display for LoraTargets {
+    /// As the flag takes it, with peft's module names: `q_proj,v_proj`, `all`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.0.iter().map(|t| if t == ALL_LINEAR { "all" } else { t.as_str() }).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+impl serde::Serialize for LoraTargets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// What is wrong with a LoRA rank, alpha or dropout: `(key, value, the rule)`. The one
+/// definition of their ranges, for flags and adapter files alike.
+pub fn hyper_problem(r: usize, alpha: f64, dropout: f64) -> Option<(&'static str, String, &'static str)> {
+    if r == 0 {
+        return Some(("lora_r", r.to_string(), "must be at least 1"));
+    }
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Some(("lora_alpha", alpha.to_string(), "must be a positive number"));
+    }
+    if !(dropout.is_finite() && (0.0..1.0).contains(&dropout)) {
+        return Some(("lora_dropout", dropout.to_string(), "must be in [0, 1)"));
+    }
+    None
 }
 
 impl LoraConfig {
     /// `targets`: a comma list of linears (`q,k,v,o,gate,up,down`, `qkv,gate_up` for fused
     /// families; with or without `_proj`), or `all`.
     pub fn new(r: usize, alpha: f64, dropout: f64, targets: &str) -> Result<Self> {
-        Self::validated(r, alpha, dropout, parse_targets(targets)?, false)
+        let targets: LoraTargets = targets.parse().map_err(anyhow::Error::msg)?;
+        Self::with_targets(r, alpha, dropout, &targets)
+    }
+
+    /// From the flags: `--lora-r`, `--lora-alpha`, `--lora-dropout`, `--lora-targets`.
+    pub fn with_targets(r: usize, alpha: f64, dropout: f64, targets: &LoraTargets) -> Result<Self> {
+        Self::validated(r, alpha, dropout, targets.0.clone(), false)
     }
 
     pub fn validated(r: usize, alpha: f64, dropout: f64, targets: Vec<String>, use_rslora: bool) -> Result<Self> {
-        if r == 0 {
-            bail!("lora r must be at least 1");
-        }
-        if !(0.0..1.0).contains(&dropout) {
-            bail!("lora dropout must be in [0, 1), got {dropout}");
-        }
-        if !alpha.is_finite() || alpha <= 0.0 {
-            bail!("lora alpha must be positive, got {alpha}");
+        if let Some((key, value, rule)) = hyper_problem(r, alpha, dropout) {
+            bail!("{key} = {value} is out of range: {rule}");
         }
         if targets.is_empty() {
             bail!("lora targets are empty");
         }
-        Ok(Self { r, alpha, dropout, targets, use_rslora, sequence_classification: false })
+        Ok(Self { r, alpha, dropout, targets, use_rslora, task_type: AdapterTask::CausalLm })
     }
 
     pub fn scale(&self) -> f64 {

@@ -5,11 +5,11 @@
 //!   DiscoPOP, SFT, SimPO, CPO, ORPO, KTO, and a reward model's Bradley–Terry loss), with the
 //!   paper it comes from.
 //! - [`Objective`]: a validated mix of terms (TRL's MPO `loss_type` list with `loss_weights`),
-//!   LD-DPO's length weighting and WPO's pair weights, or one of the other stages' objectives
-//!   ([`Objective::supervised`], [`Objective::reward_model`]); what it needs from the model and
-//!   the data ([`Objective::needs_reference`], [`Objective::needs_prompt`],
-//!   [`Objective::unpaired`]).
-//! - [`metrics`]: the per-pair numbers and the metrics TRL logs for each loss.
+//!   LD-DPO's length weighting and WPO's pair weights; what it needs from the model and the data
+//!   ([`Objective::needs_reference`], [`Objective::needs_prompt`]) and how its rewards are logged
+//!   ([`Objective::reward_rule`]). Which task trains it (preference pairs, or KTO's examples) is
+//!   the caller's ([`crate::task::Task`]).
+//! - [`metrics`]: the per-pair numbers and the metrics TRL logs for each task.
 //!
 //! Gradient accumulation: each micro-batch is a batch of its own, as in TRL (its
 //! `gradient_accumulation_steps` runs the loss on each micro-batch and averages the gradients):
@@ -30,7 +30,7 @@
 pub mod metrics;
 pub mod terms;
 
-pub use metrics::{BatchScore, PairMetrics, PairScore, RewardMetrics};
+pub use metrics::{BatchScore, Metrics, PairMetrics, PairScore, RewardRule, TaskMetrics};
 
 use candle_core::{Result, Tensor};
 use serde::Serialize;
@@ -236,12 +236,6 @@ pub struct Objective {
     pub ld_alpha: Option<f64>,
     /// WPO (Zhou et al. 2024): each pair's loss weighted by `w_c·w_r`.
     pub use_weighting: bool,
-    /// Supervised fine-tuning (`dpo sft`): completions only (the "chosen" side), the `sft` loss,
-    /// no reference.
-    pub supervised: bool,
-    /// A Bradley–Terry reward model (`dpo reward train`): the pair's "log-probs" are the
-    /// model's rewards, the loss `−logσ(r_c − r_r)`, no reference.
-    pub reward_model: bool,
 }
 
 /// Which settings the user gave explicitly (so that one a loss ignores can be refused).
@@ -252,28 +246,12 @@ pub struct Explicit {
     pub simpo_gamma: bool,
 }
 
+type Check = std::result::Result<(), String>;
+
 impl Objective {
     /// One loss with default parameters.
     pub fn single(kind: LossKind, beta: f64) -> Self {
-        Self {
-            terms: vec![(kind, 1.0)],
-            params: LossParams::new(beta),
-            ld_alpha: None,
-            use_weighting: false,
-            supervised: false,
-            reward_model: false,
-        }
-    }
-
-    /// A reward model: `mean −logσ(r_c − r_r)` (TRL's RewardTrainer without margin or centring).
-    pub fn reward_model() -> Self {
-        Self { reward_model: true, ..Self::single(LossKind::Sigmoid, 1.0) }
-    }
-
-    /// Supervised fine-tuning: the token-mean NLL of the completions over the batch, as TRL's
-    /// SFTTrainer normalises it.
-    pub fn supervised() -> Self {
-        Self { supervised: true, ..Self::single(LossKind::Sft, 0.1) }
+        Self { terms: vec![(kind, 1.0)], params: LossParams::new(beta), ld_alpha: None, use_weighting: false }
     }
 
     /// Checks a combination as TRL does and more; every message names the flags involved.
@@ -298,24 +276,21 @@ impl Objective {
                 ));
             }
         };
-        let objective = Self {
-            terms: kinds.iter().copied().zip(weights).collect(),
-            params,
-            ld_alpha,
-            use_weighting,
-            supervised: false,
-            reward_model: false,
-        };
-        objective.check(explicit)?;
+        let objective = Self { terms: kinds.iter().copied().zip(weights).collect(), params, ld_alpha, use_weighting };
+        objective.check_ranges()?;
+        objective.check_mix()?;
+        objective.check_parameters(explicit)?;
+        objective.check_weighting()?;
         Ok(objective)
     }
 
-    fn check(&self, explicit: Explicit) -> std::result::Result<(), String> {
+    fn loss_flag(&self) -> String {
+        format!("--loss {}", self.name())
+    }
+
+    /// β, ε and the weights in range.
+    fn check_ranges(&self) -> Check {
         let p = &self.params;
-        let loss_flag = format!("--loss {}", self.name());
-        let names = |f: fn(LossKind) -> bool| {
-            self.terms.iter().filter(|(k, _)| f(*k)).map(|(k, _)| k.name()).collect::<Vec<_>>()
-        };
         if !(p.beta.is_finite() && p.beta > 0.0) {
             return Err(format!("--beta {} is out of range: must be a positive number (config key beta)", p.beta));
         }
@@ -330,6 +305,15 @@ impl Objective {
                 "--loss-weights {w} is out of range: weights must be finite and not negative (config key loss_weights)"
             ));
         }
+        Ok(())
+    }
+
+    /// Which losses may be mixed: no loss twice, reference-free ones alone (one of them), KTO alone.
+    fn check_mix(&self) -> Check {
+        let loss_flag = self.loss_flag();
+        let names = |f: fn(LossKind) -> bool| {
+            self.terms.iter().filter(|(k, _)| f(*k)).map(|(k, _)| k.name()).collect::<Vec<_>>()
+        };
         if self.terms.iter().enumerate().any(|(i, (k, _))| self.terms[..i].iter().any(|(j, _)| j == k)) {
             return Err(format!("{loss_flag}: a loss is named twice (config key loss)"));
         }
@@ -345,51 +329,25 @@ impl Objective {
                 "{loss_flag}: kto trains on unpaired examples and cannot be mixed with other losses (config key loss)"
             ));
         }
-        if self.has(LossKind::Kto) && self.ld_alpha.is_some() {
-            return Err("--ld-alpha cannot be used with --loss kto: LD-DPO weights the tokens of paired responses (config keys ld_alpha, loss)".into());
-        }
-        for (flag, w) in [("--desirable-weight", p.desirable_weight), ("--undesirable-weight", p.undesirable_weight)] {
-            if !(w.is_finite() && w > 0.0) {
-                return Err(format!(
-                    "{flag} {w} is out of range: must be a positive number (config key {})",
-                    flag.trim_start_matches("--").replace('-', "_")
-                ));
-            }
-            if w != 1.0 && !self.has(LossKind::Kto) {
-                return Err(format!(
-                    "{flag} applies to --loss kto only, not {loss_flag} (config keys {}, loss)",
-                    flag.trim_start_matches("--").replace('-', "_")
-                ));
-            }
-        }
-        if self.terms.iter().filter(|(k, _)| k.reference_free()).count() > 1 {
+        if free.len() > 1 {
             return Err(format!("{loss_flag}: give one of simpo, cpo, orpo (config key loss)"));
         }
-        if p.f_divergence != FDivergence::ReverseKl {
-            let f = format!("--f-divergence {}", p.f_divergence.name());
-            if let Some(k) = self.terms.iter().map(|(k, _)| *k).find(|k| !k.takes_f_divergence()) {
-                let why = if k.reference_free() {
-                    "it is reference-free"
-                } else {
-                    "TRL defines it for sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft only"
-                };
-                return Err(format!(
-                    "{f} cannot be used with --loss {}: {why} (config keys f_divergence, loss)",
-                    k.name()
-                ));
+        Ok(())
+    }
+
+    /// Each loss parameter in range, and given only for a loss that reads it.
+    fn check_parameters(&self, explicit: Explicit) -> Check {
+        let (p, loss_flag) = (&self.params, self.loss_flag());
+        for (flag, w) in [("--desirable-weight", p.desirable_weight), ("--undesirable-weight", p.undesirable_weight)] {
+            let key = flag.trim_start_matches("--").replace('-', "_");
+            if !(w.is_finite() && w > 0.0) {
+                return Err(format!("{flag} {w} is out of range: must be a positive number (config key {key})"));
+            }
+            if w != 1.0 && !self.has(LossKind::Kto) {
+                return Err(format!("{flag} applies to --loss kto only, not {loss_flag} (config keys {key}, loss)"));
             }
         }
-        if explicit.f_alpha && p.f_divergence != FDivergence::AlphaDivergence {
-            return Err(
-                "--f-alpha applies to --f-divergence alpha_divergence only (config keys f_alpha, f_divergence)".into(),
-            );
-        }
-        if p.f_divergence == FDivergence::AlphaDivergence && !(p.f_alpha.is_finite() && p.f_alpha > 0.0) {
-            return Err(format!(
-                "--f-alpha {} is out of range: must be a positive number (config key f_alpha)",
-                p.f_alpha
-            ));
-        }
+        self.check_f_divergence(explicit)?;
         if p.label_smoothing > 0.0 {
             if let Some(k) = self.terms.iter().map(|(k, _)| *k).find(|k| !k.reads_label_smoothing()) {
                 return Err(format!(
@@ -434,7 +392,47 @@ impl Objective {
                 return Err(format!("--cpo-alpha {a} is out of range: must not be negative (config key cpo_alpha)"));
             }
         }
+        Ok(())
+    }
+
+    /// `--f-divergence` (and its α) only for the losses TRL defines it for.
+    fn check_f_divergence(&self, explicit: Explicit) -> Check {
+        let p = &self.params;
+        if p.f_divergence != FDivergence::ReverseKl {
+            let f = format!("--f-divergence {}", p.f_divergence.name());
+            if let Some(k) = self.terms.iter().map(|(k, _)| *k).find(|k| !k.takes_f_divergence()) {
+                let why = if k.reference_free() {
+                    "it is reference-free"
+                } else {
+                    "TRL defines it for sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft only"
+                };
+                return Err(format!(
+                    "{f} cannot be used with --loss {}: {why} (config keys f_divergence, loss)",
+                    k.name()
+                ));
+            }
+        }
+        if explicit.f_alpha && p.f_divergence != FDivergence::AlphaDivergence {
+            return Err(
+                "--f-alpha applies to --f-divergence alpha_divergence only (config keys f_alpha, f_divergence)".into(),
+            );
+        }
+        if p.f_divergence == FDivergence::AlphaDivergence && !(p.f_alpha.is_finite() && p.f_alpha > 0.0) {
+            return Err(format!(
+                "--f-alpha {} is out of range: must be a positive number (config key f_alpha)",
+                p.f_alpha
+            ));
+        }
+        Ok(())
+    }
+
+    /// LD-DPO and WPO only on the per-pair, reference-based losses they reweight.
+    fn check_weighting(&self) -> Check {
+        let loss_flag = self.loss_flag();
         if let Some(a) = self.ld_alpha {
+            if self.has(LossKind::Kto) {
+                return Err("--ld-alpha cannot be used with --loss kto: LD-DPO weights the tokens of paired responses (config keys ld_alpha, loss)".into());
+            }
             if !(a.is_finite() && (0.0..=1.0).contains(&a)) {
                 return Err(format!("--ld-alpha {a} is out of range: must be in [0, 1] (config key ld_alpha)"));
             }
@@ -455,7 +453,7 @@ impl Objective {
         Ok(())
     }
 
-    fn has(&self, kind: LossKind) -> bool {
+    pub fn has(&self, kind: LossKind) -> bool {
         self.terms.iter().any(|(k, _)| *k == kind)
     }
 
@@ -471,12 +469,18 @@ impl Objective {
     /// False for SimPO/CPO/ORPO (mixed with `sft` or not): no reference forward, no reference
     /// cache. `sft` alone keeps the reference, as TRL's DPOTrainer does, for its rewards.
     pub fn needs_reference(&self) -> bool {
-        !self.supervised && !self.reward_model && self.reference_free_kind().is_none()
+        self.reference_free_kind().is_none()
     }
 
-    /// KTO: unpaired examples (a pair's responses become two examples).
-    pub fn unpaired(&self) -> bool {
-        self.has(LossKind::Kto)
+    /// How the pairs' rewards are logged: by the trainer TRL would use for these losses.
+    pub fn reward_rule(&self) -> RewardRule {
+        let beta = self.params.beta;
+        match self.reference_free_kind() {
+            Some(kind) => {
+                RewardRule::ReferenceFree { beta, per_token: matches!(kind, LossKind::Simpo | LossKind::Orpo) }
+            }
+            None => RewardRule::Implicit { beta },
+        }
     }
 
     /// ORPO's NLL covers the chosen prompts too.
@@ -492,9 +496,6 @@ impl Objective {
     /// The micro-batch's loss (a scalar): `Σ_k w_k · term_k`, a per-pair term averaged over
     /// the pairs after WPO's `weights` (`[pairs]`, detached).
     pub fn batch_loss(&self, l: &PairLogps, weights: Option<&Tensor>) -> Result<Tensor> {
-        if self.reward_model {
-            return terms::bradley_terry(l);
-        }
         let mut total: Option<Tensor> = None;
         for &(kind, w) in &self.terms {
             let value = match terms::term(kind, l, &self.params)? {

@@ -1,45 +1,52 @@
 //! A causal language model of any supported family, built from its [`Architecture`]: the
-//! embedding, the decoder layers, the final norm and the head. The forward pass returns hidden
-//! states; [`CausalLm::token_logps`] projects only the positions that are scored, which is all
-//! DPO needs.
+//! embedding, the decoder layers, the final norm and the head — weights and the math on them,
+//! nothing else. The forward pass returns hidden states; [`CausalLm::token_logps`] projects only
+//! the positions that are scored, which is all the losses need.
 //!
-//! Each layer runs on one of two paths that compute the same function:
+//! Each layer runs on one of two paths that compute the same function, chosen when the model is
+//! built ([`LayerPath`]):
 //! - the CPU layer op ([`super::cpu_layer`], f32 on CPU, the default there): one op per layer
 //!   with a hand-written backward;
 //! - the generic layer ([`super::generic_layer`], any device and dtype): candle compositions.
 //!
-//! `DPO_LAYER_PATH=generic` forces the generic path (the tests run both).
+//! The [`Head`] says what the final hidden states become: log-probs through the frozen lm_head,
+//! log-probs through an lm_head trained with every other weight ([`CausalLm::trainable`]), or a
+//! reward model's score.
 //!
 //! ```no_run
-//! # use dpo::model::CausalLm; use dpo::nn::LoraMode;
+//! # use dpo::model::{CausalLm, LayerPath}; use dpo::nn::LoraMode;
 //! # fn main() -> anyhow::Result<()> {
-//! let model = CausalLm::load(std::path::Path::new("tiny-llama"), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+//! let dir = std::path::Path::new("tiny-llama");
+//! let model = CausalLm::load(dir, candle_core::DType::F32, &candle_core::Device::Cpu, LayerPath::CpuOp)?;
 //! let ids = candle_core::Tensor::new(&[[1u32, 5, 9]], &candle_core::Device::Cpu)?;
 //! let logits = model.logits(&ids, &mut LoraMode::Off)?; // [1, 3, vocab]
 //! # Ok(()) }
 //! ```
 use super::arch::rope::RopeTables;
-use super::arch::{Architecture, LayerSpec, Proj};
+use super::arch::{Architecture, Proj};
 use super::chunked_head;
+use super::cpu_head;
 use super::cpu_layer;
-use super::fused;
 use super::generic_layer::{self, PassShared};
+use super::layer::{DecoderLayer, load_layer, norm_weight};
 use super::recompute;
-use super::token_stats::TokenStats;
+use super::token_stats::{StatsSink, TokenStats};
 use super::weights::mmap_weights;
 use crate::nn::layout::TokenLayout;
-use crate::nn::ops::frozen_matmul;
+use crate::nn::ops::{frozen_matmul, softcap};
 use crate::nn::{LoraLinear, LoraMode};
-use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use std::path::Path;
 use std::sync::Arc;
 
 /// Which implementation runs the decoder layers and the head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LayerPath {
-    /// One [`cpu_layer`] op per layer and the [`fused`] head (CPU, f32).
+    /// One [`cpu_layer`] op per layer and the [`cpu_head`] (CPU, f32), where
+    /// [`cpu_layer::supports`] says it computes the family exactly; the generic path elsewhere.
+    #[default]
     CpuOp,
     /// candle compositions on any device and dtype.
     Generic,
@@ -55,23 +62,28 @@ impl std::fmt::Display for LayerPath {
 }
 
 impl LayerPath {
-    /// The path a model runs on when `wanted` is asked for.
+    /// The path a model runs on when `wanted` is asked for: the CPU op only where it computes
+    /// this model exactly (otherwise the generic path: never different math).
     pub fn choose(wanted: LayerPath, arch: &Architecture, device: &Device, dtype: DType) -> LayerPath {
         match wanted {
             LayerPath::CpuOp if cpu_layer::supports(arch, device, dtype).is_ok() => LayerPath::CpuOp,
             _ => LayerPath::Generic,
         }
     }
-
-    /// The path a model loads on: the CPU op where it can, unless [`PATH_ENV`] says `generic`.
-    pub fn default_for(arch: &Architecture, device: &Device, dtype: DType) -> LayerPath {
-        let forced_generic = std::env::var(PATH_ENV).is_ok_and(|v| v == "generic");
-        Self::choose(if forced_generic { LayerPath::Generic } else { LayerPath::CpuOp }, arch, device, dtype)
-    }
 }
 
-/// The environment variable that forces [`LayerPath::Generic`].
-pub const PATH_ENV: &str = "DPO_LAYER_PATH";
+/// What the final hidden states become.
+#[derive(Debug, Clone)]
+pub enum Head {
+    /// Log-probs through the frozen lm_head, on the path's own head op (no weight gradient).
+    Frozen,
+    /// Log-probs through an lm_head trained with every other weight (full fine-tuning):
+    /// candle's matmul computes its gradient.
+    Trained,
+    /// A reward model's `score` head `[1, hidden]` (f32, trained), read at each sequence's last
+    /// token; the lm_head is not used.
+    Score(Var),
+}
 
 pub struct CausalLm {
     arch: Arc<Architecture>,
@@ -79,49 +91,48 @@ pub struct CausalLm {
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: Tensor,
+    head: Head,
     dtype: DType,
     device: Device,
     path: LayerPath,
     /// Activation recomputation: each layer keeps only its input for backward.
     recompute: bool,
-    /// A reward model's `score` head `[1, hidden]` (f32, trainable), read at each sequence's
-    /// last token.
-    score_head: Option<candle_core::Var>,
-    /// Full fine-tuning: every weight is a trainable Var (with its name).
-    full: bool,
-    trainable: Vec<(String, candle_core::Var)>,
-    /// Training has begun: the reference may no longer be computed from these weights.
-    reference_sealed: bool,
 }
 
-/// One decoder layer's frozen weights, named by what the description says it has.
-#[derive(Clone)]
-pub struct DecoderLayer {
-    /// Attention pre, attention post, MLP pre, MLP post (see [`Architecture::norm_names`]);
-    /// Gemma's already hold `1 + w`.
-    pub norms: [Option<Tensor>; 4],
-    /// q and k norm weights.
-    pub qk_norm: Option<[Tensor; 2]>,
-    /// The family's linears, in [`Architecture::projections`] order.
-    pub linears: Vec<(Proj, LoraLinear)>,
-    pub spec: LayerSpec,
-}
-
-impl DecoderLayer {
-    pub fn linear(&self, p: Proj) -> &LoraLinear {
-        &self.linears.iter().find(|(q, _)| *q == p).expect("the description lists every linear it loads").1
+/// Why full fine-tuning cannot train this model in `dtype`, if it cannot: known from the
+/// description alone, before any weight is read.
+pub fn full_training_unsupported(arch: &Architecture, dtype: DType) -> Option<String> {
+    if dtype != DType::F32 {
+        return Some(format!("--full trains f32 master weights: pass --dtype f32 (the run computes in {dtype:?})"));
     }
+    if arch.norm.unit_offset {
+        return Some(format!(
+            "--full is not supported for {}: its norms are stored as 1 + w (Gemma), so the stored tensor is not the trained one",
+            arch.model_type
+        ));
+    }
+    None
 }
 
 impl CausalLm {
-    /// Loads `config.json` and the safetensors weights of a model folder.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// Loads `config.json` and the safetensors weights of a model folder, frozen, on the path
+    /// `path` asks for ([`LayerPath::choose`]).
+    pub fn load(dir: &Path, dtype: DType, device: &Device, path: LayerPath) -> Result<Self> {
         let arch = Architecture::from_file(&dir.join("config.json"))?;
         let vb = mmap_weights(dir, dtype, device)?;
-        Self::from_weights(arch, vb, dtype, device).with_context(|| format!("loading the weights in {}", dir.display()))
+        Self::from_weights(arch, vb, dtype, device, path)
+            .with_context(|| format!("loading the weights in {}", dir.display()))
     }
 
-    pub fn from_weights(arch: Architecture, vb: VarBuilder, dtype: DType, device: &Device) -> Result<Self> {
+    /// The model with frozen weights (adapters may be attached to its linears), on the path
+    /// `path` asks for ([`LayerPath::choose`]).
+    pub fn from_weights(
+        arch: Architecture,
+        vb: VarBuilder,
+        dtype: DType,
+        device: &Device,
+        path: LayerPath,
+    ) -> Result<Self> {
         let (h, v) = (arch.hidden_size, arch.vocab_size);
         let embed = vb.get((v, h), "model.embed_tokens.weight")?;
         let layers = (0..arch.num_layers)
@@ -134,23 +145,33 @@ impl CausalLm {
         } else {
             embed.clone()
         };
-        let mut model = Self {
+        let path = LayerPath::choose(path, &arch, device, dtype);
+        Ok(Self {
             arch: Arc::new(arch),
             embed,
             layers,
             norm,
             lm_head,
+            head: Head::Frozen,
             dtype,
             device: device.clone(),
-            path: LayerPath::Generic,
+            path,
             recompute: false,
-            score_head: None,
-            full: false,
-            trainable: Vec::new(),
-            reference_sealed: false,
-        };
-        model.path = LayerPath::default_for(&model.arch, device, dtype);
-        Ok(model)
+        })
+    }
+
+    /// Full fine-tuning: every weight an f32 [`Var`], returned with the model's own tensor names
+    /// (a tied head shares the embedding's). The generic path runs (the CPU layer op computes no
+    /// weight gradients) and linears use candle's matmul, which computes dW. Refused where
+    /// [`full_training_unsupported`] says so.
+    pub fn trainable(arch: Architecture, vb: VarBuilder, device: &Device) -> Result<(Self, Vec<(String, Var)>)> {
+        if let Some(why) = full_training_unsupported(&arch, DType::F32) {
+            bail!(why);
+        }
+        let mut model = Self::from_weights(arch, vb, DType::F32, device, LayerPath::Generic)?;
+        let named = model.train_every_weight()?;
+        model.head = Head::Trained;
+        Ok((model, named))
     }
 
     pub fn arch(&self) -> &Architecture {
@@ -169,20 +190,24 @@ impl CausalLm {
         self.path
     }
 
-    /// Asks for a path; the CPU op is taken only where [`cpu_layer::supports`] says it computes
-    /// this model exactly (otherwise the generic path runs: never different math).
-    pub fn set_path(&mut self, wanted: LayerPath) {
-        self.path = LayerPath::choose(wanted, &self.arch, &self.device, self.dtype);
+    /// The same model on the path `wanted` asks for ([`LayerPath::choose`]): for comparing the
+    /// two paths on one set of weights and adapters.
+    pub fn on_path(mut self, wanted: LayerPath) -> Self {
+        self.path = match self.head {
+            Head::Trained => LayerPath::Generic,
+            _ => LayerPath::choose(wanted, &self.arch, &self.device, self.dtype),
+        };
+        self
+    }
+
+    pub fn head(&self) -> &Head {
+        &self.head
     }
 
     /// Activation recomputation (gradient checkpointing): each layer keeps only its input and
     /// is re-run in backward, on either path. Same numbers, a fraction of the memory.
     pub fn set_recompute(&mut self, on: bool) {
         self.recompute = on;
-    }
-
-    pub fn recompute(&self) -> bool {
-        self.recompute
     }
 
     /// Final-norm hidden states `[rows, len, hidden]` for `ids` `[rows, len]` laid out as
@@ -199,7 +224,7 @@ impl CausalLm {
         let eps = self.arch.norm.eps;
         if self.path == LayerPath::CpuOp {
             x = self.cpu_layers(x, layout, &ropes, mode)?;
-            return Ok(fused::rms_norm(&x, &self.norm, eps)?);
+            return Ok(cpu_head::rms_norm(&x, &self.norm, eps)?);
         }
         let shared = Arc::new(PassShared::new(&self.arch, layout, &ropes, self.dtype, &self.device)?);
         for layer in &self.layers {
@@ -252,72 +277,55 @@ impl CausalLm {
     /// Logits at every position, `[batch, seq, vocab]` (f32, soft-capped where the family caps).
     pub fn logits(&self, ids: &Tensor, mode: &mut LoraMode) -> Result<Tensor> {
         let hidden = self.forward(ids, mode)?;
-        Ok(generic_layer::softcap(
-            &frozen_matmul(&hidden, &self.lm_head)?.to_dtype(DType::F32)?,
-            self.arch.final_softcap,
-        )?)
+        Ok(softcap(&frozen_matmul(&hidden, &self.lm_head)?.to_dtype(DType::F32)?, self.arch.final_softcap)?)
     }
 
-    /// Makes this a reward model (sequence classification with one label): `score` reads the
-    /// final hidden state at each sequence's last token.
-    pub fn set_score_head(&mut self, w: candle_core::Var) {
-        self.score_head = Some(w);
+    /// Makes this a reward model (sequence classification with one label): a [`Head::Score`]
+    /// reads the final hidden state at each sequence's last token.
+    pub fn set_score_head(&mut self, w: Var) -> Result<()> {
+        if matches!(self.head, Head::Trained) {
+            bail!("a model whose every weight is trained cannot take a reward model's score head");
+        }
+        self.head = Head::Score(w);
+        Ok(())
     }
 
     /// `score · h` for final hidden states `[n, hidden]` (in f32): a reward per row.
     pub fn rewards(&self, hidden_rows: &Tensor) -> Result<Tensor> {
-        let w = self.score_head.as_ref().context("this model has no score head (not a reward model)")?;
+        let Head::Score(w) = &self.head else { bail!("this model has no score head (not a reward model)") };
         Ok(hidden_rows.to_dtype(DType::F32)?.matmul(&w.as_tensor().t()?)?.squeeze(1)?)
     }
 
     /// `log p(target | position)` for selected hidden states `[n, hidden]` and targets `[n]`:
     /// lm_head and the log-softmax run on these rows only (in f32).
     pub fn token_logps(&self, hidden_rows: &Tensor, targets: &[u32]) -> Result<Tensor> {
-        self.head(hidden_rows, targets, None)
+        self.head_logps(hidden_rows, targets, None)
     }
 
     /// As [`CausalLm::token_logps`], with what TRL logs about each scored token's distribution.
     pub fn token_logps_with_stats(&self, hidden_rows: &Tensor, targets: &[u32]) -> Result<(Tensor, TokenStats)> {
-        let sink = fused::StatsSink::default();
-        let logps = self.head(hidden_rows, targets, Some(&sink))?;
+        let sink = StatsSink::default();
+        let logps = self.head_logps(hidden_rows, targets, Some(&sink))?;
         let stats = sink.lock().expect("stats sink").take().unwrap_or_default();
         Ok((logps, stats))
     }
 
-    fn head(&self, hidden_rows: &Tensor, targets: &[u32], stats: Option<&fused::StatsSink>) -> Result<Tensor> {
-        let cap = self.arch.final_softcap;
-        if self.full {
-            // The fused heads compute no dW; full fine-tuning trains lm_head too.
-            return Ok(chunked_head::trainable_logps(hidden_rows, &self.lm_head, targets, cap, stats)?);
-        }
-        Ok(match self.path {
-            LayerPath::CpuOp => fused::lm_head_logps(hidden_rows, &self.lm_head, targets, cap, stats)?,
-            LayerPath::Generic => chunked_head::lm_head_logps(hidden_rows, &self.lm_head, targets, cap, stats)?,
+    fn head_logps(&self, hidden_rows: &Tensor, targets: &[u32], stats: Option<&StatsSink>) -> Result<Tensor> {
+        let (w, cap) = (&self.lm_head, self.arch.final_softcap);
+        Ok(match (&self.head, self.path) {
+            (Head::Frozen, LayerPath::CpuOp) => cpu_head::lm_head_logps(hidden_rows, w, targets, cap, stats)?,
+            (Head::Frozen, LayerPath::Generic) => chunked_head::lm_head_logps(hidden_rows, w, targets, cap, stats)?,
+            // The frozen heads compute no dW; full fine-tuning trains lm_head too.
+            (Head::Trained, _) => chunked_head::trainable_logps(hidden_rows, w, targets, cap, stats)?,
+            (Head::Score(_), _) => bail!("a reward model scores sequences with its score head, not token log-probs"),
         })
     }
 
-    /// Full fine-tuning: makes every weight a trainable f32 [`Var`](candle_core::Var) and returns
-    /// them with the model's own tensor names (a tied head shares the embedding's). The generic
-    /// path runs from then on (the CPU layer op computes no weight gradients) and linears use
-    /// candle's matmul, which computes dW. Refused for bf16 weights (f32 master weights are
-    /// needed) and for Gemma-style `1 + w` norms (the stored tensor is not the trained one).
-    pub fn make_trainable(&mut self) -> Result<Vec<(String, candle_core::Var)>> {
-        if self.full {
-            return Ok(self.trainable.clone());
-        }
-        anyhow::ensure!(
-            self.dtype == DType::F32,
-            "--full trains f32 master weights: pass --dtype f32 (the model computes in {:?})",
-            self.dtype
-        );
-        anyhow::ensure!(
-            !self.arch.norm.unit_offset,
-            "--full is not supported for families whose norms are stored as 1 + w (Gemma)"
-        );
-        anyhow::ensure!(self.score_head.is_none(), "--full is not supported for reward models");
+    /// Makes every weight an f32 [`Var`]; returns them with their checkpoint names.
+    fn train_every_weight(&mut self) -> Result<Vec<(String, Var)>> {
         let mut out = Vec::new();
         let mut var = |name: String, t: &mut Tensor| -> Result<()> {
-            let v = candle_core::Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
             *t = v.as_tensor().clone();
             out.push((name, v));
             Ok(())
@@ -349,21 +357,7 @@ impl CausalLm {
         } else {
             var("lm_head.weight".into(), &mut self.lm_head)?;
         }
-        self.path = LayerPath::Generic;
-        self.full = true;
-        self.trainable = out.clone();
         Ok(out)
-    }
-
-    /// Full fine-tuning starts: from now on the reference must come from the cache filled
-    /// before (by this same code path, so policy = reference exactly at step 1).
-    pub fn seal_reference(&mut self) {
-        self.reference_sealed = self.full;
-    }
-
-    /// The weights are being trained in full, so they are no longer the reference.
-    pub fn reference_sealed(&self) -> bool {
-        self.reference_sealed
     }
 
     /// Every linear layer with its module path (`model.layers.3.mlp.up_proj`), in model order.
@@ -381,49 +375,4 @@ impl CausalLm {
 /// `x` rounded to `dtype` (what a Python scalar becomes when cast to the weights' dtype).
 fn round_to(x: f64, dtype: DType) -> Result<f64> {
     Ok(Tensor::new(x as f32, &Device::Cpu)?.to_dtype(dtype)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// A norm weight as the layers use it: `1 + w` for Gemma's norms; f32 where the family scales
-/// in f32.
-fn norm_weight(arch: &Architecture, vb: &VarBuilder, name: &str, dim: usize, dtype: DType) -> Result<Tensor> {
-    let w = vb.get(dim, name)?;
-    let w = if arch.norm.scale_in_f32 { w.to_dtype(DType::F32)? } else { w };
-    Ok(if arch.norm.unit_offset {
-        (w + 1.0)?.to_dtype(if arch.norm.scale_in_f32 { DType::F32 } else { dtype })?
-    } else {
-        w
-    })
-}
-
-fn load_layer(arch: &Architecture, vb: &VarBuilder, index: usize, dtype: DType) -> Result<DecoderLayer> {
-    let h = arch.hidden_size;
-    let names = arch.norm_names();
-    let mut norms: [Option<Tensor>; 4] = Default::default();
-    for (slot, name) in norms.iter_mut().zip(names) {
-        if let Some(name) = name {
-            *slot = Some(norm_weight(arch, vb, &format!("{name}.weight"), h, dtype)?);
-        }
-    }
-    let qk_norm = match arch.qk_norm_dims() {
-        None => None,
-        Some((q, k)) => {
-            let att = vb.pp("self_attn");
-            Some([
-                norm_weight(arch, &att, "q_norm.weight", q, dtype)?,
-                norm_weight(arch, &att, "k_norm.weight", k, dtype)?,
-            ])
-        }
-    };
-    let linears = arch
-        .projections
-        .iter()
-        .map(|&p| {
-            let ((out_dim, in_dim), _) = arch.proj_geometry(p);
-            let lvb = vb.pp(p.path());
-            let w = lvb.get((out_dim, in_dim), "weight")?;
-            let b = if arch.has_bias(p) { Some(lvb.get(out_dim, "bias")?) } else { None };
-            Ok((p, LoraLinear::frozen(w, b)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(DecoderLayer { norms, qk_norm, linears, spec: arch.layers[index] })
 }

@@ -12,10 +12,9 @@
 //! let want = 2.0 - (1f32 + 1f32.exp() + 2f32.exp()).ln();
 //! assert!((lp.to_vec1::<f32>().unwrap()[0] - want).abs() < 1e-6);
 //! ```
-use super::fused::StatsSink;
-use super::generic_layer::softcap;
-use super::recompute::{Backward, attach};
-use super::token_stats::TokenStats;
+use super::token_stats::{StatsSink, TokenStats};
+use crate::nn::attach::{Backward, attach};
+use crate::nn::ops::softcap;
 use candle_core::{D, DType, Result, Tensor};
 
 /// Logit elements per chunk (f32): 32 MiB, e.g. 256 rows of a 32k vocabulary.

@@ -9,13 +9,13 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! # let (layer, x, ctx): (dpo::model::causal_lm::DecoderLayer, candle_core::Tensor, dpo::model::generic_layer::PassShared) = todo!();
+//! # let (layer, x, ctx): (dpo::model::layer::DecoderLayer, candle_core::Tensor, dpo::model::generic_layer::PassShared) = todo!();
 //! let y = dpo::model::generic_layer::forward(&layer, &x, &ctx, &mut dpo::nn::LoraMode::On)?;
 //! # Ok(()) }
 //! ```
 use super::arch::rope::RopeTables;
 use super::arch::{Activation, Architecture, Proj, QkNorm, RmsNormStyle};
-use super::causal_lm::DecoderLayer;
+use super::layer::DecoderLayer;
 use super::tiled_attention;
 use crate::nn::LoraMode;
 use crate::nn::layout::TokenLayout;
@@ -90,14 +90,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, style: &RmsNormStyle) -> candle_core::Re
         normed.broadcast_mul(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)
     } else {
         normed.to_dtype(dtype)?.broadcast_mul(w)
-    }
-}
-
-/// `cap·tanh(x/cap)` (soft-capping), or `x` itself.
-pub fn softcap(x: &Tensor, cap: Option<f64>) -> candle_core::Result<Tensor> {
-    match cap {
-        Some(c) => (x / c)?.tanh()? * c,
-        None => Ok(x.clone()),
     }
 }
 

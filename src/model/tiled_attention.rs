@@ -16,7 +16,7 @@
 //! let want = [0.0, 1.0, 1.0, 2.0, 2.0, 3.0];
 //! assert!(o.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6));
 //! ```
-use super::recompute::{Backward, attach};
+use crate::nn::attach::{Backward, attach};
 use candle_core::{D, DType, Result, Tensor};
 
 /// Query rows per tile.

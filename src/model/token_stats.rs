@@ -20,6 +20,9 @@
 //! ```
 use super::kernels;
 
+/// Where a head leaves its [`TokenStats`] (a head op cannot return them beside its tensor).
+pub type StatsSink = std::sync::Arc<std::sync::Mutex<Option<TokenStats>>>;
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenStats {
     pub entropy: Vec<f32>,

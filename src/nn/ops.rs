@@ -151,3 +151,11 @@ mod tests {
         assert_ne!(row(&y, 1), row(x.as_tensor(), 1));
     }
 }
+
+/// `cap·tanh(x/cap)` (soft-capping), or `x` itself.
+pub fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
+    match cap {
+        Some(c) => (x / c)?.tanh()? * c,
+        None => Ok(x.clone()),
+    }
+}

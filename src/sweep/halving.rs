@@ -13,7 +13,7 @@
 //! ```
 use super::summary::{Row, Status, Summary};
 use super::{PlannedRun, Segment, Shared, finished_row, read_run, train_segment};
-use crate::config::TrainArgs;
+use crate::config::RunSettings;
 use crate::train::EVAL_CURVE_FILE;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
@@ -30,12 +30,12 @@ pub fn rungs(runs: usize, total: usize) -> Vec<usize> {
 /// Runs the plan's runs by successive halving, filling `rows`.
 pub(crate) fn run(
     plan: &super::plan::Plan,
-    runs: &[(PlannedRun, TrainArgs)],
+    runs: &[(PlannedRun, RunSettings)],
     rows: &mut [Row],
     shared: &mut Shared,
 ) -> Result<()> {
     let first = &runs.first().context("the sweep has no runs")?.1;
-    let total = crate::train::plan::StepPlan::new(first, shared.data.len()).total_steps;
+    let total = crate::train::plan::StepPlan::new(&first.run, shared.data.len()).total_steps;
     let rungs = rungs(runs.len(), total);
     eprintln!("successive halving: rungs at steps {rungs:?}");
     let mut alive: Vec<usize> = (0..runs.len()).collect();

@@ -8,14 +8,14 @@
 //! ```no_run
 //! use clap::Parser;
 //! let args = dpo::sweep::SweepArgs::parse_from(["sweep", "--config", "configs/quickstart.toml", "--beta", "0.1,0.5", "--lr", "1e-3,5e-3"]);
-//! let summary = dpo::sweep::run(&args).unwrap();
+//! let summary = dpo::sweep::run(&args, dpo::model::LayerPath::CpuOp).unwrap();
 //! assert!(summary.all_finished());
 //! ```
 pub mod halving;
 pub mod plan;
 pub mod summary;
 
-use crate::config::UsageError;
+use crate::config::{RunSettings, UsageError};
 use crate::fsutil::atomic;
 use crate::train::{Inputs, Outcome};
 use anyhow::{Context, Result, bail};
@@ -64,6 +64,9 @@ pub struct SweepArgs {
     /// their metrics at the step they stopped. Needs held-out pairs.
     #[arg(long, value_name = "halving", value_parser = ["halving"])]
     pub early_stop: Option<String>,
+    /// The runs are `dpo sft` runs: the config is an sft config, and only --lr is swept.
+    #[arg(long, conflicts_with_all = ["beta", "loss"])]
+    pub sft: bool,
     /// Print the runs (and their state) without training.
     #[arg(long)]
     pub dry_run: bool,
@@ -99,21 +102,22 @@ pub fn plan(args: &SweepArgs) -> Result<Plan> {
         output_dir: PathBuf::new(),
         eval_dataset: args.eval_dataset.clone(),
         early_stop: args.early_stop.clone(),
+        sft: args.sft,
     };
     plan.output_dir = match &args.output_dir {
         Some(d) => d.clone(),
-        None => plan.train_args(&Point(Vec::new()))?.output_dir,
+        None => plan.settings(&Point(Vec::new()))?.run.output_dir,
     };
     Ok(plan)
 }
 
 /// Each run with its settings and state.
-pub fn planned_runs(plan: &Plan) -> Result<Vec<(PlannedRun, crate::config::TrainArgs)>> {
+pub fn planned_runs(plan: &Plan) -> Result<Vec<(PlannedRun, RunSettings)>> {
     plan.grid
         .points()
         .into_iter()
         .map(|p| {
-            let args = plan.train_args(&p)?;
+            let args = plan.settings(&p)?;
             let dir = plan.run_dir(&p);
             let state = run_state(&dir);
             Ok((PlannedRun { name: p.name(), output_dir: dir, params: p.0, state }, args))
@@ -131,10 +135,14 @@ pub(crate) fn run_state(dir: &Path) -> &'static str {
     }
 }
 
-/// Runs every unfinished run of the plan; a failed run is recorded and the others still run.
-pub fn run(args: &SweepArgs) -> Result<Summary> {
+/// Runs every unfinished run of the plan (on the layer path `layer_path` asks for); a failed run
+/// is recorded and the others still run.
+pub fn run(args: &SweepArgs, layer_path: crate::model::LayerPath) -> Result<Summary> {
     let plan = plan(args)?;
-    let runs = planned_runs(&plan)?;
+    let mut runs = planned_runs(&plan)?;
+    for (_, s) in runs.iter_mut() {
+        s.common.layer_path = layer_path;
+    }
     if args.resume.is_none() && plan.output_dir.join(PLAN_FILE).exists() {
         bail!(UsageError(format!(
             "{} already holds a sweep; continue it with `dpo sweep --resume {}` or choose another --output-dir",
@@ -145,10 +153,18 @@ pub fn run(args: &SweepArgs) -> Result<Summary> {
     std::fs::create_dir_all(&plan.output_dir).with_context(|| format!("creating {}", plan.output_dir.display()))?;
     atomic::write_bytes(&plan.output_dir.join(PLAN_FILE), serde_json::to_string_pretty(&plan)?.as_bytes())?;
     let first = &runs.first().context("the sweep has no runs")?.1;
+    if let Some((r, s)) = runs.iter().find(|(_, s)| s.task.rows() != first.task.rows()) {
+        bail!(UsageError(format!(
+            "run {} trains on {} but the first run on {}: a sweep's runs share their data",
+            r.name,
+            s.task.unit(),
+            first.task.unit()
+        )));
+    }
     let mut loaded = crate::setup::load_model(&first.common)?;
-    let data = crate::setup::load_pairs(&first.common, &loaded)?;
-    let eval_data = crate::train::load_eval_pairs(first, &loaded)?;
-    let mut cache = crate::train::open_cache(first, &loaded)?;
+    let data = crate::setup::load_rows(&first.common, &loaded, &first.task)?;
+    let eval_data = crate::train::load_eval_rows(first, &loaded)?;
+    let mut cache = crate::train::reference::open_cache(first, &loaded)?;
     let stop = crate::train::interrupt::StopSignal::install()?;
 
     let mut rows: Vec<Row> = runs.iter().map(|(r, _)| pending_row(r)).collect();
@@ -188,8 +204,8 @@ pub fn run(args: &SweepArgs) -> Result<Summary> {
 /// What the runs of one sweep share: the loaded model, the data and the reference cache.
 pub(crate) struct Shared<'a> {
     loaded: &'a mut crate::setup::Loaded,
-    data: &'a crate::setup::Dataset,
-    eval_data: Option<&'a crate::setup::Dataset>,
+    data: &'a crate::data::Dataset,
+    eval_data: Option<&'a crate::data::Dataset>,
     cache: Option<&'a mut crate::refcache::RefCache>,
     stop: &'a crate::train::interrupt::StopSignal,
 }
@@ -208,20 +224,21 @@ pub(crate) enum Segment {
 /// `pause_after` (a halving rung); a finished run gets its `run_summary.json`.
 pub(crate) fn train_segment(
     planned: &PlannedRun,
-    mut args: crate::config::TrainArgs,
+    mut args: RunSettings,
     pause_after: Option<usize>,
     shared: &mut Shared,
 ) -> Segment {
     match run_state(&planned.output_dir) {
-        "resume" => args.resume = Some(planned.output_dir.display().to_string()),
-        _ => args.overwrite_output_dir = true,
+        "resume" => args.run.resume = Some(planned.output_dir.display().to_string()),
+        _ => args.run.adjustable.overwrite_output_dir = true,
     }
     let started = Instant::now();
     let inputs = Inputs {
         loaded: shared.loaded,
         data: shared.data,
         eval_data: shared.eval_data,
-        cache: shared.cache.as_deref_mut(),
+        reference: crate::scoring::Reference::computed(&args.task, shared.cache.as_deref_mut()),
+        weights: None,
     };
     let failed = |e: &anyhow::Error| Row {
         status: Status::Failed,

@@ -6,7 +6,7 @@
 //! let names: Vec<String> = grid.points().iter().map(|p| p.name()).collect();
 //! assert_eq!(names, ["beta=0.1_lr=1e-3", "beta=0.5_lr=1e-3"]);
 //! ```
-use crate::config::{TrainArgs, UsageError, expand_config_file, parse_setting, table_flags};
+use crate::config::{RunSettings, SftArgs, TrainArgs, UsageError, expand_config_file, parse_setting, table_flags};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -117,6 +117,9 @@ pub struct Plan {
     /// `halving`: successive halving on eval reward accuracy (see [`super::halving`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop: Option<String>,
+    /// The runs are `dpo sft` runs (the config is an sft config), not `dpo train` runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sft: bool,
 }
 
 pub const PLAN_FILE: &str = "sweep_plan.json";
@@ -133,11 +136,12 @@ impl Plan {
         self.output_dir.join(point.name())
     }
 
-    /// The `train` settings of one run: config file, then `--set`, then the grid values, with
-    /// the run folder as output and (unless the config names one) `OUTPUT/ref-cache` shared.
-    pub fn train_args(&self, point: &Point) -> Result<TrainArgs> {
+    /// The settings of one run: config file, then `--set`, then the grid values, with the run
+    /// folder as output and (unless the config names one) `OUTPUT/ref-cache` shared.
+    pub fn settings(&self, point: &Point) -> Result<RunSettings> {
+        let subcommand = if self.sft { "sft" } else { "train" };
         let mut flags =
-            vec!["dpo".to_string(), "train".to_string(), "--config".to_string(), self.config.display().to_string()];
+            vec!["dpo".to_string(), subcommand.to_string(), "--config".to_string(), self.config.display().to_string()];
         for set in &self.sets {
             let table = parse_setting(set).map_err(|e| UsageError(format!("{e:#}")))?;
             if let Some(key) = table
@@ -146,10 +150,13 @@ impl Plan {
             {
                 bail!(UsageError(format!("--set {set}: {key} is set by the sweep itself")));
             }
-            flags.extend(
-                table_flags::<TrainArgs>(table, &|_| format!("--set {set}"))
-                    .map_err(|e| UsageError(format!("{e:#}")))?,
-            );
+            let origin = |_: &str| format!("--set {set}");
+            let set_flags = if self.sft {
+                table_flags::<SftArgs>(table, &origin)
+            } else {
+                table_flags::<TrainArgs>(table, &origin)
+            };
+            flags.extend(set_flags.map_err(|e| UsageError(format!("{e:#}")))?);
         }
         for (k, v) in &point.0 {
             flags.push(Grid::flag(k, v));
@@ -160,13 +167,16 @@ impl Plan {
         if let Some(eval) = &self.eval_dataset {
             flags.push(format!("--eval-dataset={}", eval.display()));
         }
-        let expanded = expand_config_file::<TrainArgs>(flags)?;
-        let mut args =
-            TrainArgs::try_parse_from(&expanded[1..]).map_err(|e| UsageError(format!("run {}: {e}", point.name())))?;
-        if args.ref_cache.is_none() {
-            args.ref_cache = Some(self.output_dir.join("ref-cache"));
-        }
-        crate::config::validate(&args).with_context(|| format!("run {}", point.name()))?;
-        Ok(args)
+        let bad_flags = |e: clap::Error| UsageError(format!("run {}: {e}", point.name()));
+        let settings = if self.sft {
+            let expanded = expand_config_file::<SftArgs>(flags)?;
+            SftArgs::try_parse_from(&expanded[1..]).map_err(bad_flags)?.settings()
+        } else {
+            let expanded = expand_config_file::<TrainArgs>(flags)?;
+            let mut args = TrainArgs::try_parse_from(&expanded[1..]).map_err(bad_flags)?;
+            args.reference.ref_cache.get_or_insert_with(|| self.output_dir.join("ref-cache"));
+            args.settings()
+        };
+        settings.with_context(|| format!("run {}", point.name()))
     }
 }

@@ -1,28 +1,30 @@
-//! Scoring held-out pairs with the adapter just trained (`--eval-dataset`): mean loss and
-//! reward metrics, the reference from the cache when one is open.
+//! Scoring held-out rows with the model just trained (`--eval-dataset`): mean loss and the
+//! task's metrics, the reference from the run's source (its cache when one is open).
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! # let (loaded, data, objective): (dpo::setup::Loaded, dpo::setup::Dataset, dpo::loss::Objective) = todo!();
-//! let metrics = dpo::train::heldout::evaluate(&loaded, &data, &objective, 8, None)?;
-//! println!("eval reward accuracy {}", metrics.accuracy());
+//! # let (loaded, data, task): (dpo::setup::Loaded, dpo::data::Dataset, dpo::task::Task) = todo!();
+//! let mut reference = dpo::scoring::Reference::computed(&task, None);
+//! let metrics = dpo::train::heldout::evaluate(&loaded, &data, &task, 8, &mut reference)?;
+//! println!("eval reward accuracy {:?}", metrics.accuracy());
 //! # Ok(()) }
 //! ```
-use crate::loss::{Objective, RewardMetrics};
-use crate::refcache::RefCache;
-use crate::scoring::score_all;
-use crate::setup::{Dataset, Loaded};
+use crate::data::Dataset;
+use crate::loss::Metrics;
+use crate::scoring::{Reference, score_all};
+use crate::setup::Loaded;
+use crate::task::Task;
 use anyhow::Result;
 
-/// Mean metrics of the policy (adapters on, no dropout) over every pair of `data`, in file order.
+/// Mean metrics of the policy (adapters on, no dropout) over every row of `data`, in file order.
 pub fn evaluate(
     loaded: &Loaded,
     data: &Dataset,
-    objective: &Objective,
+    task: &Task,
     batch_size: usize,
-    cache: Option<&mut RefCache>,
-) -> Result<RewardMetrics> {
+    reference: &mut Reference,
+) -> Result<Metrics> {
     let indices: Vec<usize> = (0..data.len()).collect();
-    let scores = score_all(&loaded.model, loaded.pad_id, data, &indices, batch_size, objective, cache)?;
-    Ok(RewardMetrics::mean(&scores))
+    let scores = score_all(&loaded.model, loaded.pad_id, data, &indices, batch_size, task, reference)?;
+    Ok(Metrics::mean(&scores))
 }

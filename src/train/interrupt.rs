@@ -45,15 +45,18 @@ pub struct Interrupted {
     pub signal: i32,
     pub checkpoint: std::path::PathBuf,
     pub output_dir: std::path::PathBuf,
+    /// The subcommand that resumes it (`dpo train`, `dpo sft`, `dpo reward train`).
+    pub command: &'static str,
 }
 
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "interrupted by signal {}: checkpoint written to {}; resume with `dpo train --resume {}`",
+            "interrupted by signal {}: checkpoint written to {}; resume with `{} --resume {}`",
             self.signal,
             self.checkpoint.display(),
+            self.command,
             self.output_dir.display()
         )
     }

@@ -217,20 +217,21 @@ pub fn lora_geometry(arch: &Architecture, lora: &crate::lora::LoraConfig) -> (us
     (params, ranks)
 }
 
-/// The plan of a `train` run, from its settings, the opened model and its data: the largest
+/// The plan of a training run, from its settings, the opened model and its data: the largest
 /// micro-batch is `--batch-size` rows as long as the longest pair.
 pub fn plan_run(
-    args: &crate::config::TrainArgs,
+    args: &crate::config::RunArgs,
     files: &crate::setup::ModelFiles,
-    data: &crate::setup::Dataset,
+    data: &crate::data::Dataset,
 ) -> Result<(MemoryPlan, Setup, Geometry)> {
     let (lora_params, lora_ranks) = if args.full {
         // Every weight trained: its gradient (and accumulated copy) and two AdamW moments.
         (files.arch.weight_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum(), 0)
     } else {
-        let lora = match &args.init_adapter {
+        let l = &args.lora;
+        let lora = match &l.init_adapter {
             Some(dir) => crate::lora::adapter::read_config(dir)?,
-            None => crate::lora::LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?,
+            None => crate::lora::LoraConfig::with_targets(l.r(), l.alpha(), l.dropout(), &l.targets())?,
         }
         .resolve(&files.arch)?;
         lora_geometry(&files.arch, &lora)
@@ -246,11 +247,12 @@ pub fn plan_run(
         path: if args.full {
             LayerPath::Generic
         } else {
-            LayerPath::default_for(&files.arch, &files.device, files.dtype)
+            LayerPath::choose(files.layer_path, &files.arch, &files.device, files.dtype)
         },
         dtype: files.dtype,
         stored_bytes: crate::model::weights::stored_dtype(&files.model_dir)?.size_in_bytes(),
-        recompute: args.gradient_checkpointing.enabled(&files.device),
+        // Recomputation re-runs frozen layers; full fine-tuning trains them.
+        recompute: !args.full && args.adjustable.gradient_checkpointing.enabled(&files.device),
         cuda: files.device.is_cuda(),
     };
     Ok((MemoryPlan::estimate(&files.arch, &setup, &geo), setup, geo))

@@ -2,7 +2,7 @@
 //!
 //! ```no_run
 //! let mut p = dpo::train::progress::Progress::new(100, 10);
-//! p.step(1, 0.69, 0.5, 1234.0);
+//! p.step(1, 0.69, Some(0.5), 1234.0);
 //! p.finish();
 //! ```
 use indicatif::{ProgressBar, ProgressStyle};
@@ -29,8 +29,9 @@ impl Progress {
         Self { bar, total, every: every.max(1), started: Instant::now() }
     }
 
-    pub fn step(&mut self, step: usize, loss: f64, accuracy: f64, tokens_per_sec: f64) {
-        let acc = if accuracy.is_nan() { String::new() } else { format!(" acc {accuracy:.2}") };
+    /// Step `step`'s loss, its reward accuracy when the task ranks pairs, and its speed.
+    pub fn step(&mut self, step: usize, loss: f64, accuracy: Option<f64>, tokens_per_sec: f64) {
+        let acc = accuracy.map(|a| format!(" acc {a:.2}")).unwrap_or_default();
         let msg = format!("loss {loss:.4}{acc} {tokens_per_sec:.0} tok/s");
         match &self.bar {
             Some(bar) => {

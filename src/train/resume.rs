@@ -3,40 +3,29 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! # let (args, ckpt): (dpo::config::TrainArgs, dpo::checkpoint::Checkpoint) = todo!();
-//! dpo::train::resume::check_compatible(&args, &ckpt)?;
+//! # let (settings, ckpt): (dpo::config::RunSettings, dpo::checkpoint::Checkpoint) = todo!();
+//! dpo::train::resume::check_compatible(&settings, &ckpt)?;
 //! # Ok(()) }
 //! ```
 use crate::checkpoint::{Checkpoint, PRE_STEP_FILE};
-use crate::config::TrainArgs;
+use crate::config::RunSettings;
 use crate::fsutil::atomic;
 use crate::lora::adapter::NamedParam;
-use crate::loss::RewardMetrics;
+use crate::loss::Metrics;
 use crate::rng::{SeededRng, Stream};
+use crate::scoring::Reference;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 
-/// Settings a resumed run may change: they do not alter the math of the steps to come
-/// (`max_steps` extends or shortens the run, as the user asks; `device` moves it).
-const MAY_CHANGE: &[&str] = &[
-    "logging_steps",
-    "save_steps",
-    "save_total_limit",
-    "max_steps",
-    "device",
-    "overwrite_output_dir",
-    "eval_steps",
-    "gradient_checkpointing",
-    "max_memory",
-];
-
 /// Refuses a resume whose flags would change the math of the run, naming each such flag.
-pub fn check_compatible(args: &TrainArgs, ckpt: &Checkpoint) -> Result<()> {
+/// The settings a resume may change are those of the [`crate::config::Adjustable`] groups.
+pub fn check_compatible(s: &RunSettings, ckpt: &Checkpoint) -> Result<()> {
     let saved: toml::Table = ckpt.config_toml.parse().context("the checkpoint's train_config.toml is corrupt")?;
-    let now: toml::Table = args.to_toml()?.parse()?;
+    let now: toml::Table = s.config_toml.parse()?;
+    let adjustable = RunSettings::adjustable_keys();
     let mut changed = Vec::new();
     for key in saved.keys().chain(now.keys()) {
-        if MAY_CHANGE.contains(&key.as_str()) || changed.contains(key) {
+        if adjustable.contains(key) || changed.contains(key) {
             continue;
         }
         if saved.get(key) != now.get(key) {
@@ -103,9 +92,9 @@ pub fn verify(
     };
     let mut rng = SeededRng::new(seed, Stream::Dropout);
     rng.set_word_pos(seed_pos);
-    let (scores, grads, _) = work.forward_backward(step, dropout, &mut rng, None)?;
-    let rewards = RewardMetrics::mean(&scores);
-    let mut now = serde_json::to_value(rewards)?;
+    let mut reference = Reference::computed(work.task, None);
+    let (scores, grads, _) = work.forward_backward(step, dropout, &mut rng, &mut reference)?;
+    let mut now = serde_json::to_value(Metrics::mean(&scores))?;
     now["grad_norm"] = super::step::global_norm(&grads)?.into();
     let logged = &ckpt.manifest.metrics;
     for (key, value) in now.as_object().unwrap() {

@@ -1,47 +1,49 @@
-//! The DPO step's backward: score a micro-batch with the policy (adapters on) against its
-//! reference log-probs, take the loss, backpropagate into the LoRA tensors only; gradient
-//! accumulation, the global norm and clipping.
+//! A training step's backward: score a micro-batch with the policy against its reference
+//! log-probs (when the task has one), take the task's loss, backpropagate into what is trained
+//! (LoRA tensors, a score head, or every weight); gradient accumulation, the global norm and
+//! clipping.
 //!
 //! ```no_run
 //! # use dpo::train::step::{micro_step, GradAccumulator};
 //! # fn main() -> anyhow::Result<()> {
-//! # let (model, batch, objective, params): (dpo::model::CausalLm, dpo::data::PairBatch, dpo::loss::Objective, Vec<candle_core::Var>) = todo!();
+//! # let (model, batch, task, params): (dpo::model::CausalLm, dpo::data::PairBatch, dpo::task::Task, Vec<candle_core::Var>) = todo!();
 //! # let reference: Option<candle_core::Tensor> = todo!();
 //! let mut grads = GradAccumulator::new(params.len());
-//! let score = micro_step(&model, &batch, &objective, &params, &mut dpo::nn::LoraMode::On, reference.as_ref(), 1.0, &mut grads)?;
+//! let score = micro_step(&model, &batch, &task, &params, &mut dpo::nn::LoraMode::On, reference.as_ref(), 1.0, &mut grads)?;
 //! # Ok(()) }
 //! ```
 use crate::data::PairBatch;
-use crate::loss::{BatchScore, Objective};
+use crate::loss::BatchScore;
 use crate::model::CausalLm;
 use crate::nn::LoraMode;
 use crate::scoring::score;
+use crate::task::Task;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 
-/// One micro-batch: the policy forward against the given reference log-probs (none for a
-/// reference-free objective), backpropagate the micro-batch's loss `· loss_scale` (`1 /
+/// One micro-batch: the policy forward against the given reference log-probs (none for a task
+/// without one), backpropagate the micro-batch's loss `· loss_scale` (`1 /
 /// micro-batches` under gradient accumulation: each micro-batch is a batch of its own, as in
 /// TRL) and add the gradients to `grads`.
 #[allow(clippy::too_many_arguments)]
 pub fn micro_step(
     model: &CausalLm,
     batch: &PairBatch,
-    objective: &Objective,
+    task: &Task,
     params: &[Var],
     policy: &mut LoraMode,
     reference: Option<&Tensor>,
     loss_scale: f64,
     grads: &mut GradAccumulator,
 ) -> Result<BatchScore> {
-    let scored = score(model, batch, objective, policy, reference)?;
+    let scored = score(model, batch, task, policy, reference)?;
     let store = (&scored.loss * loss_scale)?.backward()?;
     for (i, p) in params.iter().enumerate() {
-        // A LoRA tensor without a gradient means the graph was cut: fail loudly, never train silently wrong.
-        let g = store.get(p).with_context(|| format!("LoRA parameter {i} received no gradient"))?;
+        // A trained tensor without a gradient means the graph was cut: fail loudly, never train silently wrong.
+        let g = store.get(p).with_context(|| format!("trained parameter {i} received no gradient"))?;
         grads.add(i, g)?;
     }
-    scored.collect(objective, batch, false)
+    scored.collect(task, batch, false)
 }
 
 /// Sums gradients over the micro-batches of one optimizer step.

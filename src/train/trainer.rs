@@ -5,8 +5,8 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! # let (args, inputs, prepared): (dpo::config::TrainArgs, dpo::train::Inputs, dpo::train::Prepared) = todo!();
-//! let trainer = dpo::train::trainer::Trainer::setup(&args, dpo::train::RunControl::default(), inputs, prepared)?;
+//! # let (settings, inputs, prepared): (dpo::config::RunSettings, dpo::train::Inputs, dpo::train::Prepared) = todo!();
+//! let trainer = dpo::train::trainer::Trainer::setup(&settings, dpo::train::RunControl::default(), inputs, prepared)?;
 //! match trainer.run()? {
 //!     dpo::train::Outcome::Finished(summary) => println!("loss {}", summary.final_loss),
 //!     other => println!("{other:?}"),
@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 use super::interrupt::{Interrupted, StopSignal};
+use super::output;
 use super::plan::{StepPlan, StepWork};
 use super::progress::Progress;
 use super::step::{clip, global_norm};
@@ -21,17 +22,18 @@ use super::{
     EVAL_CURVE_FILE, EVAL_FILE, Inputs, METRICS_FILE, Outcome, Prepared, RunControl, StepMetrics, TrainSummary,
 };
 use crate::checkpoint::{self, Checkpoint, Provenance};
-use crate::config::TrainArgs;
+use crate::config::RunSettings;
+use crate::data::Dataset;
 use crate::data::order::PairOrder;
 use crate::fsutil::atomic;
 use crate::lora::LoraConfig;
 use crate::lora::adapter::{self, NamedParam};
-use crate::loss::{Objective, RewardMetrics};
+use crate::loss::Metrics;
 use crate::optim::AdamW;
 use crate::optim::schedule::LrSchedule;
-use crate::refcache::RefCache;
 use crate::rng::{SeededRng, Stream};
-use crate::setup::{Dataset, Loaded};
+use crate::scoring::Reference;
+use crate::setup::Loaded;
 use anyhow::{Context, Result, bail};
 use candle_core::{Tensor, Var};
 use std::fs::File;
@@ -40,17 +42,16 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub struct Trainer<'a> {
-    args: &'a TrainArgs,
+    s: &'a RunSettings,
     control: RunControl,
     loaded: &'a mut Loaded,
     data: &'a Dataset,
     eval_data: Option<&'a Dataset>,
-    cache: Option<&'a mut RefCache>,
+    reference: Reference<'a>,
     resume: Option<Checkpoint>,
-    config_toml: String,
-    objective: Objective,
     /// The adapter; `None` for full fine-tuning.
     lora: Option<LoraConfig>,
+    /// What is trained: the adapters (and a reward model's score head), or every weight.
     params: Vec<NamedParam>,
     vars: Vec<Var>,
     plan: StepPlan,
@@ -64,7 +65,7 @@ pub struct Trainer<'a> {
     progress: Progress,
     stop: StopSignal,
     last: Option<StepMetrics>,
-    last_eval: Option<(usize, RewardMetrics)>,
+    last_eval: Option<(usize, Metrics)>,
     tokens: usize,
     started: Instant,
 }
@@ -80,47 +81,45 @@ pub struct StepDone {
 }
 
 impl<'a> Trainer<'a> {
-    /// Attaches the adapters (fresh or `--init-adapter`) and builds the step plan, LR schedule,
-    /// optimizer and dropout stream.
-    pub fn setup(args: &'a TrainArgs, control: RunControl, inputs: Inputs<'a>, prepared: Prepared) -> Result<Self> {
-        let Inputs { loaded, data, eval_data, cache } = inputs;
-        let objective = crate::setup::objective(&args.common)?;
-        let (lora, params) = if args.full {
-            // Every weight trained; the reference cache was filled before (see `train::run_with`).
-            let named = loaded.model.make_trainable()?;
-            loaded.model.seal_reference();
-            (None, named.into_iter().map(|(name, var)| NamedParam { name, var }).collect())
-        } else {
-            let (lora, params) = Self::attach_adapter(args, &objective, loaded)?;
-            (Some(lora), params)
+    /// Attaches what is trained (adapters fresh or from `--init-adapter`, a reward model's
+    /// score head; or, for full fine-tuning, the weights the model was built with) and builds
+    /// the step plan, LR schedule, optimizer and dropout stream.
+    pub fn setup(s: &'a RunSettings, control: RunControl, inputs: Inputs<'a>, prepared: Prepared) -> Result<Self> {
+        let Inputs { loaded, data, eval_data, reference, weights } = inputs;
+        let (lora, params) = match weights {
+            Some(weights) => (None, weights),
+            None => {
+                let (lora, params) = Self::attach(s, loaded)?;
+                (Some(lora), params)
+            }
         };
-        // Recomputation re-runs frozen layers; full fine-tuning trains them (refused by the validator when asked for).
-        loaded.model.set_recompute(args.gradient_checkpointing.enabled(&loaded.device) && !args.full);
+        // Recomputation re-runs frozen layers; full fine-tuning trains them (refused when asked for).
+        loaded.model.set_recompute(s.run.adjustable.gradient_checkpointing.enabled(&loaded.device) && !s.run.full);
         let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
-        let plan = StepPlan::new(args, data.len());
+        let run = &s.run;
+        let plan = StepPlan::new(run, data.len());
         let schedule = LrSchedule {
-            kind: args.lr_scheduler,
-            base_lr: args.lr,
-            warmup_steps: plan.warmup(args),
+            kind: run.lr_scheduler,
+            base_lr: run.lr,
+            warmup_steps: plan.warmup(run),
             total_steps: plan.total_steps,
         };
-        let writes_checkpoints = args.save_steps.is_some() || control.pause_after_steps.is_some() || args.verify_resume;
-        let provenance = writes_checkpoints.then(|| super::provenance(args, loaded)).transpose()?;
+        let writes_checkpoints =
+            run.adjustable.save_steps.is_some() || control.pause_after_steps.is_some() || run.verify_resume;
+        let provenance = writes_checkpoints.then(|| super::provenance(s, loaded)).transpose()?;
         Ok(Self {
-            optimizer: AdamW::new(&vars, 0.9, 0.999, 1e-8, args.weight_decay)?,
-            order: PairOrder::new(data.len(), (!args.no_shuffle).then_some(args.seed)),
-            dropout_rng: SeededRng::new(args.seed, Stream::Dropout),
-            progress: Progress::new(plan.total_steps, args.logging_steps),
+            optimizer: AdamW::new(&vars, 0.9, 0.999, 1e-8, run.weight_decay)?,
+            order: PairOrder::new(data.len(), (!run.no_shuffle).then_some(run.seed)),
+            dropout_rng: SeededRng::new(run.seed, Stream::Dropout),
+            progress: Progress::new(plan.total_steps, run.adjustable.logging_steps),
             stop: StopSignal::install()?,
             resume: prepared.resume,
-            config_toml: prepared.config_toml,
-            args,
+            s,
             control,
             loaded,
             data,
             eval_data,
-            cache,
-            objective,
+            reference,
             lora,
             params,
             vars,
@@ -142,41 +141,42 @@ impl<'a> Trainer<'a> {
             data: self.data,
             order: &self.order,
             plan: &self.plan,
-            objective: &self.objective,
+            task: &self.s.task,
             vars: &self.vars,
         }
     }
 
     fn metrics_path(&self) -> PathBuf {
-        self.args.output_dir.join(METRICS_FILE)
+        self.s.run.output_dir.join(METRICS_FILE)
     }
 
-    /// LoRA adapters (fresh or `--init-adapter`), plus a reward model's score head.
-    fn attach_adapter(
-        args: &TrainArgs,
-        objective: &crate::loss::Objective,
-        loaded: &mut Loaded,
-    ) -> Result<(LoraConfig, Vec<NamedParam>)> {
-        let (mut lora, mut params) = match &args.init_adapter {
-            Some(dir) => adapter::attach_from_dir(&mut loaded.model, dir, Some(args.lora_dropout))?,
-            None => adapter::attach_fresh(
-                &mut loaded.model,
-                &LoraConfig::new(args.lora_r, args.lora_alpha, args.lora_dropout, &args.lora_targets)?,
-                args.seed,
-            )?,
+    /// LoRA adapters (fresh or `--init-adapter`) as the task saves them, plus a reward model's
+    /// score head.
+    fn attach(s: &RunSettings, loaded: &mut Loaded) -> Result<(LoraConfig, Vec<NamedParam>)> {
+        let l = &s.run.lora;
+        let (mut lora, mut params) = match &l.init_adapter {
+            Some(dir) => adapter::attach_from_dir(&mut loaded.model, dir, Some(l.dropout()))?,
+            None => {
+                let cfg = LoraConfig::with_targets(l.r(), l.alpha(), l.dropout(), &l.targets())?;
+                adapter::attach_fresh(&mut loaded.model, &cfg, s.run.seed)?
+            }
         };
         super::check_no_stale_adapters(&mut loaded.model, params.len())?;
-        if lora.sequence_classification && !objective.reward_model {
+        let wanted = s.task.adapter_task();
+        if let (Some(dir), true) = (&l.init_adapter, lora.task_type != wanted) {
             bail!(
-                "--init-adapter {}: a reward model's adapter (task_type SEQ_CLS); train it with `dpo reward train`",
-                args.init_adapter.as_deref().unwrap_or(std::path::Path::new("?")).display()
+                "--init-adapter {}: a {} adapter, but `{}` trains a {} one",
+                dir.display(),
+                lora.task_type.peft_name(),
+                s.task.command(),
+                wanted.peft_name()
             );
         }
-        if objective.reward_model {
+        if s.task.scores_sequences() {
             // The score head: from --init-adapter when it has one, else fresh; trained in full.
-            params.push(adapter::attach_score_head(&mut loaded.model, args.init_adapter.as_deref(), args.seed)?);
-            lora.sequence_classification = true;
+            params.push(adapter::attach_score_head(&mut loaded.model, l.init_adapter.as_deref(), s.run.seed)?);
         }
+        lora.task_type = wanted;
         Ok((lora, params))
     }
 
@@ -187,10 +187,10 @@ impl<'a> Trainer<'a> {
     /// From a checkpoint (verified with `--verify-resume`: inputs and the logged step), or a
     /// fresh metrics log. Returns the first step to run.
     pub fn restore(&mut self) -> Result<usize> {
-        let curve = self.args.output_dir.join(EVAL_CURVE_FILE);
+        let curve = self.s.run.output_dir.join(EVAL_CURVE_FILE);
         let first = match self.resume.take() {
             Some(ckpt) => {
-                if self.args.verify_resume {
+                if self.s.run.verify_resume {
                     let now = self.provenance.as_ref().context("provenance is computed for --verify-resume")?;
                     now.check_same_as(&ckpt.manifest.provenance)
                         .with_context(|| format!("--verify-resume: the inputs of {} changed", ckpt.dir.display()))?;
@@ -236,14 +236,14 @@ impl<'a> Trainer<'a> {
             data: self.data,
             order: &self.order,
             plan: &self.plan,
-            objective: &self.objective,
+            task: &self.s.task,
             vars: &self.vars,
         };
         let (scores, grads, tokens) =
-            work.forward_backward(step, self.dropout(), &mut self.dropout_rng, self.cache.as_deref_mut())?;
+            work.forward_backward(step, self.dropout(), &mut self.dropout_rng, &mut self.reference)?;
         let grad_norm = global_norm(&grads)?;
         if !grad_norm.is_finite() {
-            bail!("step {step}: gradient norm is {grad_norm}; stopping before the adapter is corrupted");
+            bail!("step {step}: gradient norm is {grad_norm}; stopping before the trained weights are corrupted");
         }
         // The pre-step adapter (for --verify-resume) is a small copy; for --full it would be the
         // whole model every step, so full runs keep none (and refuse --verify-resume).
@@ -254,10 +254,10 @@ impl<'a> Trainer<'a> {
             _ => None,
         };
         let lr = self.schedule.lr_at(step);
-        self.optimizer.step(&self.vars, &clip(grads, grad_norm, self.args.max_grad_norm)?, lr)?;
-        let rewards = RewardMetrics::mean(&scores);
+        self.optimizer.step(&self.vars, &clip(grads, grad_norm, self.s.run.max_grad_norm)?, lr)?;
+        let metrics = Metrics::mean(&scores);
         let tokens_per_sec = tokens as f64 / started.elapsed().as_secs_f64();
-        let metrics = StepMetrics { step, lr, rewards, grad_norm, tokens, tokens_per_sec };
+        let metrics = StepMetrics { step, lr, metrics, grad_norm, tokens, tokens_per_sec };
         Ok(StepDone { metrics, pre_step, rng_before_step, next_position })
     }
 
@@ -267,26 +267,25 @@ impl<'a> Trainer<'a> {
         let file = self.metrics.as_mut().context("restore() opens the metrics log")?;
         writeln!(file, "{}", serde_json::to_string(m)?)?;
         file.flush()?;
-        self.progress.step(m.step, m.rewards.loss, m.rewards.accuracy(), m.tokens_per_sec);
+        self.progress.step(m.step, m.metrics.loss, m.metrics.accuracy(), m.tokens_per_sec);
         self.tokens += m.tokens;
         self.last = Some(m.clone());
         Ok(())
     }
 
-    /// Scores the held-out pairs when due (`--eval-steps`, or a pause) into the eval curve.
-    /// It reads the adapter and draws no random numbers: it never changes the run.
+    /// The held-out rows' metrics under the model as it is now.
+    fn heldout(&mut self, data: &Dataset) -> Result<Metrics> {
+        super::heldout::evaluate(self.loaded, data, &self.s.task, self.s.run.batch_size, &mut self.reference)
+    }
+
+    /// Scores the held-out rows when due (`--eval-steps`, or a pause) into the eval curve.
+    /// It reads the trained weights and draws no random numbers: it never changes the run.
     pub fn evaluate(&mut self, step: usize, paused: bool) -> Result<()> {
-        let due =
-            paused || self.args.eval_steps.is_some_and(|every| step % every == 0 || step == self.plan.total_steps);
+        let every = self.s.run.adjustable.eval_steps;
+        let due = paused || every.is_some_and(|every| step % every == 0 || step == self.plan.total_steps);
         let Some(data) = self.eval_data.filter(|_| due) else { return Ok(()) };
-        let m = super::heldout::evaluate(
-            self.loaded,
-            data,
-            &self.objective,
-            self.args.batch_size,
-            self.cache.as_deref_mut(),
-        )?;
-        super::append_eval_line(&self.args.output_dir, step, &m)?;
+        let m = self.heldout(data)?;
+        output::append_eval_line(&self.s.run.output_dir, step, &m)?;
         self.last_eval = Some((step, m));
         Ok(())
     }
@@ -310,13 +309,15 @@ impl<'a> Trainer<'a> {
             lora: self.lora.as_ref(),
             optimizer: &self.optimizer,
             state,
-            config_toml: &self.config_toml,
+            config_toml: &self.s.config_toml,
+            command: self.s.task.command(),
             provenance,
             metrics: serde_json::to_value(&done.metrics)?,
         };
-        let dir = checkpoint::save(&self.args.output_dir, &snapshot)?;
-        if let Some(keep) = self.args.save_total_limit {
-            checkpoint::prune(&self.args.output_dir, keep, self.resume.as_ref().map(|c| c.dir.as_path()))?;
+        let output_dir = &self.s.run.output_dir;
+        let dir = checkpoint::save(output_dir, &snapshot)?;
+        if let Some(keep) = self.s.run.adjustable.save_total_limit {
+            checkpoint::prune(output_dir, keep, self.resume.as_ref().map(|c| c.dir.as_path()))?;
         }
         Ok(Some(dir))
     }
@@ -330,15 +331,15 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Writes the adapter and the held-out metrics of the final adapter; the run's summary.
+    /// Writes the adapter (or model) and the held-out metrics of the final weights; the run's
+    /// summary.
     pub fn finish(mut self) -> Result<TrainSummary> {
         self.close_log()?;
-        let args = self.args;
+        let s = self.s;
+        let output_dir = &s.run.output_dir;
         match &self.lora {
-            Some(lora) => {
-                adapter::save(&args.output_dir, &self.params, lora, &args.common.model.display().to_string())?
-            }
-            None => super::save_full_model(&args.output_dir, &self.params, &self.loaded.model_dir)?,
+            Some(lora) => adapter::save(output_dir, &self.params, lora, &s.common.model.display().to_string())?,
+            None => output::save_full_model(output_dir, &self.params, &self.loaded.model_dir)?,
         }
         let total_steps = self.plan.total_steps;
         let Some(last) = self.last.take() else { bail!("nothing to do: the run already finished {total_steps} steps") };
@@ -346,15 +347,9 @@ impl<'a> Trainer<'a> {
             Some(d) => {
                 let m = match self.last_eval.take() {
                     Some((step, m)) if step == total_steps => m,
-                    _ => super::heldout::evaluate(
-                        self.loaded,
-                        d,
-                        &self.objective,
-                        args.batch_size,
-                        self.cache.as_deref_mut(),
-                    )?,
+                    _ => self.heldout(d)?,
                 };
-                atomic::write_bytes(&args.output_dir.join(EVAL_FILE), serde_json::to_string_pretty(&m)?.as_bytes())?;
+                atomic::write_bytes(&output_dir.join(EVAL_FILE), serde_json::to_string_pretty(&m)?.as_bytes())?;
                 Some(m)
             }
             None => None,
@@ -362,15 +357,24 @@ impl<'a> Trainer<'a> {
         let seconds = self.started.elapsed().as_secs_f64();
         Ok(TrainSummary {
             steps: total_steps,
-            pairs: self.data.len(),
-            truncated_pairs: self.data.truncated,
-            final_loss: last.rewards.loss,
-            final_reward_accuracy: last.rewards.accuracy(),
+            rows: self.data.len(),
+            unit: s.task.unit(),
+            truncated: self.data.truncated,
+            final_loss: last.metrics.loss,
+            final_reward_accuracy: last.metrics.accuracy(),
             seconds,
             tokens_per_sec: self.tokens as f64 / seconds,
-            output_dir: args.output_dir.clone(),
+            saved: if self.lora.is_some() { "adapter" } else { "model" },
+            output_dir: output_dir.clone(),
             eval,
         })
+    }
+
+    /// Whether step `step` writes a checkpoint: every `--save-steps` and the last step (as HF's
+    /// Trainer does), and a pause.
+    fn checkpoint_due(&self, step: usize, paused: bool) -> bool {
+        let last = step == self.plan.total_steps;
+        paused || self.s.run.adjustable.save_steps.is_some_and(|every| step % every == 0 || last)
     }
 
     /// The run: restore, then step, log, evaluate and checkpoint until the last step, a
@@ -385,8 +389,8 @@ impl<'a> Trainer<'a> {
             let paused = self.control.pause_after_steps == Some(step) && step < total;
             self.evaluate(step, paused)?;
             let signal = self.stop.received();
-            let due = paused || self.args.save_steps.is_some_and(|every| step % every == 0 && step < total);
-            let saved = if due || signal.is_some() { self.checkpoint(done)? } else { None };
+            let saved =
+                if self.checkpoint_due(step, paused) || signal.is_some() { self.checkpoint(done)? } else { None };
             if let Some(signal) = signal {
                 self.close_log()?;
                 let Some(checkpoint) = saved else {
@@ -394,11 +398,9 @@ impl<'a> Trainer<'a> {
                         "interrupted by signal {signal} at step {step}; no checkpoint written (pass --save-steps to make runs resumable)"
                     )
                 };
-                return Ok(Outcome::Interrupted(Interrupted {
-                    signal,
-                    checkpoint,
-                    output_dir: self.args.output_dir.clone(),
-                }));
+                let output_dir = self.s.run.output_dir.clone();
+                let command = self.s.task.command();
+                return Ok(Outcome::Interrupted(Interrupted { signal, checkpoint, output_dir, command }));
             }
             if paused {
                 self.close_log()?;
@@ -413,18 +415,17 @@ impl<'a> Trainer<'a> {
     }
 
     fn announce(&self) {
-        let n = self.data.len();
+        let (n, unit) = (self.data.len(), self.s.task.unit());
         if self.data.truncated > 0 {
-            eprintln!(
-                "{} of {n} pairs were truncated to --max-length {}",
-                self.data.truncated, self.args.common.max_length
-            );
+            let max = self.s.common.max_length;
+            eprintln!("{} of {n} {unit} were truncated to --max-length {max}", self.data.truncated);
         }
         let parameters: usize = self.vars.iter().map(|v| v.elem_count()).sum();
-        eprintln!(
-            "training {} LoRA tensors ({parameters} parameters) on {n} pairs for {} steps",
-            self.vars.len(),
-            self.plan.total_steps
-        );
+        let what = match (&self.lora, self.s.task.scores_sequences()) {
+            (None, _) => format!("every weight ({} tensors)", self.vars.len()),
+            (Some(_), false) => format!("{} LoRA tensors", self.vars.len()),
+            (Some(_), true) => format!("{} LoRA tensors and the score head", self.vars.len() - 1),
+        };
+        eprintln!("training {what} ({parameters} parameters) on {n} {unit} for {} steps", self.plan.total_steps);
     }
 }

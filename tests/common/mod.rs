@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 use dpo::data::{PairBatch, TokenizedPair};
 use dpo::lora::adapter::{self, NamedParam};
-use dpo::model::CausalLm;
+use dpo::model::{CausalLm, LayerPath};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -59,7 +59,12 @@ pub fn golden_pairs() -> Vec<TokenizedPair> {
 }
 
 pub fn load(model: &str) -> CausalLm {
-    CausalLm::load(&model_dir(model), DType::F32, &Device::Cpu).unwrap()
+    load_on(model, LayerPath::CpuOp)
+}
+
+/// A fixture model on the layer path `path` asks for.
+pub fn load_on(model: &str, path: LayerPath) -> CausalLm {
+    CausalLm::load(&model_dir(model), DType::F32, &Device::Cpu, path).unwrap()
 }
 
 /// A model with the golden peft adapter of `golden_model` attached.
@@ -71,6 +76,11 @@ pub fn load_with_golden_adapter(model: &str, golden_model: &str) -> (CausalLm, V
 
 pub fn batch(pairs: &[TokenizedPair]) -> PairBatch {
     PairBatch::new(pairs, 3, &Device::Cpu).unwrap()
+}
+
+/// The pairs laid out as `task` lays out a micro-batch (LD-DPO's weights, ORPO's prompt tokens).
+pub fn task_batch(task: &dpo::task::Task, pairs: &[TokenizedPair]) -> PairBatch {
+    task.micro_batch(pairs.iter().map(|p| (p.clone(), None)).collect(), 3, &Device::Cpu).unwrap().1
 }
 
 pub fn load_safetensors(path: &Path) -> HashMap<String, Tensor> {
@@ -234,8 +244,7 @@ pub fn zoo_pairs(golden: &serde_json::Value) -> Vec<TokenizedPair> {
 
 /// A zoo model with its golden all-linear adapter, on the given layer path.
 pub fn load_zoo(family: &str, path: dpo::model::LayerPath) -> (CausalLm, Vec<NamedParam>) {
-    let mut m = CausalLm::load(&zoo_dir(family).join("model"), DType::F32, &Device::Cpu).unwrap();
-    m.set_path(path);
+    let mut m = CausalLm::load(&zoo_dir(family).join("model"), DType::F32, &Device::Cpu, path).unwrap();
     assert_eq!(m.path(), path, "{family}: the CPU op refused a family it should run");
     let (_, params) = adapter::attach_from_dir(&mut m, &zoo_dir(family).join("adapter"), None).unwrap();
     (m, params)
@@ -256,12 +265,12 @@ pub fn norm_close(got: &[f64], want: &[f64], tol: f64) -> Result<(), String> {
 pub fn dpo_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Command {
     let mut cmd = std::process::Command::new(bin());
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove(dpo::model::causal_lm::PATH_ENV)
-        .env_remove("DPO_STOP_AFTER_STEPS");
+        .env_remove(dpo::cli::LAYER_PATH_ENV)
+        .env_remove(dpo::cli::STOP_AFTER_STEPS_ENV);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a.as_ref() == "--stop-after-steps" {
-            cmd.env("DPO_STOP_AFTER_STEPS", it.next().expect("--stop-after-steps N"));
+            cmd.env(dpo::cli::STOP_AFTER_STEPS_ENV, it.next().expect("--stop-after-steps N"));
         } else {
             cmd.arg(a);
         }

@@ -41,35 +41,41 @@ enum Bias {
     Key(&'static str),
 }
 
+/// The Llama layout most families start from.
+const LLAMA_LIKE: Traits = Traits {
+    placement: NormPlacement::Pre,
+    gemma_norms: false,
+    norm_scale_in_f32: false,
+    qk_norm: None,
+    fused: false,
+    qkv_bias: Bias::Key("attention_bias"),
+    o_bias: Bias::Key("attention_bias"),
+    mlp_bias: Bias::Never,
+    embed_scale: false,
+    query_pre_attn_scalar: false,
+    attn_softcap: false,
+    final_softcap: false,
+    activation_key: "hidden_act",
+    default_tie: false,
+    default_head_dim: None,
+    default_eps: 1e-6,
+    default_max_positions: 2048,
+};
+
+/// Gemma 1's, which Gemma 2 and 3 start from.
+const GEMMA: Traits = Traits {
+    gemma_norms: true,
+    norm_scale_in_f32: true,
+    embed_scale: true,
+    default_tie: true,
+    default_head_dim: Some(256),
+    default_max_positions: 8192,
+    ..LLAMA_LIKE
+};
+
+/// The family table: what each family changes from the layout it starts from.
 fn traits(family: Family) -> Traits {
-    let llama_like = Traits {
-        placement: NormPlacement::Pre,
-        gemma_norms: false,
-        norm_scale_in_f32: false,
-        qk_norm: None,
-        fused: false,
-        qkv_bias: Bias::Key("attention_bias"),
-        o_bias: Bias::Key("attention_bias"),
-        mlp_bias: Bias::Never,
-        embed_scale: false,
-        query_pre_attn_scalar: false,
-        attn_softcap: false,
-        final_softcap: false,
-        activation_key: "hidden_act",
-        default_tie: false,
-        default_head_dim: None,
-        default_eps: 1e-6,
-        default_max_positions: 2048,
-    };
-    let gemma = Traits {
-        gemma_norms: true,
-        norm_scale_in_f32: true,
-        embed_scale: true,
-        default_tie: true,
-        default_head_dim: Some(256),
-        default_max_positions: 8192,
-        ..llama_like
-    };
+    let (llama_like, gemma) = (LLAMA_LIKE, GEMMA);
     match family {
         Family::Llama => Traits { mlp_bias: Bias::Key("mlp_bias"), ..llama_like },
         Family::Mistral => {
@@ -161,18 +167,7 @@ pub(super) fn resolve(text: &str) -> Result<Architecture> {
     let json: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
     let map = json.as_object().context("config.json is not a JSON object")?;
     let k = Keys(map);
-    let model_type = k.str("model_type")?.unwrap_or_default().to_string();
-    let Some(&(_, family)) = SUPPORTED_MODEL_TYPES.iter().find(|(t, _)| *t == model_type) else {
-        let hint = match model_type.as_str() {
-            "gemma3" => " (the multimodal Gemma 3 checkpoint: train its text-only model, model_type gemma3_text)",
-            "mpt" => " (MPT uses ALiBi attention, which dpo does not implement)",
-            _ => "",
-        };
-        bail!(
-            "unsupported model_type {model_type:?}{hint}; dpo supports {}",
-            SUPPORTED_MODEL_TYPES.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", ")
-        );
-    };
+    let (model_type, family) = family_of(&k)?;
     refuse_features_outside_the_description(&k)?;
     let t = traits(family);
 
@@ -194,23 +189,7 @@ pub(super) fn resolve(text: &str) -> Result<Architecture> {
     } else {
         vec![Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down]
     };
-    let on = |b: Bias| -> Result<bool> {
-        Ok(match b {
-            Bias::Never => false,
-            Bias::Always => true,
-            Bias::Key(key) => k.bool(key)?.unwrap_or(false),
-        })
-    };
-    let (qkv_bias, o_bias, mlp_bias) = (on(t.qkv_bias)?, on(t.o_bias)?, on(t.mlp_bias)?);
-    let biased = projections
-        .iter()
-        .copied()
-        .filter(|p| match p.input() {
-            ProjInput::Attention => qkv_bias,
-            ProjInput::AttentionOut => o_bias,
-            ProjInput::Mlp | ProjInput::MlpOut => mlp_bias,
-        })
-        .collect();
+    let biased = biased_projections(&k, &t, &projections)?;
 
     let (ropes, rope_of_layer) = ropes(&k, family, head_dim, max_position_embeddings)?;
     let windows = windows(&k, family, num_layers, &rope_of_layer)?;
@@ -222,14 +201,7 @@ pub(super) fn resolve(text: &str) -> Result<Architecture> {
     } else {
         1.0 / (head_dim as f64).sqrt()
     };
-    let softcap = |enabled: bool, key: &str, default: Option<f64>| -> Result<Option<f64>> {
-        if !enabled {
-            return Ok(None);
-        }
-        // An explicit null turns it off; an absent key takes the class default.
-        Ok(if map.contains_key(key) { k.f64(key)? } else { default })
-    };
-    let (attn_default, final_default) = if family == Family::Gemma2 { (Some(50.0), Some(30.0)) } else { (None, None) };
+    let (attn_softcap, final_softcap) = softcaps(&k, &t, family)?;
 
     Ok(Architecture {
         family,
@@ -252,8 +224,8 @@ pub(super) fn resolve(text: &str) -> Result<Architecture> {
         placement: t.placement,
         qk_norm: t.qk_norm,
         attn_scale,
-        attn_softcap: softcap(t.attn_softcap, "attn_logit_softcapping", attn_default)?,
-        final_softcap: softcap(t.final_softcap, "final_logit_softcapping", final_default)?,
+        attn_softcap,
+        final_softcap,
         embed_scale: t.embed_scale.then(|| (hidden_size as f64).sqrt()),
         // A checkpoint without lm_head.weight is tied whatever this says (see the loader).
         tie_word_embeddings: k.bool("tie_word_embeddings")?.unwrap_or(t.default_tie),
@@ -261,6 +233,81 @@ pub(super) fn resolve(text: &str) -> Result<Architecture> {
         layers,
         max_position_embeddings,
         pad_token_id: first_id(k.get("pad_token_id")),
+    })
+}
+
+/// The `model_type` and the family it names; an unknown one is refused listing the supported.
+fn family_of(k: &Keys) -> Result<(String, Family)> {
+    let model_type = k.str("model_type")?.unwrap_or_default().to_string();
+    let Some(&(_, family)) = SUPPORTED_MODEL_TYPES.iter().find(|(t, _)| *t == model_type) else {
+        let hint = match model_type.as_str() {
+            "gemma3" => " (the multimodal Gemma 3 checkpoint: train its text-only model, model_type gemma3_text)",
+            "mpt" => " (MPT uses ALiBi attention, which dpo does not implement)",
+            _ => "",
+        };
+        bail!(
+            "unsupported model_type {model_type:?}{hint}; dpo supports {}",
+            SUPPORTED_MODEL_TYPES.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", ")
+        );
+    };
+    Ok((model_type, family))
+}
+
+/// The projections that carry a bias, as the family's traits and the config's keys say.
+fn biased_projections(k: &Keys, t: &Traits, projections: &[Proj]) -> Result<Vec<Proj>> {
+    let on = |b: Bias| -> Result<bool> {
+        Ok(match b {
+            Bias::Never => false,
+            Bias::Always => true,
+            Bias::Key(key) => k.bool(key)?.unwrap_or(false),
+        })
+    };
+    let (qkv_bias, o_bias, mlp_bias) = (on(t.qkv_bias)?, on(t.o_bias)?, on(t.mlp_bias)?);
+    Ok(projections
+        .iter()
+        .copied()
+        .filter(|p| match p.input() {
+            ProjInput::Attention => qkv_bias,
+            ProjInput::AttentionOut => o_bias,
+            ProjInput::Mlp | ProjInput::MlpOut => mlp_bias,
+        })
+        .collect())
+}
+
+/// Attention and final logit soft-capping, where the family has them: an explicit null turns
+/// one off; an absent key takes the class default (Gemma 2: 50 and 30).
+fn softcaps(k: &Keys, t: &Traits, family: Family) -> Result<(Option<f64>, Option<f64>)> {
+    let softcap = |enabled: bool, key: &str, default: Option<f64>| -> Result<Option<f64>> {
+        if !enabled {
+            return Ok(None);
+        }
+        Ok(if k.0.contains_key(key) { k.f64(key)? } else { default })
+    };
+    let (attn_default, final_default) = if family == Family::Gemma2 { (Some(50.0), Some(30.0)) } else { (None, None) };
+    Ok((
+        softcap(t.attn_softcap, "attn_logit_softcapping", attn_default)?,
+        softcap(t.final_softcap, "final_logit_softcapping", final_default)?,
+    ))
+}
+
+/// Phi-3's longrope: a short and a long factor per rotary frequency pair.
+fn longrope(pk: &Keys, what: &str, rotary_dim: usize, original_max: usize) -> Result<RopeScaling> {
+    let list = |key: &str| -> Result<Vec<f64>> {
+        let v = pk.get(key).with_context(|| format!("{what}: longrope needs {key}"))?;
+        let a = v.as_array().with_context(|| format!("{what}.{key} must be a list of numbers"))?;
+        let f: Option<Vec<f64>> = a.iter().map(|x| x.as_f64()).collect();
+        let f = f.with_context(|| format!("{what}.{key} must be a list of numbers"))?;
+        if f.len() != rotary_dim / 2 {
+            bail!("{what}.{key} has {} factors; the rotary dimension {rotary_dim} needs {}", f.len(), rotary_dim / 2);
+        }
+        Ok(f)
+    };
+    Ok(RopeScaling::LongRope {
+        short: list("short_factor")?,
+        long: list("long_factor")?,
+        original_max,
+        factor: pk.f64("factor")?,
+        attention_factor: pk.f64("attention_factor")?,
     })
 }
 
@@ -437,29 +484,7 @@ fn rope_from_params(
                 truncate: pk.bool("truncate")?.unwrap_or(true),
             }
         }
-        "longrope" => {
-            let list = |key: &str| -> Result<Vec<f64>> {
-                let v = pk.get(key).with_context(|| format!("{what}: longrope needs {key}"))?;
-                let a = v.as_array().with_context(|| format!("{what}.{key} must be a list of numbers"))?;
-                let f: Option<Vec<f64>> = a.iter().map(|x| x.as_f64()).collect();
-                let f = f.with_context(|| format!("{what}.{key} must be a list of numbers"))?;
-                if f.len() != rotary_dim / 2 {
-                    bail!(
-                        "{what}.{key} has {} factors; the rotary dimension {rotary_dim} needs {}",
-                        f.len(),
-                        rotary_dim / 2
-                    );
-                }
-                Ok(f)
-            };
-            RopeScaling::LongRope {
-                short: list("short_factor")?,
-                long: list("long_factor")?,
-                original_max: original()?,
-                factor: pk.f64("factor")?,
-                attention_factor: pk.f64("attention_factor")?,
-            }
-        }
+        "longrope" => longrope(&pk, what, rotary_dim, original()?)?,
         other => bail!(
             "{what}.rope_type {other:?} is not supported: choose default, linear, dynamic, llama3, yarn or longrope"
         ),

@@ -26,10 +26,11 @@ pub use attention::Geometry;
 
 use super::arch::rope::RopeTables;
 use super::arch::{Activation, Architecture, NormPlacement, Proj, ProjInput, QkNorm, RmsNormStyle};
-use super::causal_lm::DecoderLayer;
 use super::kernels::{self, Gemm, cpu_storage_f32, rms_norm, rms_norm_backward, storage_f32};
+use super::layer::DecoderLayer;
 use crate::nn::LoraMode;
-use crate::nn::linear::{LoraWeights, dropout_mask};
+use crate::nn::linear::LoraWeights;
+use crate::nn::lora_pack::LoraPack;
 use attention::Heads;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, bail};
 use lora::{Adapter, LoraGrads};
@@ -144,32 +145,29 @@ pub fn forward(
         bail!("cpu layer: input {shape:?} does not match {n} tokens × {hidden}");
     }
     let x = x.contiguous()?;
-    let with_lora = !matches!(mode, LoraMode::Off) && p.linears.iter().any(|l| l.lora.is_some());
-    let slots = if with_lora { lora_slots(p, n, mode)? } else { vec![None; p.linears.len()] };
-    let op = LayerOp { p: p.clone(), geo: geo.clone(), rope, slots, need_dx: x.track_op(), saved: Mutex::new(None) };
-    if !with_lora && !x.track_op() {
-        // The reference pass: no graph, nothing saved.
-        let (storage, _) = x.storage_and_layout();
-        let out = op.run_forward(storage_f32(&storage, x.layout())?, &[], &[], false)?;
-        drop(storage);
-        return Tensor::from_vec(out, shape, x.device());
-    }
-    if !with_lora {
-        return x.apply_op1_arc(Arc::new(Box::new(op)));
-    }
-    let flat = |f: fn(&LoraWeights) -> &candle_core::Var| -> Result<Tensor> {
-        let parts = p
-            .linears
-            .iter()
-            .filter_map(|l| l.lora.as_ref())
-            .map(|l| f(l).as_tensor().flatten_all())
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 0)
+    let pack = match mode {
+        LoraMode::Off => None,
+        _ => LoraPack::of(p.linears.iter().map(|l| l.lora.as_ref()))?,
     };
-    x.apply_op3_arc(&flat(|l| &l.a)?, &flat(|l| &l.b)?, Arc::new(Box::new(op)))
+    let slots = match &pack {
+        Some(pack) => lora_slots(pack, n, mode),
+        None => vec![None; p.linears.len()],
+    };
+    let op = LayerOp { p: p.clone(), geo: geo.clone(), rope, slots, need_dx: x.track_op(), saved: Mutex::new(None) };
+    match pack {
+        // The reference pass: no graph, nothing saved.
+        None if !x.track_op() => {
+            let (storage, _) = x.storage_and_layout();
+            let out = op.run_forward(storage_f32(&storage, x.layout())?, &[], &[], false)?;
+            drop(storage);
+            Tensor::from_vec(out, shape, x.device())
+        }
+        None => x.apply_op1_arc(Arc::new(Box::new(op))),
+        Some(pack) => x.apply_op3_arc(&pack.a, &pack.b, Arc::new(Box::new(op))),
+    }
 }
 
-/// Where one linear's adapter sits in the flattened `A`/`B` inputs, and its dropout mask.
+/// Where one linear's adapter sits in the flat `A`/`B` inputs ([`LoraPack`]), and its dropout mask.
 #[derive(Clone)]
 struct LoraSlot {
     rank: usize,
@@ -179,28 +177,23 @@ struct LoraSlot {
     mask: Option<Arc<Vec<f32>>>,
 }
 
-/// The adapters' slots, drawing dropout masks in the order the generic layer draws them (the
-/// family's projection order, each over its whole input), so both paths consume the same
-/// random stream.
-fn lora_slots(p: &LayerParams, n: usize, mode: &mut LoraMode) -> Result<Vec<Option<LoraSlot>>> {
-    let (mut a_off, mut b_off) = (0, 0);
-    let mut slots = Vec::with_capacity(p.linears.len());
-    for l in &p.linears {
-        let Some(lw) = &l.lora else {
-            slots.push(None);
-            continue;
-        };
-        let (out_dim, in_dim) = l.weight.dims2()?;
-        let rank = lw.a.dim(0)?;
-        let mask = match mode {
-            LoraMode::Train(rng) if lw.dropout > 0.0 => Some(Arc::new(dropout_mask(n * in_dim, lw.dropout, rng))),
-            _ => None,
-        };
-        slots.push(Some(LoraSlot { rank, scale: lw.scale as f32, a_off, b_off, mask }));
-        a_off += rank * in_dim;
-        b_off += out_dim * rank;
-    }
-    Ok(slots)
+/// The pack's slots with this forward's dropout masks ([`LoraPack::dropout_masks`]: the order
+/// the generic layer draws them in, so both paths consume the same random stream).
+fn lora_slots(pack: &LoraPack, n: usize, mode: &mut LoraMode) -> Vec<Option<LoraSlot>> {
+    let masks = pack.dropout_masks(n, mode);
+    pack.slots
+        .iter()
+        .zip(masks)
+        .map(|(slot, mask)| {
+            slot.as_ref().map(|s| LoraSlot {
+                rank: s.rank,
+                scale: s.scale as f32,
+                a_off: s.a_off,
+                b_off: s.b_off,
+                mask: mask.map(Arc::new),
+            })
+        })
+        .collect()
 }
 
 /// A sublayer output that went through a post-norm: its raw value and `1/rms` per row.
@@ -509,25 +502,19 @@ impl LayerOp {
         b: &[f32],
         d_out: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (h, qw, kw, inter, n) = self.dims();
-        let width = qw + 2 * kw;
         let mut g = LoraGrads { da: vec![0f32; a.len()], db: vec![0f32; b.len()] };
-        // MLP: out = h + post(down(act(gate)·up))
+        let dh = self.mlp_backward(w, s, a, b, d_out, &mut g);
+        let dx = self.attention_backward(w, s, x, a, b, dh, &mut g);
+        (dx, g.da, g.db)
+    }
+
+    /// The MLP sublayer, `out = h + post(down(act(gate)·up))`: the gradient of `h` from `d_out`.
+    fn mlp_backward(&self, w: &Weights, s: &Saved, a: &[f32], b: &[f32], d_out: &[f32], g: &mut LoraGrads) -> Vec<f32> {
+        let (h, _, _, inter, n) = self.dims();
         let d_m = post_norm_backward(d_out, s.mlp_post.as_ref(), w.norms[3], h);
         let mut d_act = vec![0f32; n * inter];
-        self.project_backward(
-            w,
-            ProjInput::MlpOut,
-            &d_m,
-            h,
-            &s.act,
-            inter,
-            Some(&mut d_act),
-            &s.lora_u[3],
-            a,
-            b,
-            &mut g,
-        );
+        let lora = &s.lora_u[3];
+        self.project_backward(w, ProjInput::MlpOut, &d_m, h, &s.act, inter, Some(&mut d_act), lora, a, b, g);
         drop(d_m);
         let mut d_gate_up = vec![0f32; n * 2 * inter];
         let activation = self.arch().activation;
@@ -543,39 +530,32 @@ impl LayerOp {
         drop(d_act);
         let xm = s.mlp_in.as_ref().map_or(s.h.as_slice(), |(v, _)| v.as_slice());
         let mut d_xm = vec![0f32; n * h];
-        self.project_backward(
-            w,
-            ProjInput::Mlp,
-            &d_gate_up,
-            2 * inter,
-            xm,
-            h,
-            Some(&mut d_xm),
-            &s.lora_u[2],
-            a,
-            b,
-            &mut g,
-        );
+        let lora = &s.lora_u[2];
+        self.project_backward(w, ProjInput::Mlp, &d_gate_up, 2 * inter, xm, h, Some(&mut d_xm), lora, a, b, g);
         drop(d_gate_up);
         let mut dh = d_out.to_vec();
         pre_norm_backward(&mut dh, &d_xm, &s.h, s.mlp_in.as_ref(), w.norms[2], h);
-        drop(d_xm);
-        // Attention: h = x + post(o_proj(attn(...)))
+        dh
+    }
+
+    /// The attention sublayer, `h = x + post(o_proj(attn(...)))`: the gradient of `x` from
+    /// `dh` (empty when the input needs none).
+    #[allow(clippy::too_many_arguments)] // the layer's weights, activations, flat adapters and gradients
+    fn attention_backward(
+        &self,
+        w: &Weights,
+        s: &Saved,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        dh: Vec<f32>,
+        g: &mut LoraGrads,
+    ) -> Vec<f32> {
+        let (h, qw, kw, _, n) = self.dims();
         let d_a = post_norm_backward(&dh, s.attn_post.as_ref(), w.norms[1], h);
         let mut d_o = vec![0f32; n * qw];
-        self.project_backward(
-            w,
-            ProjInput::AttentionOut,
-            &d_a,
-            h,
-            &s.o,
-            qw,
-            Some(&mut d_o),
-            &s.lora_u[1],
-            a,
-            b,
-            &mut g,
-        );
+        let lora = &s.lora_u[1];
+        self.project_backward(w, ProjInput::AttentionOut, &d_a, h, &s.o, qw, Some(&mut d_o), lora, a, b, g);
         drop(d_a);
         let mut d_qkv = attention::backward(&self.geo, self.heads(), &s.qkv, &s.o, &s.lse, &d_o);
         drop(d_o);
@@ -585,25 +565,15 @@ impl LayerOp {
         }
         let xa = s.attn_in.as_ref().map_or(x, |(v, _)| v.as_slice());
         let mut d_xa = if self.need_dx { vec![0f32; n * h] } else { Vec::new() };
-        self.project_backward(
-            w,
-            ProjInput::Attention,
-            &d_qkv,
-            width,
-            xa,
-            h,
-            self.need_dx.then_some(&mut d_xa[..]),
-            &s.lora_u[0],
-            a,
-            b,
-            &mut g,
-        );
+        let (width, lora) = (qw + 2 * kw, &s.lora_u[0]);
+        let d_xa_out = self.need_dx.then_some(&mut d_xa[..]);
+        self.project_backward(w, ProjInput::Attention, &d_qkv, width, xa, h, d_xa_out, lora, a, b, g);
         if !self.need_dx {
-            return (Vec::new(), g.da, g.db);
+            return Vec::new();
         }
         let mut dx = dh;
         pre_norm_backward(&mut dx, &d_xa, x, s.attn_in.as_ref(), w.norms[0], h);
-        (dx, g.da, g.db)
+        dx
     }
 
     fn qk_norm_backward(&self, d_qkv: &mut [f32], raw: &[f32], inv: &[f32], qn: &[f32], kn: &[f32]) {

@@ -6,22 +6,19 @@
 //!   gradient tensor is ever allocated besides the logits themselves.
 //! - [`rms_norm`]: the final norm, one stored input instead of five or six intermediates.
 //!
-//! They compute the same functions as the compositions in [`super::ops`] (tested against them,
-//! values and gradients). CPU only: on other devices the model uses the compositions.
+//! They compute the same functions as the generic path's head ([`super::chunked_head`]) and
+//! final norm (tested against them, values and gradients). CPU only.
 //!
 //! ```
 //! # use candle_core::{Device, Tensor};
 //! let w = Tensor::new(&[[0.0f32], [1.0], [2.0]], &Device::Cpu).unwrap(); // lm_head [vocab 3, hidden 1]
 //! let h = Tensor::new(&[[1.0f32]], &Device::Cpu).unwrap();
-//! let lp = dpo::model::fused::lm_head_logps(&h, &w, &[2], None, None).unwrap();
+//! let lp = dpo::model::cpu_head::lm_head_logps(&h, &w, &[2], None, None).unwrap();
 //! let want = 2.0 - (1f32 + 1f32.exp() + 2f32.exp()).ln();
 //! assert!((lp.to_vec1::<f32>().unwrap()[0] - want).abs() < 1e-6);
 //! ```
 use super::kernels::{self, Gemm, cpu_storage_f32};
-use super::token_stats::TokenStats;
-
-/// Where a head leaves its [`TokenStats`] (a head op cannot return them beside its tensor).
-pub type StatsSink = std::sync::Arc<std::sync::Mutex<Option<TokenStats>>>;
+use super::token_stats::{StatsSink, TokenStats};
 use candle_core::{Context, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
