@@ -145,24 +145,24 @@ fn bad_inputs_fail_naming_file_line_and_field() {
         p
     };
     let bad = write("malformed.jsonl", b"{\"question\": \"x\"\n");
-    let e = err(&[bad.clone()]);
+    let e = err(std::slice::from_ref(&bad));
     assert!(e.contains(&at(&bad, 4)) && e.contains("malformed JSON"), "{e}");
     let bad = write("types.jsonl", b"{\"question\": \"x\", \"chosen\": 3, \"rejected\": \"r\"}\n");
-    let e = err(&[bad.clone()]);
+    let e = err(std::slice::from_ref(&bad));
     assert!(e.contains(&at(&bad, 4)) && e.contains("\"chosen\" must be a string"), "{e}");
     let bad = write("empty.jsonl", b"{\"question\": \"x\", \"chosen\": \"\", \"rejected\": \"r\"}\n");
-    let e = err(&[bad.clone()]);
+    let e = err(std::slice::from_ref(&bad));
     assert!(e.contains(&at(&bad, 4)) && e.contains("empty response"), "{e}");
     let bad = write("utf8.jsonl", b"{\"question\": \"\xff\", \"chosen\": \"a\", \"rejected\": \"r\"}\n");
-    let e = err(&[bad.clone()]);
+    let e = err(std::slice::from_ref(&bad));
     assert!(e.contains(&at(&bad, 4)) && e.contains("UTF-8"), "{e}");
     let cols = dir.join("cols.jsonl");
     std::fs::write(&cols, "{\"instruction\": \"x\", \"output\": \"y\"}\n").unwrap();
-    let e = err(&[cols.clone()]);
+    let e = err(std::slice::from_ref(&cols));
     assert!(e.contains(&at(&cols, 1)) && e.contains("instruction, output"), "{e}");
     let zero = dir.join("zero.jsonl");
     std::fs::write(&zero, "not json\n").unwrap();
-    let e = err(&[zero.clone()]);
+    let e = err(std::slice::from_ref(&zero));
     assert!(e.contains("no usable rows") && e.contains(&format!("{}malformed JSON", at(&zero, 1))), "{e}");
     let tok = PairTokenizer::from_model_dir(&model_dir("tiny-llama")).unwrap();
     // An unknown --format is a usage error (exit 2) listing the formats.

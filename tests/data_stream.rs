@@ -21,7 +21,8 @@ fn large_jsonl_streams_with_bounded_memory() {
     drop(f);
     let tok = PairTokenizer::from_model_dir(&model_dir("tiny-llama")).unwrap();
     let start = std::time::Instant::now();
-    let (p, audit) = Pipeline::build(&[path.clone()], Settings::default(), tok, &model_dir("tiny-llama")).unwrap();
+    let (p, audit) =
+        Pipeline::build(std::slice::from_ref(&path), Settings::default(), tok, &model_dir("tiny-llama")).unwrap();
     let secs = start.elapsed().as_secs_f64();
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let hwm = status.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("VmHWM: ?").to_string();

@@ -81,7 +81,7 @@ fn golden_twenty_step_run_matches_pytorch() {
             "step {step}"
         );
         assert_eq!(line["lr"].as_f64().unwrap(), 5e-3);
-        assert_eq!(line["tokens"].as_u64().unwrap() > 0, true);
+        assert!(line["tokens"].as_u64().unwrap() > 0);
     }
     assert_adapter_close(&out, &golden_dir("tiny-llama").join("lora_after_step20.safetensors"), 1e-4);
 }

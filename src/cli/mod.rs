@@ -30,6 +30,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // one value per process, parsed once
 enum Command {
     /// Train with DPO or a relative (every TRL loss, SimPO, CPO, ORPO, KTO).
     Train(TrainArgs),
@@ -63,6 +64,7 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // one value per process, parsed once
 enum RewardCommand {
     /// Train a reward model on preference pairs.
     ///

@@ -15,6 +15,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // one value per process, parsed once
 pub enum RefCacheCommand {
     /// Compute and store the reference log-probs a `train` with these flags will need.
     Build(TrainArgs),

@@ -109,7 +109,7 @@ impl Pipeline {
                 if ready.is_none() {
                     let schema =
                         Schema::detect_for(settings.format, settings.columns.clone(), &row.value, settings.rows)
-                            .with_context(|| format!("{}", row.at))?;
+                            .with_context(|| row.at.to_string())?;
                     let template = resolve_template(&settings, &schema, &tokenizer, model_dir)?;
                     audit.format = schema.format.name().into();
                     audit.template = template.name().into();

@@ -275,7 +275,7 @@ pub fn reward_model_metrics(chosen: &[f32], rejected: &[f32]) -> RewardModelMetr
 /// KTOTrainer's metrics: `kl`, rewards and log-probs per label (a key is absent when the batch
 /// has no example of that label, as in TRL), logits per label and entropy over the completions.
 pub fn kto_metrics(beta: f32, l: &PairLogps, stats: &TokenStats, owner: &[(usize, usize)]) -> Result<KtoMetrics> {
-    let labels = l.labels.as_ref().map(Vec::as_slice).unwrap_or_default();
+    let labels = l.labels.as_deref().unwrap_or_default();
     let (pc, rc, pr, rr) =
         (host(&l.policy_chosen)?, host(&l.ref_chosen)?, host(&l.policy_rejected)?, host(&l.ref_rejected)?);
     let n = labels.len();

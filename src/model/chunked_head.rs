@@ -133,6 +133,28 @@ impl Backward for Head {
     }
 }
 
+/// The head for a trained lm_head (full fine-tuning): candle's own ops, so the graph carries
+/// dW as well as dh (the whole `[rows, vocab]` logits are kept for backward).
+pub fn trainable_logps(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    cap: Option<f64>,
+    stats: Option<&StatsSink>,
+) -> Result<Tensor> {
+    let rows = hidden.dim(0)?;
+    let logits = softcap(&hidden.to_dtype(DType::F32)?.matmul(&w.to_dtype(DType::F32)?.t()?)?, cap)?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+    let index = Tensor::new(targets, hidden.device())?.unsqueeze(1)?;
+    let picked = logits.gather(&index, 1)?;
+    let logps = (picked - lse)?.reshape(rows)?;
+    if let Some(sink) = stats {
+        *sink.lock().expect("stats sink") = Some(chunk_stats(&logits.detach(), targets)?);
+    }
+    Ok(logps)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,26 +192,4 @@ mod tests {
             assert!(a.1.iter().zip(&b.1).all(|(x, y)| (x - y).abs() < 1e-6), "gradients, cap {cap:?}");
         }
     }
-}
-
-/// The head for a trained lm_head (full fine-tuning): candle's own ops, so the graph carries
-/// dW as well as dh (the whole `[rows, vocab]` logits are kept for backward).
-pub fn trainable_logps(
-    hidden: &Tensor,
-    w: &Tensor,
-    targets: &[u32],
-    cap: Option<f64>,
-    stats: Option<&StatsSink>,
-) -> Result<Tensor> {
-    let rows = hidden.dim(0)?;
-    let logits = softcap(&hidden.to_dtype(DType::F32)?.matmul(&w.to_dtype(DType::F32)?.t()?)?, cap)?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
-    let index = Tensor::new(targets, hidden.device())?.unsqueeze(1)?;
-    let picked = logits.gather(&index, 1)?;
-    let logps = (picked - lse)?.reshape(rows)?;
-    if let Some(sink) = stats {
-        *sink.lock().expect("stats sink") = Some(chunk_stats(&logits.detach(), targets)?);
-    }
-    Ok(logps)
 }

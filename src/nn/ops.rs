@@ -103,6 +103,14 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, t, d))?.reshape((b, kv * n_rep, t, d))
 }
 
+/// `cap·tanh(x/cap)` (soft-capping), or `x` itself.
+pub fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
+    match cap {
+        Some(c) => (x / c)?.tanh()? * c,
+        None => Ok(x.clone()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,13 +157,5 @@ mod tests {
         let row = |t: &Tensor, i: usize| t.get(0).unwrap().get(0).unwrap().get(i).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(row(&y, 0), row(x.as_tensor(), 0));
         assert_ne!(row(&y, 1), row(x.as_tensor(), 1));
-    }
-}
-
-/// `cap·tanh(x/cap)` (soft-capping), or `x` itself.
-pub fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
-    match cap {
-        Some(c) => (x / c)?.tanh()? * c,
-        None => Ok(x.clone()),
     }
 }

@@ -8,7 +8,7 @@
 //! # use dpo::optim::AdamW;
 //! let p = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
 //! let mut opt = AdamW::new(&[p.clone()], 0.9, 0.999, 1e-8, 0.0).unwrap();
-//! opt.step(&[p.clone()], &[Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap()], 0.1).unwrap();
+//! opt.step(std::slice::from_ref(&p), &[Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap()], 0.1).unwrap();
 //! assert_eq!(opt.steps(), 1);
 //! ```
 pub mod schedule;
@@ -93,10 +93,10 @@ mod tests {
     fn matches_torch_adamw_by_hand() {
         // torch.optim.AdamW(lr=0.1, weight_decay=0.01), p=[1.0], grads 0.5 then -0.25.
         let p = Var::new(&[1.0f32], &Device::Cpu).unwrap();
-        let mut opt = AdamW::new(&[p.clone()], 0.9, 0.999, 1e-8, 0.01).unwrap();
+        let mut opt = AdamW::new(std::slice::from_ref(&p), 0.9, 0.999, 1e-8, 0.01).unwrap();
         let (mut pv, mut m, mut v) = (1.0f64, 0.0f64, 0.0f64);
         for (t, g) in [0.5f64, -0.25].iter().enumerate() {
-            opt.step(&[p.clone()], &[Tensor::new(&[*g as f32], &Device::Cpu).unwrap()], 0.1).unwrap();
+            opt.step(std::slice::from_ref(&p), &[Tensor::new(&[*g as f32], &Device::Cpu).unwrap()], 0.1).unwrap();
             let t = (t + 1) as i32;
             pv *= 1.0 - 0.1 * 0.01;
             m = 0.9 * m + 0.1 * g;

@@ -63,8 +63,11 @@ pub fn read_runs(dir: &Path) -> Result<Vec<RunSeries>> {
     Ok(runs)
 }
 
+/// Each metric's values, by its name.
+type Values = BTreeMap<&'static str, Vec<f64>>;
+
 /// `(steps, per-metric values)` of a JSON-lines metrics file.
-fn read_curve(path: &Path) -> Result<(Vec<f64>, BTreeMap<&'static str, Vec<f64>>)> {
+fn read_curve(path: &Path) -> Result<(Vec<f64>, Values)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut steps = Vec::new();
     let mut values: BTreeMap<&'static str, Vec<f64>> =

@@ -99,7 +99,10 @@ pub fn verify(
     let logged = &ckpt.manifest.metrics;
     for (key, value) in now.as_object().unwrap() {
         let (a, b) = (value.as_f64().unwrap_or(f64::NAN), logged.get(key).and_then(|v| v.as_f64()).unwrap_or(f64::NAN));
-        if !((a - b).abs() <= 1e-6 * b.abs().max(1.0)) {
+        // Written so that NaN on either side fails.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        let differs = !((a - b).abs() <= 1e-6 * b.abs().max(1.0));
+        if differs {
             bail!(
                 "--verify-resume: step {step} recomputed from {} gives {key} = {a}, but {b} was logged; \
                  the model, data or checkpoint differ from the original run",
