@@ -13,7 +13,7 @@ pairs=tests/fixtures/data/orca_dpo_pairs/train.jsonl
 head -n 8 "$pairs" > "$out/pairs.jsonl"
 ./target/release/dpo sft --model "$model" --dataset tests/fixtures/data/sft/orca_prompt_completion.jsonl \
   --output-dir "$out/sft" --max-steps 3 --lr 0.01 2>/dev/null >/dev/null
-./target/release/dpo eval --stage sft --model "$model" --dataset tests/fixtures/data/sft/orca_prompt_completion.jsonl \
+./target/release/dpo eval --sft --model "$model" --dataset tests/fixtures/data/sft/orca_prompt_completion.jsonl \
   --adapter "$out/sft" --output "$out/sft_eval.jsonl" 2>/dev/null >/dev/null
 ./target/release/dpo reward train --model "$model" --dataset "$pairs" --template orca --output-dir "$out/rm" \
   --max-steps 3 --lr 0.01 2>/dev/null >/dev/null

@@ -10,6 +10,7 @@ when a policy log-prob differs from dpo's by more than 1e-4.
 """
 import argparse
 import json
+import math
 import sys
 
 import torch
@@ -35,6 +36,7 @@ def main():
     model = PeftModel.from_pretrained(base, args.adapter).eval()
     rows = [json.loads(l) for l in open(args.data)][: args.n]
     dpo = [json.loads(l) for l in open(args.dpo_eval)][: args.n]
+    assert len(rows) == len(dpo), f"{len(rows)} rows but {len(dpo)} dpo eval lines"
     worst = 0.0
     for row, theirs in zip(rows, dpo):
         prompt = tok.encode(orca_prompt(row), add_special_tokens=True).ids
@@ -45,7 +47,10 @@ def main():
                 logits = model(ids).logits[0].float()
             logp = torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None])[:, 0]
             ours = logp[len(prompt) - 1 :].sum().item()
-            worst = max(worst, abs(ours - theirs[f"policy_{key}_logp"]))
+            diff = abs(ours - theirs[f"policy_{key}_logp"])
+            # max() would skip a NaN (every comparison with it is false): fail on it instead.
+            assert math.isfinite(diff), f"non-finite log-prob: peft {ours}, dpo {theirs[f'policy_{key}_logp']}"
+            worst = max(worst, diff)
     print(f"{args.adapter}: peft vs dpo policy log-probs, max |diff| {worst:.2e} over {len(rows)} pairs")
     sys.exit(0 if worst <= 1e-4 else 1)
 

@@ -1,5 +1,5 @@
 //! Settings: each subcommand's flags as one typed struct, and TOML config files whose keys are
-//! the flag names ([`file`]).
+//! the flag names ([`mod@file`]).
 //!
 //! The training subcommands share [`CommonArgs`] (model, data, device) and [`RunArgs`] (the run:
 //! output, LoRA or full, optimizer, checkpoints, held-out evaluation); `dpo train` adds the

@@ -2,7 +2,7 @@
 //!
 //! candle 0.11's fused `rms_norm`, `softmax_last_dim` and `rope*` have no backward
 //! and silently cut the graph, so the training path uses compositions (RMSNorm in
-//! [`super::generic_layer`], RoPE below).
+//! [`crate::model::generic_layer`], RoPE below).
 //! `frozen_matmul` is the one custom op: `x · Wᵀ` for a weight that is never
 //! trained, whose backward returns dX only (candle's `Matmul` would also compute
 //! and keep a full dW for every frozen matrix).

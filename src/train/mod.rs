@@ -7,7 +7,7 @@
 //!
 //! [`run`] loads the model and data itself; [`run_loaded`] trains on a model and data already
 //! loaded (a sweep loads them once for all its runs), optionally taking the reference log-probs
-//! from a [`RefCache`] instead of running the reference forward.
+//! from a [`crate::refcache::RefCache`] instead of running the reference forward.
 //!
 //! ```no_run
 //! use clap::Parser;
