@@ -121,7 +121,7 @@ pub fn score(args: &ScoreArgs) -> Result<Metrics> {
 
 fn score_rows(common: &CommonArgs, args: &ScoringArgs, task: &Task) -> Result<Metrics> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    let mut loaded = crate::setup::load_model(common)?;
+    let mut loaded = crate::setup::load_model(&common.model)?;
     if let Some(dir) = &args.adapter {
         adapter::attach_from_dir(&mut loaded.model, dir, None)?;
     }

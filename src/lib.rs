@@ -24,6 +24,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod fsutil;
+pub mod generate;
 pub mod hub;
 pub mod lora;
 pub mod loss;

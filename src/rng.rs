@@ -17,6 +17,8 @@ pub enum Stream {
     LoraInit = 1,
     Dropout = 2,
     DataOrder = 3,
+    /// Sampling the next token when generating.
+    Sampling = 4,
 }
 
 #[derive(Debug, Clone)]

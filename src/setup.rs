@@ -5,12 +5,12 @@
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
 //! # let common: dpo::config::CommonArgs = todo!();
-//! let loaded = dpo::setup::load_model(&common)?;
+//! let loaded = dpo::setup::load_model(&common.model)?;
 //! let data = dpo::setup::load_rows(&common, &loaded, &dpo::task::Task::Sft)?;
 //! println!("{} pairs, {} truncated", data.len(), data.truncated);
 //! # Ok(()) }
 //! ```
-use crate::config::CommonArgs;
+use crate::config::{CommonArgs, ModelArgs};
 use crate::data::pipeline::Pipeline;
 use crate::data::{Dataset, PairTokenizer, Rows};
 use crate::hub::{self, Hub};
@@ -33,12 +33,12 @@ pub struct Loaded {
 }
 
 /// `--model` as a local folder: itself, or the Hub cache snapshot of a repo id.
-pub fn model_dir(common: &CommonArgs) -> Result<PathBuf> {
-    if hub::is_repo_id(&common.model) {
-        let hub = Hub::new(common.offline)?;
-        return hub::model::resolve(&hub, &common.model.to_string_lossy(), common.revision.as_deref());
+pub fn model_dir(model: &ModelArgs) -> Result<PathBuf> {
+    if hub::is_repo_id(&model.path) {
+        let hub = Hub::new(model.offline)?;
+        return hub::model::resolve(&hub, &model.path.to_string_lossy(), model.revision.as_deref());
     }
-    Ok(common.model.clone())
+    Ok(model.path.clone())
 }
 
 /// `--dataset` as local files: a file itself; the files of `--split` of a local folder or of a
@@ -48,7 +48,7 @@ pub fn dataset_files(common: &CommonArgs) -> Result<Vec<PathBuf>> {
         return hub::dataset::resolve_local(&common.dataset, common.dataset_config.as_deref(), &common.split);
     }
     if hub::is_repo_id(&common.dataset) {
-        let hub = Hub::new(common.offline)?;
+        let hub = Hub::new(common.model.offline)?;
         let repo = common.dataset.to_string_lossy();
         return hub::dataset::resolve(
             &hub,
@@ -74,14 +74,14 @@ pub struct ModelFiles {
 }
 
 /// Resolves `--model`, reads its config.json and tokenizer; no weights yet.
-pub fn open_model(common: &CommonArgs) -> Result<ModelFiles> {
-    let device = common.placement.device.open()?;
-    let dtype = common.dtype.resolve(&device);
-    let dir = model_dir(common)?;
+pub fn open_model(model: &ModelArgs) -> Result<ModelFiles> {
+    let device = model.placement.device.open()?;
+    let dtype = model.dtype.resolve(&device);
+    let dir = model_dir(model)?;
     let arch = Architecture::from_file(&dir.join("config.json"))?;
     let tokenizer = PairTokenizer::from_model_dir(&dir)?;
     let pad_id = arch.pad_token_id.unwrap_or(tokenizer.eos_id());
-    Ok(ModelFiles { arch, tokenizer, device, dtype, pad_id, model_dir: dir, layer_path: common.layer_path })
+    Ok(ModelFiles { arch, tokenizer, device, dtype, pad_id, model_dir: dir, layer_path: model.layer_path })
 }
 
 impl ModelFiles {
@@ -109,8 +109,8 @@ impl ModelFiles {
     }
 }
 
-pub fn load_model(common: &CommonArgs) -> Result<Loaded> {
-    open_model(common)?.load()
+pub fn load_model(model: &ModelArgs) -> Result<Loaded> {
+    open_model(model)?.load()
 }
 
 /// Reads, audits and indexes every row of `--dataset` as `task` reads them; refuses data with

@@ -26,7 +26,7 @@ fn tokenization_matches_golden_ids() {
         "--dataset",
         orca("train").to_str().unwrap(),
     ]);
-    let loaded = dpo::setup::load_model(&args.common).unwrap();
+    let loaded = dpo::setup::load_model(&args.common.model).unwrap();
     let data = dpo::setup::load_rows(&args.common, &loaded, &args.settings().unwrap().task).unwrap();
     assert_eq!(data.len(), 64);
     assert_eq!(data.truncated, 0);

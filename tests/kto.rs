@@ -71,7 +71,7 @@ fn kto_batch_matches_trl_examples_loss_metrics_and_gradients() {
     for data in [&paired, &unpaired] {
         let a = args(data, &dir);
         let task = a.settings().unwrap().task;
-        let loaded = dpo::setup::load_model(&a.common).unwrap();
+        let loaded = dpo::setup::load_model(&a.common.model).unwrap();
         let dataset = dpo::setup::load_rows(&a.common, &loaded, &task).unwrap();
         assert_eq!(dataset.len(), 8, "{}: 8 examples", data.display());
         let indices: Vec<usize> = (0..8).collect();

@@ -41,7 +41,7 @@ fn cli(out: &std::path::Path, extra: &[&str]) -> String {
 fn cache_hit_skips_the_reference_forward_and_is_bit_identical() {
     let dir = scratch("refcache-hit");
     let a = args(&dir.join("run"), &[]);
-    let loaded = dpo::setup::load_model(&a.common).unwrap();
+    let loaded = dpo::setup::load_model(&a.common.model).unwrap();
     let data = dpo::setup::load_rows(&a.common, &loaded, &a.settings().unwrap().task).unwrap();
     let pairs: Vec<_> = (0..4).map(|i| data.get(i).unwrap()).collect();
     let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();
@@ -65,7 +65,7 @@ fn cache_hit_skips_the_reference_forward_and_is_bit_identical() {
 fn corrupt_or_foreign_cache_is_detected_and_rebuilt() {
     let dir = scratch("refcache-corrupt");
     let a = args(&dir.join("run"), &[]);
-    let loaded = dpo::setup::load_model(&a.common).unwrap();
+    let loaded = dpo::setup::load_model(&a.common.model).unwrap();
     let data = dpo::setup::load_rows(&a.common, &loaded, &a.settings().unwrap().task).unwrap();
     let pairs: Vec<_> = (0..2).map(|i| data.get(i).unwrap()).collect();
     let batch = PairBatch::new(&pairs, loaded.pad_id, &loaded.device).unwrap();

@@ -42,7 +42,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
 /// The audit and the rows/s of the pass.
 /// The audit of `common`'s dataset read as `rows`, and the rows read per second.
 pub fn audit(common: &CommonArgs, rows: Rows) -> Result<(Audit, f64)> {
-    let dir = crate::setup::model_dir(common)?;
+    let dir = crate::setup::model_dir(&common.model)?;
     let tokenizer = PairTokenizer::from_model_dir(&dir)?;
     let vocab = std::fs::read_to_string(dir.join("config.json"))
         .ok()

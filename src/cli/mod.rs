@@ -107,23 +107,23 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
 fn run(command: Command, path: LayerPath) -> anyhow::Result<()> {
     match command {
         Command::Train(mut a) => {
-            a.common.layer_path = path;
+            a.common.model.layer_path = path;
             train(&a.settings()?, &a.run)
         }
         Command::Sft(mut a) => {
-            a.common.layer_path = path;
+            a.common.model.layer_path = path;
             train(&a.settings()?, &a.run)
         }
         Command::Reward(RewardCommand::Train(mut a)) => {
-            a.common.layer_path = path;
+            a.common.model.layer_path = path;
             train(&a.settings()?, &a.run)
         }
         Command::Reward(RewardCommand::Score(mut a)) => {
-            a.common.layer_path = path;
+            a.common.model.layer_path = path;
             score(&a)
         }
         Command::Eval(mut a) => {
-            a.common.layer_path = path;
+            a.common.model.layer_path = path;
             eval(&a)
         }
         Command::Merge(a) => crate::merge::run(&a),

@@ -37,7 +37,7 @@ pub struct DirArgs {
 pub fn run(cmd: RefCacheCommand, layer_path: crate::model::LayerPath) -> Result<()> {
     match cmd {
         RefCacheCommand::Build(mut a) => {
-            a.common.layer_path = layer_path;
+            a.common.model.layer_path = layer_path;
             build(&a)
         }
         RefCacheCommand::Info(a) => info(&a),
@@ -63,7 +63,7 @@ fn build(args: &TrainArgs) -> Result<()> {
             settings.task.name()
         )));
     }
-    let loaded = crate::setup::load_model(&settings.common)?;
+    let loaded = crate::setup::load_model(&settings.common.model)?;
     let data = crate::setup::load_rows(&settings.common, &loaded, &settings.task)?;
     let mut cache = crate::train::reference::open_cache(&settings, &loaded)?.context("no --ref-cache")?;
     let eval = crate::train::load_eval_rows(&settings, &loaded)?;

@@ -1,12 +1,13 @@
-//! Flags shared by every subcommand that reads a model and data: where they come from (local
-//! paths or Hub repo ids), how rows are read and prompts rendered, truncation, and the device.
+//! Flags shared by every subcommand that reads a model and data: the model and where it computes
+//! ([`ModelArgs`], also all `dpo generate` needs), the data (local paths or Hub repo ids), how
+//! rows are read and prompts rendered ([`TemplateArgs`]), and truncation.
 //!
 //! ```
 //! use clap::Parser;
 //! #[derive(Parser)]
 //! struct Cli { #[command(flatten)] common: dpo::config::CommonArgs }
 //! let cli = Cli::parse_from(["x", "--model", "tiny/llama", "--dataset", "tiny/orca_dpo_pairs", "--offline"]);
-//! assert!(cli.common.offline && cli.common.split == "train");
+//! assert!(cli.common.model.offline && cli.common.split == "train");
 //! ```
 use clap::Args;
 use serde::Serialize;
@@ -19,12 +20,9 @@ pub struct CommonArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Model folder (config.json, tokenizer.json, safetensors weights) or Hub repo id (org/name).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Model revision on the Hub: branch, tag or commit.
-    #[arg(long)]
-    pub revision: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
     /// Preference data: a .jsonl/.json/.jsonl.gz/.parquet file or a Hub dataset repo id (org/name).
     #[arg(long)]
     pub dataset: PathBuf,
@@ -37,9 +35,6 @@ pub struct CommonArgs {
     /// Split of a Hub dataset.
     #[arg(long, default_value = "train")]
     pub split: String,
-    /// Use only the Hub cache, never the network (also HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    pub offline: bool,
     /// Row schema.
     #[arg(long, value_enum, default_value = "auto")]
     pub format: crate::data::schema::FormatChoice,
@@ -52,12 +47,9 @@ pub struct CommonArgs {
     /// Column holding the rejected response (default: rejected).
     #[arg(long)]
     pub rejected_column: Option<String>,
-    /// Prompt template (auto: chat for conversational data with a chat template, orca for orca rows, raw for string prompts).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub template: crate::data::template::TemplateChoice,
-    /// A Jinja chat template file used instead of the tokenizer's.
-    #[arg(long)]
-    pub template_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub render: TemplateArgs,
     /// Refuse to run when more than this fraction of rows is unusable.
     #[arg(long, default_value_t = 0.01)]
     pub max_skip_ratio: f64,
@@ -67,6 +59,21 @@ pub struct CommonArgs {
     /// Prompts longer than this keep their end when a pair must be truncated.
     #[arg(long, default_value_t = 512)]
     pub max_prompt_length: usize,
+}
+
+/// The model and where it computes.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ModelArgs {
+    /// Model folder (config.json, tokenizer.json, safetensors weights) or Hub repo id (org/name).
+    #[arg(long = "model", value_name = "MODEL")]
+    #[serde(rename = "model")]
+    pub path: PathBuf,
+    /// Model revision on the Hub: branch, tag or commit.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Use only the Hub cache, never the network (also HF_HUB_OFFLINE=1); for the dataset too.
+    #[arg(long)]
+    pub offline: bool,
     /// Where the run computes (a resumed run may move).
     #[command(flatten)]
     #[serde(flatten)]
@@ -79,6 +86,17 @@ pub struct CommonArgs {
     #[arg(skip)]
     #[serde(skip)]
     pub layer_path: crate::model::LayerPath,
+}
+
+/// How prompts are rendered.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct TemplateArgs {
+    /// Prompt template (auto: chat for conversational data with a chat template, orca for orca rows, raw for string prompts).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub template: crate::data::template::TemplateChoice,
+    /// A Jinja chat template file used instead of the tokenizer's.
+    #[arg(long)]
+    pub template_file: Option<PathBuf>,
 }
 
 /// The device: the one setting of [`CommonArgs`] that never changes the math of a run.
@@ -99,8 +117,8 @@ impl CommonArgs {
                 chosen: self.chosen_column.clone(),
                 rejected: self.rejected_column.clone(),
             },
-            template: self.template,
-            template_file: self.template_file.clone(),
+            template: self.render.template,
+            template_file: self.render.template_file.clone(),
             max_length: self.max_length,
             max_prompt_length: self.max_prompt_length,
             vocab_size,

@@ -24,7 +24,7 @@ pub mod file;
 pub mod objective;
 mod run;
 pub mod validate;
-pub use common::{CommonArgs, Placement};
+pub use common::{CommonArgs, ModelArgs, Placement, TemplateArgs};
 pub use file::{expand_config_file, expand_with_file, find_flag, parse_setting, table_flags};
 pub use objective::ObjectiveArgs;
 pub use run::{Adjustable, Checkpointing, LoraArgs, RunArgs};

@@ -114,10 +114,7 @@ impl PairTokenizer {
     /// Prompt with special tokens (unless its text carries BOS already), responses without them,
     /// EOS appended when the template asks; plus the boundary / BOS / EOS checks.
     pub fn tokenize(&self, r: &Rendered) -> Result<(TokenizedPair, PairChecks)> {
-        let prompt = self.encode(&r.prompt, !r.bos_in_text)?;
-        if prompt.is_empty() {
-            bail!("the prompt {:?} tokenizes to nothing", r.prompt);
-        }
+        let prompt = self.prompt_ids(r)?;
         let mut checks = PairChecks {
             double_bos: self.bos_id.is_some()
                 && prompt.len() > 1
@@ -142,6 +139,20 @@ impl PairTokenizer {
         // Empty only for supervised fine-tuning (pair formats refuse empty responses).
         let rejected = if r.rejected.is_empty() { Vec::new() } else { response(&r.rejected)? };
         Ok((TokenizedPair { prompt, chosen, rejected }, checks))
+    }
+
+    /// A rendered prompt's ids: with the special tokens (BOS) unless its text carries them.
+    pub fn prompt_ids(&self, r: &Rendered) -> Result<Vec<u32>> {
+        let prompt = self.encode(&r.prompt, !r.bos_in_text)?;
+        if prompt.is_empty() {
+            bail!("the prompt {:?} tokenizes to nothing", r.prompt);
+        }
+        Ok(prompt)
+    }
+
+    /// The text of generated ids, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| anyhow!("decoding {ids:?}: {e}"))
     }
 
     fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {

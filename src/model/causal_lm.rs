@@ -28,10 +28,12 @@ use super::chunked_head;
 use super::cpu_head;
 use super::cpu_layer;
 use super::generic_layer::{self, PassShared};
+use super::kv_cache::KvCache;
 use super::layer::{DecoderLayer, load_layer, norm_weight};
 use super::recompute;
 use super::token_stats::{StatsSink, TokenStats};
 use super::weights::mmap_weights;
+use crate::nn::kv_layout::KvLayout;
 use crate::nn::layout::TokenLayout;
 use crate::nn::ops::{frozen_matmul, softcap};
 use crate::nn::{LoraLinear, LoraMode};
@@ -213,12 +215,7 @@ impl CausalLm {
     /// Final-norm hidden states `[rows, len, hidden]` for `ids` `[rows, len]` laid out as
     /// `layout` says (positions, and which tokens may see which).
     pub fn forward_layout(&self, ids: &Tensor, layout: &TokenLayout, mode: &mut LoraMode) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.arch.hidden_size))?;
-        if let Some(scale) = self.arch.embed_scale {
-            // transformers multiplies by the scale cast to the weights' dtype.
-            x = (x * round_to(scale, self.dtype)?)?;
-        }
+        let mut x = self.embed_ids(ids)?;
         let ropes: Vec<Arc<RopeTables>> =
             self.arch.ropes.iter().map(|r| r.tables(&layout.positions).map(Arc::new)).collect::<Result<_>>()?;
         let eps = self.arch.norm.eps;
@@ -266,6 +263,45 @@ impl CausalLm {
             )?;
         }
         Ok(x)
+    }
+
+    /// Final-norm hidden states `[rows, new, hidden]` of a decoding forward: `ids` `[rows, new]`
+    /// laid out as `kv` says, attending to what `cache` holds, to which their keys and values are
+    /// added. Always the generic layer (the CPU op keeps no cache), inference only.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        kv: &KvLayout,
+        cache: &mut KvCache,
+        mode: &mut LoraMode,
+    ) -> Result<Tensor> {
+        let x = self.embed_ids(ids)?;
+        let ropes: Vec<Arc<RopeTables>> =
+            self.arch.ropes.iter().map(|r| r.tables(&kv.positions).map(Arc::new)).collect::<Result<_>>()?;
+        let shared = PassShared::decoding(&self.arch, kv, &ropes, self.dtype, &self.device)?;
+        let mut x = x;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = generic_layer::forward_cached(layer, &x, &shared, layer_cache, mode)?;
+        }
+        Ok(generic_layer::rms_norm(&x, &self.norm, &self.arch.norm)?)
+    }
+
+    /// The embeddings of `ids` `[rows, len]`, scaled where the family scales them.
+    fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.arch.hidden_size))?;
+        match self.arch.embed_scale {
+            // transformers multiplies by the scale cast to the weights' dtype.
+            Some(scale) => Ok((x * round_to(scale, self.dtype)?)?),
+            None => Ok(x),
+        }
+    }
+
+    /// Logits `[rows, vocab]` (f32, soft-capped where the family caps) of final hidden states
+    /// `[rows, hidden]`.
+    pub fn logits_of(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        let z = frozen_matmul(hidden_rows, &self.lm_head)?.to_dtype(DType::F32)?;
+        Ok(softcap(&z, self.arch.final_softcap)?)
     }
 
     /// Final-norm hidden states of plain causal rows (no padding).

@@ -12,6 +12,7 @@ pub mod cpu_head;
 pub mod cpu_layer;
 pub mod generic_layer;
 pub mod kernels;
+pub mod kv_cache;
 pub mod layer;
 pub mod recompute;
 pub mod tiled_attention;

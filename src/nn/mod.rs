@@ -2,6 +2,7 @@
 //! candle lacks ([`ops`]), where each token of a batch row sits ([`layout`]), and the linear
 //! layer that may carry a LoRA adapter ([`linear`]).
 pub mod attach;
+pub mod kv_layout;
 pub mod layout;
 pub mod linear;
 pub mod lora_pack;

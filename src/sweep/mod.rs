@@ -141,7 +141,7 @@ pub fn run(args: &SweepArgs, layer_path: crate::model::LayerPath) -> Result<Summ
     let plan = plan(args)?;
     let mut runs = planned_runs(&plan)?;
     for (_, s) in runs.iter_mut() {
-        s.common.layer_path = layer_path;
+        s.common.model.layer_path = layer_path;
     }
     if args.resume.is_none() && plan.output_dir.join(PLAN_FILE).exists() {
         bail!(UsageError(format!(
@@ -161,7 +161,7 @@ pub fn run(args: &SweepArgs, layer_path: crate::model::LayerPath) -> Result<Summ
             first.task.unit()
         )));
     }
-    let mut loaded = crate::setup::load_model(&first.common)?;
+    let mut loaded = crate::setup::load_model(&first.common.model)?;
     let data = crate::setup::load_rows(&first.common, &loaded, &first.task)?;
     let eval_data = crate::train::load_eval_rows(first, &loaded)?;
     let mut cache = crate::train::reference::open_cache(first, &loaded)?;

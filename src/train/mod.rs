@@ -138,7 +138,7 @@ pub fn run(settings: &RunSettings) -> Result<TrainSummary> {
 /// As [`run`], with run-control hooks; says how the run ended. Everything that can be checked
 /// without the weights (the data, the memory plan, the output folder) is, before they load.
 pub fn run_with(s: &RunSettings, control: RunControl) -> Result<Outcome> {
-    let files = crate::setup::open_model(&s.common)?;
+    let files = crate::setup::open_model(&s.common.model)?;
     check_before_loading(s, &files)?;
     let data = crate::setup::load_rows_for(&s.common, &files, &s.task)?;
     check_memory(s, &files, &data)?;
@@ -219,7 +219,7 @@ pub fn run_loaded(s: &RunSettings, control: RunControl, inputs: Inputs) -> Resul
 /// `--dry-run`: prints the memory plan of these settings, model and data (stdout), without
 /// loading weights; fails as a real run would when it does not fit.
 pub fn dry_run(s: &RunSettings) -> Result<()> {
-    let files = crate::setup::open_model(&s.common)?;
+    let files = crate::setup::open_model(&s.common.model)?;
     check_before_loading(s, &files)?;
     let data = crate::setup::load_rows_for(&s.common, &files, &s.task)?;
     println!("{}", check_memory(s, &files, &data)?);
@@ -304,8 +304,8 @@ pub(crate) fn check_no_stale_adapters(model: &mut crate::model::CausalLm, params
 pub(crate) fn provenance(s: &RunSettings, loaded: &Loaded) -> Result<checkpoint::Provenance> {
     let common = &s.common;
     Ok(checkpoint::Provenance {
-        model: Source::model(&common.model.display().to_string(), &loaded.model_dir)?,
+        model: Source::model(&common.model.path.display().to_string(), &loaded.model_dir)?,
         dataset: Source::files(&common.dataset.display().to_string(), &crate::setup::dataset_files(common)?)?,
-        template: crate::config::name_of(&common.template),
+        template: crate::config::name_of(&common.render.template),
     })
 }

@@ -48,7 +48,7 @@ pub fn close_cache(cache: Option<RefCache>) -> Result<()> {
 pub fn fingerprint(common: &CommonArgs, ld_alpha: Option<f64>, loaded: &Loaded) -> Result<Fingerprint> {
     let model = Source::model(&loaded.model_dir.display().to_string(), &loaded.model_dir)?;
     let mut settings = vec![
-        ("template", crate::config::name_of(&common.template)),
+        ("template", crate::config::name_of(&common.render.template)),
         ("format", crate::config::name_of(&common.format)),
         ("max_length", common.max_length.to_string()),
         ("max_prompt_length", common.max_prompt_length.to_string()),
@@ -60,7 +60,7 @@ pub fn fingerprint(common: &CommonArgs, ld_alpha: Option<f64>, loaded: &Loaded) 
         // LD-DPO's weighted sums are what is cached.
         settings.push(("ld_alpha", alpha.to_string()));
     }
-    if let Some(t) = &common.template_file {
+    if let Some(t) = &common.render.template_file {
         settings.push((
             "template_file",
             crate::fsutil::sha256_file(t).with_context(|| format!("hashing --template-file {}", t.display()))?,

@@ -338,7 +338,7 @@ impl<'a> Trainer<'a> {
         let s = self.s;
         let output_dir = &s.run.output_dir;
         match &self.lora {
-            Some(lora) => adapter::save(output_dir, &self.params, lora, &s.common.model.display().to_string())?,
+            Some(lora) => adapter::save(output_dir, &self.params, lora, &s.common.model.path.display().to_string())?,
             None => output::save_full_model(output_dir, &self.params, &self.loaded.model_dir)?,
         }
         let total_steps = self.plan.total_steps;
